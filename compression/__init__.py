@@ -1,0 +1,1 @@
+"""TrimVLM offline half: the model family, data, training, compression and export (torch)."""

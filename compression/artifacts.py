@@ -1,0 +1,92 @@
+"""Model folders: weights (safetensors), config, tokenizer and preprocessing travel together.
+
+A model folder holds config.json, model.safetensors, tokenizer.json and preprocess.json; the
+export issue adds manifest.json on top. Weights may be stored in fp16 to keep the repository
+light; they load back as fp32.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+from tokenizers import Tokenizer
+
+from compression.config import ModelConfig
+from compression.modeling import TrimVLM
+from service.preprocess import ImageSpec
+
+
+@dataclass
+class Preprocessing:
+    image: ImageSpec
+    max_text_length: int = 32
+    max_answer_length: int = 8
+    max_caption_length: int = 32
+
+    def to_dict(self) -> dict:
+        return {
+            "image": self.image.to_dict(),
+            "max_text_length": self.max_text_length,
+            "max_answer_length": self.max_answer_length,
+            "max_caption_length": self.max_caption_length,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocessing:
+        return cls(ImageSpec.from_dict(d["image"]), d["max_text_length"], d["max_answer_length"], d["max_caption_length"])
+
+
+@dataclass
+class LoadedModel:
+    model: TrimVLM
+    tokenizer: Tokenizer
+    preprocessing: Preprocessing
+    path: Path | None = None
+
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def save_model_dir(
+    out: str | Path,
+    model: TrimVLM,
+    tokenizer: Tokenizer,
+    preprocessing: Preprocessing,
+    dtype: str = "fp32",
+    extra_metadata: dict | None = None,
+) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.config.save(out / "config.json")
+    to_save = model if dtype == "fp32" else copy.deepcopy(model).to(_DTYPES[dtype])
+    metadata = {"format": "pt", "dtype": dtype, **{k: str(v) for k, v in (extra_metadata or {}).items()}}
+    save_model(to_save, str(out / "model.safetensors"), metadata=metadata)
+    tokenizer.save(str(out / "tokenizer.json"))
+    (out / "preprocess.json").write_text(json.dumps(preprocessing.to_dict(), indent=2) + "\n")
+    return out
+
+
+def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    path = Path(path)
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "preprocess.json"):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path} is not a model folder: {name} is missing")
+    cfg = ModelConfig.load(path / "config.json")
+    model = TrimVLM(cfg)
+    # Load in the stored dtype, then cast: load_model copies values, so an fp16 file fills an
+    # fp16 model exactly before the upcast to fp32.
+    with open(path / "model.safetensors", "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+    stored = header.get("__metadata__", {}).get("dtype", "fp32")
+    model.to(_DTYPES[stored])
+    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=True)
+    model.float().to(device).eval()
+    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    pre = Preprocessing.from_dict(json.loads((path / "preprocess.json").read_text()))
+    return LoadedModel(model, tokenizer, pre, path)

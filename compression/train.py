@@ -1,0 +1,510 @@
+"""Multi-task teacher training: VQA (classifier + generative answers), ITC + ITM with hard
+negatives, and captioning LM, from a YAML config. Seeded, with a progress bar, periodic
+checkpoints and resume; runs under torchrun with DDP when launched with several processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+from tokenizers import Tokenizer
+from torch import nn
+from tqdm import tqdm
+
+from compression import data as D
+from compression.artifacts import Preprocessing, save_model_dir
+from compression.config import ModelConfig
+from compression.modeling import TrimVLM
+from compression.tokenization import minilm_dir, special_ids, trim_wordpiece
+from service.preprocess import ImageSpec, encode_texts
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    out: str = "runs/teacher"
+    seed: int = 0
+    model: dict = field(default_factory=dict)  # ModelConfig overrides
+    # tokenizer: {source: minilm} (trimmed MiniLM WordPiece) or {source: train, vocab_size: N}
+    tokenizer: dict = field(default_factory=lambda: {"source": "minilm"})
+    # text_init: {source: minilm, text_layers: [..], fusion_layers: [..], decoder_layers: [..]} or null
+    text_init: dict | None = None
+    easy_vqa: bool = True
+    easy_vqa_val_images: int = 200  # held out from easy-VQA train for validation
+    scenes: bool = True
+    scenes_seed: int = D.SCENES_SEED
+    scenes_counts: dict = field(default_factory=lambda: dict(D.SCENES_COUNTS))
+    limit: int | None = None  # cap every training split (tests)
+    steps: int = 4000
+    batch_size: int = 96
+    lr: float = 2e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = 300
+    grad_clip: float = 1.0
+    loss_weights: dict = field(default_factory=lambda: {"vqa": 1.0, "vqa_gen": 0.5, "itc": 1.0, "itm": 1.0, "caption": 1.0})
+    flip_easy_vqa: bool = True  # easy-VQA questions have no left/right, so flips are label-safe
+    amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | off
+    device: str = "auto"
+    log_every: int = 50
+    eval_every: int = 500
+    checkpoint_every: int = 500
+    max_text_length: int = 32
+    max_answer_length: int = 8
+    max_caption_length: int = 32
+    image_size: int = 64
+    save_dtype: str = "fp32"
+    max_minutes: float | None = None  # stop early (and still save) when a time budget runs out
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides) -> TrainConfig:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+        unknown = set(raw) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown training config keys: {sorted(unknown)}")
+        return cls(**raw)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data on the device: uint8 images, pre-tokenised texts, index sampling
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainData:
+    vqa_images: torch.Tensor  # uint8 [N, S, S, 3]
+    vqa_image_index: torch.Tensor  # [Q]
+    vqa_q_ids: torch.Tensor  # [Q, Lq]
+    vqa_answer: torch.Tensor  # [Q] class index
+    vqa_answer_ids: torch.Tensor  # [Q, La] [DEC] answer [SEP]
+    vqa_flip_ok: torch.Tensor  # [Q] bool
+    cap_images: torch.Tensor  # uint8 [M, S, S, 3]
+    cap_image_index: torch.Tensor  # [C]
+    cap_ids: torch.Tensor  # [C, Lc]
+    cap_text_key: torch.Tensor  # [C] caption identity (equal strings share a key)
+    cap_first: torch.Tensor  # [M] first caption row of each image (captions are grouped by image)
+    cap_count: torch.Tensor  # [M] captions per image
+
+    def to(self, device) -> TrainData:
+        return TrainData(**{k: v.to(device) for k, v in self.__dict__.items()})
+
+
+def tokenize_padded(tok: Tokenizer, texts: list[str], max_length: int, bos_id: int | None = None) -> torch.Tensor:
+    ids, _ = encode_texts(tok, texts, max_length)
+    ids = torch.from_numpy(ids)
+    if bos_id is not None:  # decoder inputs start with [DEC] instead of [CLS]
+        ids[:, 0] = bos_id
+    return ids
+
+
+def build_tokenizer(cfg: TrainConfig, corpus: list[str]) -> tuple[Tokenizer, list[int | None] | None]:
+    source = cfg.tokenizer.get("source", "minilm")
+    if source == "minilm":
+        return trim_wordpiece(minilm_dir() / "tokenizer.json", corpus)
+    if source == "train":  # small WordPiece trained on the corpus (tests, no pretrained text side)
+        from tokenizers import models, normalizers, pre_tokenizers, processors, trainers
+
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
+        trainer = trainers.WordPieceTrainer(vocab_size=cfg.tokenizer.get("vocab_size", 500), special_tokens=specials)
+        tok.train_from_iterator(corpus, trainer)
+        cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+        )
+        from tokenizers import decoders
+
+        tok.decoder = decoders.WordPiece()
+        return tok, None
+    raise ValueError(f"unknown tokenizer source {source!r}")
+
+
+def load_training_splits(cfg: TrainConfig, spec: ImageSpec):
+    """VQA splits (train, val) and caption splits (train, val) named in the config."""
+    vqa_train, vqa_val, cap_train, cap_val = [], [], [], []
+    if cfg.easy_vqa:
+        ev = D.load_easy_vqa("train", spec)
+        n_val = cfg.easy_vqa_val_images
+        cut = len(ev.image_ids) - n_val
+        tr = [s for s in ev.samples if s.image < cut]
+        va = [D.VQASample(s.image - cut, s.question, s.answer, s.answers, s.question_id) for s in ev.samples if s.image >= cut]
+        vqa_train.append(D.VQASplit("easy_vqa_train", ev.images[:cut], ev.image_ids[:cut], tr))
+        vqa_val.append(D.VQASplit("easy_vqa_val", ev.images[cut:], ev.image_ids[cut:], va))
+    if cfg.scenes:
+        root = D.ensure_scenes(seed=cfg.scenes_seed, **cfg.scenes_counts)
+        vqa_train.append(D.load_scenes_vqa(root, "train", spec))
+        vqa_val.append(D.load_scenes_vqa(root, "val", spec))
+        cap_train.append(D.load_scenes_captions(root, "train", spec))
+        cap_val.append(D.load_scenes_captions(root, "val", spec))
+    if cfg.limit:
+        vqa_train = [s.limit(cfg.limit) for s in vqa_train]
+        cap_train = [s.limit(cfg.limit) for s in cap_train]
+    return vqa_train, vqa_val, cap_train, cap_val
+
+
+def build_train_data(cfg: TrainConfig, tok: Tokenizer, answers: list[str], bos_id: int, vqa_splits, cap_splits) -> TrainData:
+    a_index = {a: i for i, a in enumerate(answers)}
+    images, image_index, questions, answer_idx, answer_text, flip_ok = [], [], [], [], [], []
+    offset = 0
+    for split in vqa_splits:
+        images.append(torch.from_numpy(split.images))
+        for s in split.samples:
+            image_index.append(offset + s.image)
+            questions.append(s.question)
+            answer_idx.append(a_index[s.answer])
+            answer_text.append(s.answer)
+            flip_ok.append(split.name.startswith("easy_vqa") and cfg.flip_easy_vqa)
+        offset += len(split.images)
+    cap_images, cap_index, captions, cap_first, cap_count = [], [], [], [], []
+    offset = 0
+    for split in cap_splits:
+        cap_images.append(torch.from_numpy(split.images))
+        for i, caps in enumerate(split.captions):
+            if not caps:
+                raise ValueError(f"{split.name}: image {split.image_ids[i]} has no caption")
+            cap_first.append(len(captions))
+            cap_count.append(len(caps))
+            for c in caps:
+                cap_index.append(offset + i)
+                captions.append(c)
+        offset += len(split.images)
+    if not captions:
+        raise ValueError("training needs captions (enable scenes)")
+    keys = {c: i for i, c in enumerate(sorted(set(captions)))}
+    return TrainData(
+        vqa_images=torch.cat(images),
+        vqa_image_index=torch.tensor(image_index),
+        vqa_q_ids=tokenize_padded(tok, questions, cfg.max_text_length),
+        vqa_answer=torch.tensor(answer_idx),
+        vqa_answer_ids=tokenize_padded(tok, answer_text, cfg.max_answer_length, bos_id),
+        vqa_flip_ok=torch.tensor(flip_ok),
+        cap_images=torch.cat(cap_images),
+        cap_image_index=torch.tensor(cap_index),
+        cap_ids=tokenize_padded(tok, captions, cfg.max_caption_length, None),
+        cap_text_key=torch.tensor([keys[c] for c in captions]),
+        cap_first=torch.tensor(cap_first),
+        cap_count=torch.tensor(cap_count),
+    )
+
+
+def normalize_on_device(images_u8: torch.Tensor, spec: ImageSpec) -> torch.Tensor:
+    """Torch twin of service.preprocess.normalize_uint8 (tested equal), run on the device."""
+    x = images_u8.float().div_(255.0)
+    mean = torch.tensor(spec.mean, device=x.device)
+    std = torch.tensor(spec.std, device=x.device)
+    return ((x - mean) / std).permute(0, 3, 1, 2).contiguous()
+
+
+def trim_padding(ids: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    mask = ids != pad_id
+    length = int(mask.sum(1).max())
+    return ids[:, :length], mask[:, :length]
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses
+# ----------------------------------------------------------------------------------------------
+
+
+def lm_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy over non-pad targets (teacher forcing)."""
+    target = ids[:, 1:].masked_fill(~mask[:, 1:], -100)
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), target.reshape(-1), ignore_index=-100)
+
+
+class MultiTaskLoss(nn.Module):
+    """All teacher losses in one forward, so DDP sees a single module call per step."""
+
+    def __init__(self, model: TrimVLM, weights: dict):
+        super().__init__()
+        self.model = model
+        self.weights = weights
+
+    def forward(self, vqa: dict, cap: dict) -> dict[str, torch.Tensor]:
+        m, cfg = self.model, self.model.config
+        losses = {}
+        # VQA: classifier on the fused [CLS]; generative answer decoded from the fused states (BLIP).
+        img = m.encode_image(vqa["pixels"]).last_hidden_state
+        txt = m.text_encoder(vqa["q_ids"], vqa["q_mask"]).last_hidden_state
+        fused = m.fuse(txt, vqa["q_mask"], img).last_hidden_state
+        losses["vqa"] = F.cross_entropy(m.vqa_logits(fused).float(), vqa["answer"])
+        if cfg.generative_vqa:
+            logits, _ = m.text_decoder(vqa["a_ids"], vqa["a_mask"], encoder_states=fused, encoder_mask=vqa["q_mask"])
+            losses["vqa_gen"] = lm_loss(logits, vqa["a_ids"], vqa["a_mask"])
+
+        # ITC with soft targets for identical captions (false negatives otherwise).
+        img = m.encode_image(cap["pixels"]).last_hidden_state
+        txt = m.encode_text(cap["ids"], cap["mask"]).last_hidden_state
+        sim = m.itc_logits(m.image_embeds(img), m.text_embeds(txt)).float()
+        same = (cap["key"][:, None] == cap["key"][None, :]).float()
+        target = same / same.sum(1, keepdim=True)
+        losses["itc"] = 0.5 * (
+            -(F.log_softmax(sim, 1) * target).sum(1).mean() - (F.log_softmax(sim.t(), 1) * target).sum(1).mean()
+        )
+
+        # ITM with hard negatives drawn from the ITC similarities (BLIP/ALBEF).
+        b = sim.shape[0]
+        with torch.no_grad():
+            w_i2t = F.softmax(sim, 1).masked_fill(same.bool(), 0) + 1e-6
+            w_t2i = F.softmax(sim.t(), 1).masked_fill(same.bool(), 0) + 1e-6
+            neg_text = torch.multinomial(w_i2t, 1).squeeze(1)
+            neg_img = torch.multinomial(w_t2i, 1).squeeze(1)
+        fused_txt = torch.cat([txt, txt[neg_text], txt])
+        fused_mask = torch.cat([cap["mask"], cap["mask"][neg_text], cap["mask"]])
+        fused_img = torch.cat([img, img, img[neg_img]])
+        itm = m.itm_logits(m.fuse(fused_txt, fused_mask, fused_img).last_hidden_state).float()
+        labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(itm.device)
+        losses["itm"] = F.cross_entropy(itm, labels)
+
+        # Captioning LM: [DEC] caption [SEP], cross-attending to the image tokens.
+        dec_ids = cap["ids"].clone()
+        dec_ids[:, 0] = cfg.bos_token_id
+        logits, _ = m.text_decoder(dec_ids, cap["mask"], encoder_states=img)
+        losses["caption"] = lm_loss(logits, dec_ids, cap["mask"])
+        losses["total"] = sum(self.weights.get(k, 0.0) * v for k, v in losses.items())
+        return losses
+
+
+# ----------------------------------------------------------------------------------------------
+# Loop
+# ----------------------------------------------------------------------------------------------
+
+
+def sample_batches(d: TrainData, spec: ImageSpec, pad_id: int, batch: int, gen: torch.Generator) -> tuple[dict, dict]:
+    dev = d.vqa_images.device
+    qi = torch.randint(len(d.vqa_q_ids), (batch,), generator=gen, device="cpu").to(dev)
+    imgs = d.vqa_images[d.vqa_image_index[qi]]
+    flip = d.vqa_flip_ok[qi] & (torch.rand(batch, generator=gen).to(dev) < 0.5)
+    imgs = torch.where(flip[:, None, None, None], imgs.flip(2), imgs)
+    q_ids, q_mask = trim_padding(d.vqa_q_ids[qi], pad_id)
+    a_ids, a_mask = trim_padding(d.vqa_answer_ids[qi], pad_id)
+    vqa = {
+        "pixels": normalize_on_device(imgs, spec),
+        "q_ids": q_ids,
+        "q_mask": q_mask,
+        "answer": d.vqa_answer[qi],
+        "a_ids": a_ids,
+        "a_mask": a_mask,
+    }
+    # captions: distinct images per batch keep ITC targets meaningful
+    n_img = len(d.cap_images)
+    ci_img = torch.randperm(n_img, generator=gen)[: min(batch, n_img)].to(dev)
+    # one random caption of each chosen image
+    pick = (torch.rand(len(ci_img), generator=gen).to(dev) * d.cap_count[ci_img]).long()
+    ci = d.cap_first[ci_img] + pick
+    ids, mask = trim_padding(d.cap_ids[ci], pad_id)
+    cap = {
+        "pixels": normalize_on_device(d.cap_images[d.cap_image_index[ci]], spec),
+        "ids": ids,
+        "mask": mask,
+        "key": d.cap_text_key[ci],
+    }
+    return vqa, cap
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _dist_info() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return world, rank, local
+
+
+@torch.no_grad()
+def quick_vqa_accuracy(
+    model: TrimVLM,
+    split: D.VQASplit,
+    tok: Tokenizer,
+    answers: list[str],
+    spec: ImageSpec,
+    device,
+    max_len: int,
+    limit: int = 2000,
+    batch: int = 256,
+) -> float:
+    """Validation accuracy of the closed-vocabulary VQA head on up to `limit` questions."""
+    model.eval()
+    samples = split.samples[:limit]
+    correct = 0
+    for i in range(0, len(samples), batch):
+        chunk = samples[i : i + batch]
+        ids, mask = encode_texts(tok, [s.question for s in chunk], max_len)
+        pixels = normalize_on_device(torch.from_numpy(split.images[[s.image for s in chunk]]).to(device), spec)
+        logits, _ = model.vqa_forward(pixels, torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device).bool())
+        pred = logits.argmax(-1).tolist()
+        correct += sum(answers[p] == s.answer for p, s in zip(pred, chunk, strict=True))
+    model.train()
+    return correct / max(1, len(samples))
+
+
+def train(cfg: TrainConfig, resume: bool = True) -> Path:
+    world, rank, local = _dist_info()
+    if world > 1:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local)
+    device = pick_device(cfg.device) if world == 1 else torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    is_main = rank == 0
+    seed_everything(cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = ImageSpec(size=cfg.image_size)
+
+    vqa_train, vqa_val, cap_train, _ = load_training_splits(cfg, spec)
+    answers = D.answer_vocabulary(*vqa_train)
+    corpus = (
+        [s.question for sp in vqa_train for s in sp.samples] + answers + [c for sp in cap_train for cs in sp.captions for c in cs]
+    )
+    tok, old_ids = build_tokenizer(cfg, corpus)
+    ids = special_ids(tok)
+    mcfg = ModelConfig.from_dict(
+        {
+            **ModelConfig().to_dict(),
+            **cfg.model,
+            **ids,
+            "vocab_size": tok.get_vocab_size(),
+            "answers": answers,
+            "image_size": cfg.image_size,
+        }
+    )
+    model = TrimVLM(mcfg)
+    if cfg.text_init:
+        if cfg.text_init.get("source") != "minilm" or old_ids is None:
+            raise ValueError("text_init source 'minilm' needs the minilm tokenizer")
+        from compression.pretrained import load_bert_text_side
+
+        load_bert_text_side(
+            model,
+            minilm_dir() / "model.safetensors",
+            old_ids,
+            cfg.text_init["text_layers"],
+            cfg.text_init["fusion_layers"],
+            cfg.text_init["decoder_layers"],
+        )
+    model.to(device)
+    data = build_train_data(cfg, tok, answers, mcfg.bos_token_id, vqa_train, cap_train).to(device)
+    loss_module = MultiTaskLoss(model, cfg.loss_weights)
+    wrapped: nn.Module = loss_module
+    if world > 1:
+        wrapped = nn.parallel.DistributedDataParallel(loss_module, device_ids=[local] if device.type == "cuda" else None)
+
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embedding" not in n)]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
+        fused=device.type == "cuda",
+    )
+    gen = torch.Generator().manual_seed(cfg.seed + 1000 * rank)
+    start = 0
+    ckpt_path = out / "checkpoint.pt"
+    if resume and ckpt_path.is_file():
+        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        gen.set_state(ck["generator"])
+        start = ck["step"]
+        if is_main:
+            print(f"resumed from {ckpt_path} at step {start}")
+
+    use_bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+    history = []
+    log_path = out / "train_log.jsonl"
+    model.train()
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not is_main, desc="train")
+    t0 = time.time()
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        vqa, cap = sample_batches(data, spec, mcfg.pad_token_id, cfg.batch_size, gen)
+        with autocast():
+            losses = wrapped(vqa, cap)
+        opt.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        if is_main and (step % cfg.log_every == 0 or step == cfg.steps - 1):
+            row = {
+                "step": step,
+                "lr": lr_at(step, cfg),
+                "elapsed_s": round(time.time() - t0, 1),
+                **{k: round(v.item(), 4) for k, v in losses.items()},
+            }
+            history.append(row)
+            with log_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            bar.set_postfix(loss=f"{row['total']:.3f}", vqa=f"{row['vqa']:.3f}", cap=f"{row['caption']:.3f}")
+        if is_main and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            accs = {
+                v.name: round(quick_vqa_accuracy(model, v, tok, answers, spec, device, cfg.max_text_length), 4) for v in vqa_val
+            }
+            tqdm.write(f"step {step + 1}: val VQA accuracy {accs}")
+            with log_path.open("a") as f:
+                f.write(json.dumps({"step": step + 1, "val": accs}) + "\n")
+        out_of_time = cfg.max_minutes is not None and (time.time() - t0) > 60 * cfg.max_minutes
+        if world > 1 and cfg.max_minutes is not None:  # every rank must stop at the same step
+            flag = torch.tensor(float(out_of_time), device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            out_of_time = bool(flag.item())
+        if is_main and ((cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or out_of_time):
+            tmp = ckpt_path.with_suffix(".tmp")
+            torch.save(
+                {"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(), "step": step + 1}, tmp
+            )
+            tmp.replace(ckpt_path)
+        if out_of_time:
+            if is_main:
+                tqdm.write(f"time budget of {cfg.max_minutes} min reached: stopping at step {step + 1} of {cfg.steps}")
+                with log_path.open("a") as f:
+                    f.write(json.dumps({"step": step + 1, "stopped_early": True}) + "\n")
+            break
+    if world > 1:
+        dist.barrier()
+    final = out / "model"
+    if is_main:
+        pre = Preprocessing(spec, cfg.max_text_length, cfg.max_answer_length, cfg.max_caption_length)
+        model.eval()
+        save_model_dir(final, model.cpu(), tok, pre, dtype=cfg.save_dtype)
+        (out / "train_config.yaml").write_text(yaml.safe_dump(cfg.__dict__, sort_keys=False))
+    if world > 1:
+        dist.destroy_process_group()
+    return final

@@ -1,0 +1,1 @@
+"""TrimVLM online half: serving code with no torch on its default path."""

@@ -1,0 +1,115 @@
+"""Image and text preprocessing, defined once for training and serving (numpy, PIL, tokenizers).
+
+Both halves import this module so the tensors a model is trained on are exactly the tensors
+it is served with.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# CLIP/BLIP normalisation constants: BLIP checkpoints expect them, and our own models use them
+# too so an imported model and a trained one share one preprocessing path.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """How raw images become model input: square resize then per-channel normalisation."""
+
+    size: int = 64
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    resample: str = "bicubic"
+
+    def to_dict(self) -> dict:
+        return {"size": self.size, "mean": list(self.mean), "std": list(self.std), "resample": self.resample}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ImageSpec:
+        return cls(size=int(d["size"]), mean=tuple(d["mean"]), std=tuple(d["std"]), resample=d.get("resample", "bicubic"))
+
+
+_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST}
+
+
+def load_image(source: str | Path | bytes | Image.Image) -> Image.Image:
+    """Open an image from a path, raw bytes or a PIL image; apply EXIF rotation; return RGB."""
+    if isinstance(source, Image.Image):
+        img = source
+    elif isinstance(source, (bytes, bytearray)):
+        img = Image.open(io.BytesIO(source))
+    else:
+        img = Image.open(source)
+    img = ImageOps.exif_transpose(img)
+    if img.mode != "RGB":
+        # Palette/alpha/16-bit/CMYK all go through RGBA first so transparency lands on white.
+        if img.mode in ("RGBA", "LA", "P", "PA"):
+            rgba = img.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(background, rgba)
+        img = img.convert("RGB")
+    return img
+
+
+def image_to_uint8(img: Image.Image, spec: ImageSpec) -> np.ndarray:
+    """Resize to spec.size x spec.size and return HWC uint8 (the compact form datasets cache)."""
+    if img.size != (spec.size, spec.size):
+        img = img.resize((spec.size, spec.size), _RESAMPLE[spec.resample])
+    return np.asarray(img, dtype=np.uint8)
+
+
+def normalize_uint8(images: np.ndarray, spec: ImageSpec) -> np.ndarray:
+    """uint8 [..., H, W, 3] -> float32 [..., 3, H, W] normalised with spec.mean/std."""
+    x = images.astype(np.float32) / 255.0
+    x = (x - np.asarray(spec.mean, dtype=np.float32)) / np.asarray(spec.std, dtype=np.float32)
+    return np.moveaxis(x, -1, -3).copy()
+
+
+def preprocess_image(source: str | Path | bytes | Image.Image, spec: ImageSpec) -> np.ndarray:
+    """One image from any source -> float32 [3, H, W] model input."""
+    return normalize_uint8(image_to_uint8(load_image(source), spec), spec)
+
+
+@dataclass
+class TextSpec:
+    """Tokenisation settings that travel with a model (tokenizer.json beside the weights)."""
+
+    max_length: int = 32
+    lowercase: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+def load_tokenizer(path: str | Path):
+    """Load a `tokenizers` tokenizer from a tokenizer.json file."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path))
+
+
+def encode_texts(tokenizer, texts: list[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenise a batch: [CLS] ... [SEP], truncated to max_length, right-padded.
+
+    Returns (input_ids int64 [B, L], attention_mask int64 [B, L]) with L the longest in the batch.
+    """
+    encodings = tokenizer.encode_batch(list(texts))
+    rows = [enc.ids[:max_length] for enc in encodings]
+    # Truncation must keep the closing [SEP]: the tokenizer's post-processor added it last.
+    sep_id = tokenizer.token_to_id("[SEP]")
+    for i, (enc, row) in enumerate(zip(encodings, rows, strict=True)):
+        if len(enc.ids) > max_length and sep_id is not None:
+            rows[i] = row[:-1] + [sep_id]
+    length = max(len(r) for r in rows) if rows else 0
+    pad_id = tokenizer.token_to_id("[PAD]") or 0
+    ids = np.full((len(rows), length), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), length), dtype=np.int64)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+    return ids, mask
