@@ -1,0 +1,83 @@
+"""A short training run on the tiny config, resume, evaluation through the CLI, and the
+committed teacher's sanity on a few items (the full figures live in its model card)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from compression.train import TrainConfig, train
+from tests.conftest import REPO, TEACHER_DIR
+
+
+def tiny(tmp_path: Path, **kw) -> TrainConfig:
+    cfg = TrainConfig.from_yaml(REPO / "configs" / "tiny.yaml", out=str(tmp_path / "run"))
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def _losses(run: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    return [r["total"] for r in rows if "total" in r]
+
+
+def test_short_training_run_lowers_the_loss(tmp_path):
+    cfg = tiny(tmp_path, steps=60, log_every=1, checkpoint_every=0)
+    final = train(cfg, resume=False)
+    losses = _losses(tmp_path / "run")
+    assert len(losses) == 60
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.85 * first, (first, last)
+    assert (final / "model.safetensors").is_file() and (final / "tokenizer.json").is_file()
+
+
+def test_training_resumes_from_its_checkpoint(tmp_path):
+    train(tiny(tmp_path, steps=10, checkpoint_every=5), resume=False)
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    assert ckpt.is_file()
+    import torch
+
+    assert torch.load(ckpt, weights_only=False)["step"] == 10
+    train(tiny(tmp_path, steps=16, checkpoint_every=5, log_every=1), resume=True)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    resumed_steps = [r["step"] for r in rows if "total" in r][-6:]
+    assert resumed_steps == list(range(10, 16))
+
+
+def test_eval_cli_writes_the_contracted_json_keys(tmp_path):
+    final = train(tiny(tmp_path, steps=5, checkpoint_every=0), resume=False)
+    out = tmp_path / "eval.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "compression.cli", "eval", str(final), "--limit", "20", "--json", str(out)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    for section, key in [("easy_vqa", "accuracy"), ("scenes", "vqa_accuracy"), ("scenes", "bleu4"), ("scenes", "cider"),
+                         ("scenes", "r1_i2t"), ("scenes", "r1_t2i")]:
+        value = res[section][key]
+        assert 0.0 <= value <= 10.0, (section, key, value)
+    assert res["easy_vqa"]["n"] == 20 and res["scenes"]["vqa_n"] == 20
+    assert "easy-VQA test accuracy" in proc.stdout
+
+
+def test_train_config_rejects_unknown_keys(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"stepz": 3}))
+    with pytest.raises(ValueError, match="stepz"):
+        TrainConfig.from_yaml(bad)
+
+
+def test_committed_teacher_loads_and_answers(tmp_path):
+    from compression.evaluate import evaluate
+
+    cfg = json.loads((TEACHER_DIR / "config.json").read_text())
+    assert cfg["role"] == "teacher"
+    res = evaluate(TEACHER_DIR, limit=200, include_scenes=False)
+    assert res["easy_vqa"]["accuracy"] >= 0.97
+    card = (TEACHER_DIR / "MODEL_CARD.md").read_text()
+    assert "trimvlm train configs/teacher.yaml" in card
