@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -43,7 +44,8 @@ def train(
 
     cfg = TrainConfig.from_yaml(config, out=out, steps=steps, device=device)
     final = run(cfg, resume=resume)
-    typer.echo(f"model written to {final}")
+    if os.environ.get("RANK", "0") == "0":
+        typer.echo(f"model written to {final}")
 
 
 @app.command("eval")

@@ -228,7 +228,9 @@ class BertSelfAttention(nn.Module):
         self.value = nn.Linear(kv_width, inner)
 
 
-class BertAttentionOutput(nn.Module):
+class BertOutput(nn.Module):
+    """`output` of an attention block or of the FFN: dense projection, then post-LN (BERT)."""
+
     def __init__(self, inner: int, width: int, eps: float):
         super().__init__()
         self.dense = nn.Linear(inner, width)
@@ -241,7 +243,7 @@ class BertAttention(nn.Module):
     def __init__(self, width: int, kv_width: int, n_heads: int, head_dim: int, eps: float, dropout: float):
         super().__init__()
         self.self = BertSelfAttention(width, kv_width, n_heads, head_dim, dropout)
-        self.output = BertAttentionOutput(n_heads * head_dim, width, eps)
+        self.output = BertOutput(n_heads * head_dim, width, eps)
 
     def project_kv(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.self.key(states), self.self.value(states)
@@ -265,13 +267,6 @@ class BertIntermediate(nn.Module):
     def __init__(self, width: int, hidden: int):
         super().__init__()
         self.dense = nn.Linear(width, hidden)
-
-
-class BertOutput(nn.Module):
-    def __init__(self, hidden: int, width: int, eps: float):
-        super().__init__()
-        self.dense = nn.Linear(hidden, width)
-        self.LayerNorm = nn.LayerNorm(width, eps=eps)
 
 
 class TextLayer(nn.Module):

@@ -374,12 +374,12 @@ def quick_vqa_accuracy(
 
 def train(cfg: TrainConfig, resume: bool = True) -> Path:
     world, rank, local = _dist_info()
-    if world > 1:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local)
-    device = pick_device(cfg.device) if world == 1 else torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    device = pick_device(cfg.device)
+    if world > 1:  # one process per device: NCCL on GPUs, gloo on CPUs
+        if device.type == "cuda":
+            device = torch.device(f"cuda:{local}")
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     is_main = rank == 0
     seed_everything(cfg.seed)
     out = Path(cfg.out)

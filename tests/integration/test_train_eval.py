@@ -53,16 +53,53 @@ def test_eval_cli_writes_the_contracted_json_keys(tmp_path):
     final = train(tiny(tmp_path, steps=5, checkpoint_every=0), resume=False)
     out = tmp_path / "eval.json"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "compression.cli", "eval", str(final), "--limit", "20", "--json", str(out)],
-                          capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "compression.cli", "eval", str(final), "--limit", "20", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads(out.read_text())
-    for section, key in [("easy_vqa", "accuracy"), ("scenes", "vqa_accuracy"), ("scenes", "bleu4"), ("scenes", "cider"),
-                         ("scenes", "r1_i2t"), ("scenes", "r1_t2i")]:
+    for section, key in [
+        ("easy_vqa", "accuracy"),
+        ("scenes", "vqa_accuracy"),
+        ("scenes", "bleu4"),
+        ("scenes", "cider"),
+        ("scenes", "r1_i2t"),
+        ("scenes", "r1_t2i"),
+    ]:
         value = res[section][key]
         assert 0.0 <= value <= 10.0, (section, key, value)
     assert res["easy_vqa"]["n"] == 20 and res["scenes"]["vqa_n"] == 20
     assert "easy-VQA test accuracy" in proc.stdout
+
+
+def test_training_runs_under_torchrun_with_ddp(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "compression.cli",
+        "train",
+        str(REPO / "configs" / "tiny.yaml"),
+        "--steps",
+        "4",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--no-resume",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("model written to") == 1  # only rank 0 writes
+    assert (out / "model" / "model.safetensors").is_file()
 
 
 def test_train_config_rejects_unknown_keys(tmp_path):

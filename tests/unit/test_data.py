@@ -21,16 +21,33 @@ def _write_images(root, names, size=(20, 24)):
 
 def test_vqav2_loader_reads_questions_annotations_and_images(tmp_path):
     _write_images(tmp_path / "img", ["COCO_val2014_000000000001.jpg", "COCO_val2014_000000000007.jpg"])
-    q = {"data_subtype": "val2014", "questions": [
-        {"image_id": 7, "question": "What color?", "question_id": 70},
-        {"image_id": 1, "question": "Is it big?", "question_id": 10},
-    ]}
-    a = {"annotations": [
-        {"question_id": 70, "image_id": 7, "question_type": "what color", "answer_type": "other",
-         "multiple_choice_answer": "Blue", "answers": [{"answer": "blue"}] * 9 + [{"answer": "teal"}]},
-        {"question_id": 10, "image_id": 1, "question_type": "is", "answer_type": "yes/no",
-         "multiple_choice_answer": "yes", "answers": [{"answer": "yes"}] * 10},
-    ]}
+    q = {
+        "data_subtype": "val2014",
+        "questions": [
+            {"image_id": 7, "question": "What color?", "question_id": 70},
+            {"image_id": 1, "question": "Is it big?", "question_id": 10},
+        ],
+    }
+    a = {
+        "annotations": [
+            {
+                "question_id": 70,
+                "image_id": 7,
+                "question_type": "what color",
+                "answer_type": "other",
+                "multiple_choice_answer": "Blue",
+                "answers": [{"answer": "blue"}] * 9 + [{"answer": "teal"}],
+            },
+            {
+                "question_id": 10,
+                "image_id": 1,
+                "question_type": "is",
+                "answer_type": "yes/no",
+                "multiple_choice_answer": "yes",
+                "answers": [{"answer": "yes"}] * 10,
+            },
+        ]
+    }
     (tmp_path / "q.json").write_text(json.dumps(q))
     (tmp_path / "a.json").write_text(json.dumps(a))
     split = D.load_vqav2(tmp_path / "q.json", tmp_path / "a.json", tmp_path / "img", SPEC)
@@ -43,7 +60,9 @@ def test_vqav2_loader_reads_questions_annotations_and_images(tmp_path):
 
 
 def test_vqav2_loader_reports_missing_images(tmp_path):
-    (tmp_path / "q.json").write_text(json.dumps({"data_subtype": "x", "questions": [{"image_id": 1, "question": "q", "question_id": 1}]}))
+    (tmp_path / "q.json").write_text(
+        json.dumps({"data_subtype": "x", "questions": [{"image_id": 1, "question": "q", "question_id": 1}]})
+    )
     (tmp_path / "a.json").write_text(json.dumps({"annotations": []}))
     with pytest.raises(FileNotFoundError):
         D.load_vqav2(tmp_path / "q.json", tmp_path / "a.json", tmp_path, SPEC)
@@ -51,17 +70,31 @@ def test_vqav2_loader_reports_missing_images(tmp_path):
 
 def test_coco_and_karpathy_caption_loaders(tmp_path):
     _write_images(tmp_path, ["val/a.png", "val/b.png"])
-    coco = {"images": [{"id": 2, "file_name": "val/b.png"}, {"id": 1, "file_name": "val/a.png"}],
-            "annotations": [{"id": 1, "image_id": 1, "caption": "a cat "}, {"id": 2, "image_id": 2, "caption": "a dog"},
-                            {"id": 3, "image_id": 1, "caption": "one cat"}]}
+    coco = {
+        "images": [{"id": 2, "file_name": "val/b.png"}, {"id": 1, "file_name": "val/a.png"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "caption": "a cat "},
+            {"id": 2, "image_id": 2, "caption": "a dog"},
+            {"id": 3, "image_id": 1, "caption": "one cat"},
+        ],
+    }
     (tmp_path / "captions.json").write_text(json.dumps(coco))
     split = D.load_coco_captions(tmp_path / "captions.json", tmp_path, SPEC)
     assert split.image_ids == [1, 2]
     assert split.captions == [["a cat", "one cat"], ["a dog"]]
-    karpathy = {"images": [
-        {"filepath": "val", "filename": "a.png", "imgid": 0, "cocoid": 1, "split": "test", "sentences": [{"raw": "a cat"}]},
-        {"filepath": "val", "filename": "b.png", "imgid": 1, "cocoid": 2, "split": "restval", "sentences": [{"raw": "a dog"}]},
-    ]}
+    karpathy = {
+        "images": [
+            {"filepath": "val", "filename": "a.png", "imgid": 0, "cocoid": 1, "split": "test", "sentences": [{"raw": "a cat"}]},
+            {
+                "filepath": "val",
+                "filename": "b.png",
+                "imgid": 1,
+                "cocoid": 2,
+                "split": "restval",
+                "sentences": [{"raw": "a dog"}],
+            },
+        ]
+    }
     (tmp_path / "dataset.json").write_text(json.dumps(karpathy))
     test = D.load_karpathy(tmp_path / "dataset.json", tmp_path, "test", SPEC)
     train = D.load_karpathy(tmp_path / "dataset.json", tmp_path, "train", SPEC)
@@ -79,8 +112,21 @@ def test_easy_vqa_loader_reads_the_package():
     split = D.load_easy_vqa("test", ImageSpec(size=64))
     assert split.images.shape == (1000, 64, 64, 3)
     assert len(split.samples) == 9673
-    assert {s.answer for s in split.samples} <= {"circle", "rectangle", "triangle", "yes", "no", "red", "green", "blue",
-                                                 "black", "gray", "teal", "brown", "yellow"}
+    assert {s.answer for s in split.samples} <= {
+        "circle",
+        "rectangle",
+        "triangle",
+        "yes",
+        "no",
+        "red",
+        "green",
+        "blue",
+        "black",
+        "gray",
+        "teal",
+        "brown",
+        "yellow",
+    }
 
 
 def test_scenes_round_trip_through_the_generic_loaders(tmp_path):

@@ -51,9 +51,20 @@ def test_minilm_text_encoder_matches_transformers_bert():
     tok.no_padding()
     tok.no_truncation()
     old_ids = list(range(tok.get_vocab_size()))
-    cfg = ModelConfig(text_heads=[12] * 6, text_mlp=[1536] * 6, vocab_size=len(old_ids), max_position_embeddings=512,
-                      fusion_self_heads=[12], fusion_cross_heads=[12], fusion_mlp=[1536], decoder_self_heads=[12],
-                      decoder_cross_heads=[12], decoder_mlp=[1536], vision_heads=[1], vision_mlp=[8])
+    cfg = ModelConfig(
+        text_heads=[12] * 6,
+        text_mlp=[1536] * 6,
+        vocab_size=len(old_ids),
+        max_position_embeddings=512,
+        fusion_self_heads=[12],
+        fusion_cross_heads=[12],
+        fusion_mlp=[1536],
+        decoder_self_heads=[12],
+        decoder_cross_heads=[12],
+        decoder_mlp=[1536],
+        vision_heads=[1],
+        vision_mlp=[8],
+    )
     model = TrimVLM(cfg).eval()
     load_bert_text_side(model, minilm_dir() / "model.safetensors", old_ids, list(range(6)), [0], [0])
     bert = transformers.BertModel.from_pretrained(str(minilm_dir()), add_pooling_layer=False).eval()
@@ -70,8 +81,21 @@ def test_minilm_text_encoder_matches_transformers_bert():
 
 def test_pretrained_loader_rejects_wrong_shapes():
     tok, old_ids = trim_wordpiece(minilm_dir() / "tokenizer.json", CORPUS)
-    cfg = ModelConfig(text_width=32, text_head_dim=8, text_heads=[4], text_mlp=[64], vocab_size=len(old_ids),
-                      fusion_self_heads=[4], fusion_cross_heads=[4], fusion_mlp=[64], decoder_self_heads=[4],
-                      decoder_cross_heads=[4], decoder_mlp=[64], vision_heads=[1], vision_mlp=[8], **special_ids(tok))
+    cfg = ModelConfig(
+        text_width=32,
+        text_head_dim=8,
+        text_heads=[4],
+        text_mlp=[64],
+        vocab_size=len(old_ids),
+        fusion_self_heads=[4],
+        fusion_cross_heads=[4],
+        fusion_mlp=[64],
+        decoder_self_heads=[4],
+        decoder_cross_heads=[4],
+        decoder_mlp=[64],
+        vision_heads=[1],
+        vision_mlp=[8],
+        **special_ids(tok),
+    )
     with pytest.raises(ValueError, match="shape"):
         load_bert_text_side(TrimVLM(cfg), minilm_dir() / "model.safetensors", old_ids, [0], [1], [0])
