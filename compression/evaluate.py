@@ -38,8 +38,13 @@ def evaluate_vqa(lm: LoadedModel, split: D.VQASplit, device, batch: int = 256, g
         chunk = split.samples[sl]
         ids, mask = encode_texts(tok, [s.question for s in chunk], pre.max_text_length)
         ids, mask = torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device).bool()
-        pixels = normalize_on_device(torch.from_numpy(split.images[[s.image for s in chunk]]).to(device), pre.image)
-        logits, fused = m.vqa_forward(pixels, ids, mask)
+        # questions come grouped by image: encode each image of the batch once
+        unique, inverse = np.unique([s.image for s in chunk], return_inverse=True)
+        pixels = normalize_on_device(torch.from_numpy(split.images[unique]).to(device), pre.image)
+        image_states = m.encode_image(pixels).last_hidden_state[torch.from_numpy(inverse).to(device)]
+        text_states = m.text_encoder(ids, mask).last_hidden_state
+        fused = m.fuse(text_states, mask, image_states)
+        logits = m.vqa_logits(fused.last_hidden_state)
         for s, p in zip(chunk, logits.argmax(-1).tolist(), strict=True):
             acc = D.vqa_accuracy(answers[p], s.answers)
             scores.append(acc)

@@ -7,7 +7,7 @@ it is served with.
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -75,22 +75,6 @@ def normalize_uint8(images: np.ndarray, spec: ImageSpec) -> np.ndarray:
 def preprocess_image(source: str | Path | bytes | Image.Image, spec: ImageSpec) -> np.ndarray:
     """One image from any source -> float32 [3, H, W] model input."""
     return normalize_uint8(image_to_uint8(load_image(source), spec), spec)
-
-
-@dataclass
-class TextSpec:
-    """Tokenisation settings that travel with a model (tokenizer.json beside the weights)."""
-
-    max_length: int = 32
-    lowercase: bool = True
-    extra: dict = field(default_factory=dict)
-
-
-def load_tokenizer(path: str | Path):
-    """Load a `tokenizers` tokenizer from a tokenizer.json file."""
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(str(path))
 
 
 def encode_texts(tokenizer, texts: list[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
