@@ -24,7 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from compression import data as D
-from compression.artifacts import Preprocessing, save_model_dir
+from compression.artifacts import LoadedModel, Preprocessing, save_model_dir
 from compression.config import ModelConfig
 from compression.modeling import TrimVLM
 from compression.tokenization import minilm_dir, special_ids, trim_wordpiece
@@ -345,31 +345,16 @@ def _dist_info() -> tuple[int, int, int]:
     return world, rank, local
 
 
-@torch.no_grad()
-def quick_vqa_accuracy(
-    model: TrimVLM,
-    split: D.VQASplit,
-    tok: Tokenizer,
-    answers: list[str],
-    spec: ImageSpec,
-    device,
-    max_len: int,
-    limit: int = 2000,
-    batch: int = 256,
+def validation_accuracy(
+    model: TrimVLM, split: D.VQASplit, tok: Tokenizer, pre: Preprocessing, device, limit: int = 2000
 ) -> float:
-    """Validation accuracy of the closed-vocabulary VQA head on up to `limit` questions."""
+    """Closed-vocabulary VQA accuracy on up to `limit` questions, through the evaluation code."""
+    from compression.evaluate import evaluate_vqa  # evaluate imports this module
+
     model.eval()
-    samples = split.samples[:limit]
-    correct = 0
-    for i in range(0, len(samples), batch):
-        chunk = samples[i : i + batch]
-        ids, mask = encode_texts(tok, [s.question for s in chunk], max_len)
-        pixels = normalize_on_device(torch.from_numpy(split.images[[s.image for s in chunk]]).to(device), spec)
-        logits, _ = model.vqa_forward(pixels, torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device).bool())
-        pred = logits.argmax(-1).tolist()
-        correct += sum(answers[p] == s.answer for p, s in zip(pred, chunk, strict=True))
+    acc = evaluate_vqa(LoadedModel(model, tok, pre), split.limit(limit), device, generative=False)["accuracy"]
     model.train()
-    return correct / max(1, len(samples))
+    return acc
 
 
 def train(cfg: TrainConfig, resume: bool = True) -> Path:
@@ -385,6 +370,7 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     spec = ImageSpec(size=cfg.image_size)
+    pre = Preprocessing(spec, cfg.max_text_length, cfg.max_answer_length, cfg.max_caption_length)
 
     vqa_train, vqa_val, cap_train, _ = load_training_splits(cfg, spec)
     answers = D.answer_vocabulary(*vqa_train)
@@ -474,9 +460,7 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
                 f.write(json.dumps(row) + "\n")
             bar.set_postfix(loss=f"{row['total']:.3f}", vqa=f"{row['vqa']:.3f}", cap=f"{row['caption']:.3f}")
         if is_main and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-            accs = {
-                v.name: round(quick_vqa_accuracy(model, v, tok, answers, spec, device, cfg.max_text_length), 4) for v in vqa_val
-            }
+            accs = {v.name: round(validation_accuracy(model, v, tok, pre, device), 4) for v in vqa_val}
             tqdm.write(f"step {step + 1}: val VQA accuracy {accs}")
             with log_path.open("a") as f:
                 f.write(json.dumps({"step": step + 1, "val": accs}) + "\n")
@@ -501,7 +485,6 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
         dist.barrier()
     final = out / "model"
     if is_main:
-        pre = Preprocessing(spec, cfg.max_text_length, cfg.max_answer_length, cfg.max_caption_length)
         model.eval()
         save_model_dir(final, model.cpu(), tok, pre, dtype=cfg.save_dtype)
         (out / "train_config.yaml").write_text(yaml.safe_dump(cfg.__dict__, sort_keys=False))
