@@ -12,6 +12,8 @@ import typer
 app = typer.Typer(help="TrimVLM: compress vision-language models offline and serve them fast.", no_args_is_help=True)
 data_app = typer.Typer(help="Datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+report_app = typer.Typer(help="Reports (JSON + Markdown + PNG).", no_args_is_help=True)
+app.add_typer(report_app, name="report")
 
 
 @data_app.command("scenes")
@@ -46,6 +48,71 @@ def train(
     final = run(cfg, resume=resume)
     if os.environ.get("RANK", "0") == "0":
         typer.echo(f"model written to {final}")
+
+
+@app.command()
+def distill(
+    config: Annotated[Path, typer.Argument(help="Distillation YAML (see configs/distill.yaml).")],
+    out: Annotated[Optional[str], typer.Option(help="Run folder (overrides the config's `out`).")] = None,
+    teacher: Annotated[Optional[str], typer.Option(help="Teacher model folder (overrides the config).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Override the number of steps.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = None,
+    resume: Annotated[bool, typer.Option(help="Resume from the run folder's checkpoint if present.")] = True,
+):
+    """Distil a teacher into a shallower student (hidden, attention and logit KD + task losses)."""
+    from compression.distill import DistillConfig
+    from compression.distill import distill as run
+
+    cfg = DistillConfig.from_yaml(config, out=out, teacher=teacher, steps=steps, device=device)
+    final = run(cfg, resume=resume)
+    if os.environ.get("RANK", "0") == "0":
+        typer.echo(f"student written to {final}")
+
+
+@app.command()
+def prune(
+    config: Annotated[Path, typer.Argument(help="Pruning YAML (see configs/prune.yaml).")],
+    target: Annotated[Optional[float], typer.Option(help="Target sparsity in (0, 1) (overrides the config).")] = None,
+    cost: Annotated[Optional[str], typer.Option(help="params | flops (overrides the config).")] = None,
+    student: Annotated[Optional[str], typer.Option(help="Student model folder to prune.")] = None,
+    teacher: Annotated[Optional[str], typer.Option(help="Teacher model folder for distillation.")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Run folder (overrides the config's `out`).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = None,
+    resume: Annotated[bool, typer.Option(help="Resume from the run folder's checkpoints if present.")] = True,
+):
+    """Prune heads and FFN neurons to a global target sparsity (L0 gates + Lagrangian), slice, fine-tune."""
+    from compression.prune import PruneConfig
+    from compression.prune import prune as run
+
+    cfg = PruneConfig.from_yaml(
+        config, target_sparsity=target, cost=cost, student=student, teacher=teacher, out=out, device=device
+    )
+    final = run(cfg, resume=resume)
+    if os.environ.get("RANK", "0") == "0":
+        typer.echo(f"pruned student written to {final}")
+
+
+@report_app.command("compression")
+def report_compression(
+    model: Annotated[list[str], typer.Option(help="NAME=FOLDER, repeated, in display order (the teacher first).")],
+    out: Annotated[Path, typer.Option(help="Report folder.")] = Path("reports/compression"),
+    teacher: Annotated[str, typer.Option(help="Which NAME is the teacher.")] = "teacher",
+    limit: Annotated[Optional[int], typer.Option(help="Evaluate only the first N items of each split.")] = None,
+    rounds: Annotated[int, typer.Option(help="Interleaved latency rounds.")] = 20,
+):
+    """Teacher vs distilled vs pruned students: params, FLOPs, torch latency, metrics, allocation and Pareto plots."""
+    from compression.compression_report import write_report
+
+    models = {}
+    for item in model:
+        name, sep, path = item.partition("=")
+        if not sep or not Path(path).is_dir():
+            raise typer.BadParameter(f"expected NAME=FOLDER with an existing folder, got {item!r}")
+        models[name] = Path(path)
+    if teacher not in models:
+        raise typer.BadParameter(f"no model named {teacher!r} (the teacher)")
+    write_report(models, out, teacher, limit, rounds)
+    typer.echo((out / "REPORT.md").read_text())
 
 
 @app.command("eval")

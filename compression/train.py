@@ -241,56 +241,114 @@ def lm_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torc
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), target.reshape(-1), ignore_index=-100)
 
 
+GATE_KWARGS = {"head": "head_gates", "cross": "cross_head_gates", "ffn": "ffn_gates"}
+
+
+def stack_kwargs(gates: dict | None, stack: str) -> dict:
+    """Pruning gates {(stack, kind): [per-layer tensor]} -> keyword arguments of one stack."""
+    if not gates:
+        return {}
+    return {GATE_KWARGS[kind]: g for (s, kind), g in gates.items() if s == stack}
+
+
+@dataclass
+class TaskOutputs:
+    """Everything one multi-task forward produces: logits for every head and, when asked, the
+    per-stack hidden states and attention probabilities distillation compares."""
+
+    vqa_logits: torch.Tensor
+    vqa_gen_logits: torch.Tensor | None
+    itc_sim: torch.Tensor  # [B_img, B_txt]
+    itm_logits: torch.Tensor  # [3B, 2]: positives, negative texts, negative images
+    caption_logits: torch.Tensor
+    negatives: tuple[torch.Tensor, torch.Tensor]  # (negative text per image, negative image per text)
+    vision: object = None  # StackOutput of the VQA images
+    text: object = None  # StackOutput of the questions
+    fusion: object = None  # StackOutput of the VQA fusion pass
+    decoder: object = None  # StackOutput of the captioning pass
+
+
+def task_forward(
+    m: TrimVLM, vqa: dict, cap: dict, gates: dict | None = None, states: bool = False, negatives=None
+) -> TaskOutputs:
+    """One forward over a VQA batch and a caption batch, for every head.
+
+    gates: pruning gates per stack (see stack_kwargs). states: return hidden states and
+    attention probabilities. negatives: ITM hard negatives to reuse (the student uses the
+    teacher's, so both see the same pairs); drawn from this model's ITC similarities if None.
+    """
+    cfg = m.config
+    st = {"output_attentions": states, "output_hidden_states": states}
+    kv, kt, kf, kd = (stack_kwargs(gates, s) for s in ("vision", "text", "fusion", "decoder"))
+    # VQA: classifier on the fused [CLS]; generative answer decoded from the fused states (BLIP).
+    vision = m.encode_image(vqa["pixels"], **kv, **st)
+    text = m.text_encoder(vqa["q_ids"], vqa["q_mask"], **kt, **st)
+    fusion = m.fuse(text.last_hidden_state, vqa["q_mask"], vision.last_hidden_state, **kf, **st)
+    vqa_logits = m.vqa_logits(fusion.last_hidden_state)
+    gen_logits = None
+    if cfg.generative_vqa:
+        gen_logits, _ = m.text_decoder(
+            vqa["a_ids"], vqa["a_mask"], encoder_states=fusion.last_hidden_state, encoder_mask=vqa["q_mask"], **kd
+        )
+
+    # ITC between caption images and texts.
+    img = m.encode_image(cap["pixels"], **kv).last_hidden_state
+    txt = m.encode_text(cap["ids"], cap["mask"], **kt).last_hidden_state
+    sim = m.itc_logits(m.image_embeds(img), m.text_embeds(txt))
+
+    # ITM with hard negatives drawn from the ITC similarities (BLIP/ALBEF).
+    if negatives is None:
+        with torch.no_grad():
+            same = cap["key"][:, None] == cap["key"][None, :]
+            w_i2t = F.softmax(sim.float(), 1).masked_fill(same, 0) + 1e-6
+            w_t2i = F.softmax(sim.float().t(), 1).masked_fill(same, 0) + 1e-6
+            negatives = (torch.multinomial(w_i2t, 1).squeeze(1), torch.multinomial(w_t2i, 1).squeeze(1))
+    neg_text, neg_img = negatives
+    fused_txt = torch.cat([txt, txt[neg_text], txt])
+    fused_mask = torch.cat([cap["mask"], cap["mask"][neg_text], cap["mask"]])
+    fused_img = torch.cat([img, img, img[neg_img]])
+    itm = m.itm_logits(m.fuse(fused_txt, fused_mask, fused_img, **kf).last_hidden_state)
+
+    # Captioning LM: [DEC] caption [SEP], cross-attending to the image tokens.
+    caption_logits, decoder = m.text_decoder(cap["dec_ids"], cap["mask"], encoder_states=img, **kd, **st)
+    return TaskOutputs(vqa_logits, gen_logits, sim, itm, caption_logits, negatives, vision, text, fusion, decoder)
+
+
+def task_losses(out: TaskOutputs, vqa: dict, cap: dict) -> dict[str, torch.Tensor]:
+    """Supervised losses of every head (unweighted)."""
+    losses = {"vqa": F.cross_entropy(out.vqa_logits.float(), vqa["answer"])}
+    if out.vqa_gen_logits is not None:
+        losses["vqa_gen"] = lm_loss(out.vqa_gen_logits, vqa["a_ids"], vqa["a_mask"])
+    # ITC with soft targets for identical captions (false negatives otherwise).
+    sim = out.itc_sim.float()
+    same = (cap["key"][:, None] == cap["key"][None, :]).float()
+    target = same / same.sum(1, keepdim=True)
+    losses["itc"] = 0.5 * (-(F.log_softmax(sim, 1) * target).sum(1).mean() - (F.log_softmax(sim.t(), 1) * target).sum(1).mean())
+    b = sim.shape[0]
+    labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(sim.device)
+    losses["itm"] = F.cross_entropy(out.itm_logits.float(), labels)
+    losses["caption"] = lm_loss(out.caption_logits, cap["dec_ids"], cap["mask"])
+    return losses
+
+
+def weighted_sum(losses: dict[str, torch.Tensor], weights: dict) -> torch.Tensor:
+    unknown = set(weights) - set(losses) - {"vqa_gen"}
+    if unknown:
+        raise ValueError(f"loss weights for unknown terms: {sorted(unknown)}")
+    return sum(weights.get(k, 0.0) * v for k, v in losses.items())
+
+
 class MultiTaskLoss(nn.Module):
-    """All teacher losses in one forward, so DDP sees a single module call per step."""
+    """All task losses in one forward, so DDP sees a single module call per step."""
 
     def __init__(self, model: TrimVLM, weights: dict):
         super().__init__()
         self.model = model
         self.weights = weights
 
-    def forward(self, vqa: dict, cap: dict) -> dict[str, torch.Tensor]:
-        m, cfg = self.model, self.model.config
-        losses = {}
-        # VQA: classifier on the fused [CLS]; generative answer decoded from the fused states (BLIP).
-        img = m.encode_image(vqa["pixels"]).last_hidden_state
-        txt = m.text_encoder(vqa["q_ids"], vqa["q_mask"]).last_hidden_state
-        fused = m.fuse(txt, vqa["q_mask"], img).last_hidden_state
-        losses["vqa"] = F.cross_entropy(m.vqa_logits(fused).float(), vqa["answer"])
-        if cfg.generative_vqa:
-            logits, _ = m.text_decoder(vqa["a_ids"], vqa["a_mask"], encoder_states=fused, encoder_mask=vqa["q_mask"])
-            losses["vqa_gen"] = lm_loss(logits, vqa["a_ids"], vqa["a_mask"])
-
-        # ITC with soft targets for identical captions (false negatives otherwise).
-        img = m.encode_image(cap["pixels"]).last_hidden_state
-        txt = m.encode_text(cap["ids"], cap["mask"]).last_hidden_state
-        sim = m.itc_logits(m.image_embeds(img), m.text_embeds(txt)).float()
-        same = (cap["key"][:, None] == cap["key"][None, :]).float()
-        target = same / same.sum(1, keepdim=True)
-        losses["itc"] = 0.5 * (
-            -(F.log_softmax(sim, 1) * target).sum(1).mean() - (F.log_softmax(sim.t(), 1) * target).sum(1).mean()
-        )
-
-        # ITM with hard negatives drawn from the ITC similarities (BLIP/ALBEF).
-        b = sim.shape[0]
-        with torch.no_grad():
-            w_i2t = F.softmax(sim, 1).masked_fill(same.bool(), 0) + 1e-6
-            w_t2i = F.softmax(sim.t(), 1).masked_fill(same.bool(), 0) + 1e-6
-            neg_text = torch.multinomial(w_i2t, 1).squeeze(1)
-            neg_img = torch.multinomial(w_t2i, 1).squeeze(1)
-        fused_txt = torch.cat([txt, txt[neg_text], txt])
-        fused_mask = torch.cat([cap["mask"], cap["mask"][neg_text], cap["mask"]])
-        fused_img = torch.cat([img, img, img[neg_img]])
-        itm = m.itm_logits(m.fuse(fused_txt, fused_mask, fused_img).last_hidden_state).float()
-        labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(itm.device)
-        losses["itm"] = F.cross_entropy(itm, labels)
-
-        # Captioning LM: [DEC] caption [SEP], cross-attending to the image tokens.
-        dec_ids = cap["ids"].clone()
-        dec_ids[:, 0] = cfg.bos_token_id
-        logits, _ = m.text_decoder(dec_ids, cap["mask"], encoder_states=img)
-        losses["caption"] = lm_loss(logits, dec_ids, cap["mask"])
-        losses["total"] = sum(self.weights.get(k, 0.0) * v for k, v in losses.items())
+    def forward(self, vqa: dict, cap: dict, step: int = 0) -> dict[str, torch.Tensor]:
+        losses = task_losses(task_forward(self.model, vqa, cap), vqa, cap)
+        losses["total"] = weighted_sum(losses, self.weights)
         return losses
 
 
@@ -299,7 +357,9 @@ class MultiTaskLoss(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
-def sample_batches(d: TrainData, spec: ImageSpec, pad_id: int, batch: int, gen: torch.Generator) -> tuple[dict, dict]:
+def sample_batches(
+    d: TrainData, spec: ImageSpec, pad_id: int, bos_id: int, batch: int, gen: torch.Generator
+) -> tuple[dict, dict]:
     dev = d.vqa_images.device
     qi = torch.randint(len(d.vqa_q_ids), (batch,), generator=gen, device="cpu").to(dev)
     imgs = d.vqa_images[d.vqa_image_index[qi]]
@@ -327,6 +387,7 @@ def sample_batches(d: TrainData, spec: ImageSpec, pad_id: int, batch: int, gen: 
         "ids": ids,
         "mask": mask,
         "key": d.cap_text_key[ci],
+        "dec_ids": torch.cat([torch.full_like(ids[:, :1], bos_id), ids[:, 1:]], dim=1),
     }
     return vqa, cap
 
@@ -357,7 +418,24 @@ def validation_accuracy(
     return acc
 
 
-def train(cfg: TrainConfig, resume: bool = True) -> Path:
+@dataclass
+class RunContext:
+    """What every training-style command (train, distill, prune) sets up the same way."""
+
+    device: torch.device
+    world: int
+    rank: int
+    local: int
+    out: Path
+    spec: ImageSpec
+    pre: Preprocessing
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def start_run(cfg: TrainConfig) -> RunContext:
     world, rank, local = _dist_info()
     device = pick_device(cfg.device)
     if world > 1:  # one process per device: NCCL on GPUs, gloo on CPUs
@@ -365,25 +443,149 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
             device = torch.device(f"cuda:{local}")
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    is_main = rank == 0
     seed_everything(cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     spec = ImageSpec(size=cfg.image_size)
     pre = Preprocessing(spec, cfg.max_text_length, cfg.max_answer_length, cfg.max_caption_length)
+    return RunContext(device, world, rank, local, out, spec, pre)
 
-    vqa_train, vqa_val, cap_train, _ = load_training_splits(cfg, spec)
+
+def end_run(ctx: RunContext) -> None:
+    if ctx.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def fit(
+    cfg: TrainConfig,
+    ctx: RunContext,
+    model: TrimVLM,
+    objective: nn.Module,
+    data: TrainData,
+    tok: Tokenizer,
+    vqa_val: list,
+    resume: bool = True,
+    extra_param_groups: list[dict] | None = None,
+    log_name: str = "train_log.jsonl",
+    checkpoint_name: str = "checkpoint.pt",
+) -> None:
+    """The training loop shared by train, distill and prune.
+
+    objective(vqa, cap, step) returns a dict of losses with "total". Its parameters that are not
+    the model's (pruning gates, distillation projections) go in through extra_param_groups with
+    their own learning rates; objective.before_step() / after_step(), when defined, run around
+    the optimiser step (the Lagrangian's gradient ascent, log-alpha clamping). Checkpoints hold
+    the objective's trainable state (never the frozen teacher) and the optimiser.
+    """
+    device, is_main = ctx.device, ctx.is_main
+    wrapped: nn.Module = objective
+    if ctx.world > 1:
+        wrapped = nn.parallel.DistributedDataParallel(objective, device_ids=[ctx.local] if device.type == "cuda" else None)
+
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embedding" not in n)]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    n_scheduled = len(groups)  # the model's groups follow the lr schedule; extra groups keep their own lr
+    groups += extra_param_groups or []
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), fused=device.type == "cuda")
+    trainable = {k for k, v in objective.named_parameters() if v.requires_grad} | {
+        k for k, _ in objective.named_buffers() if "teacher" not in k.split(".")
+    }
+
+    def trainable_state() -> dict:
+        return {k: v for k, v in objective.state_dict().items() if k in trainable}
+
+    gen = torch.Generator().manual_seed(cfg.seed + 1000 * ctx.rank)
+    start = 0
+    ckpt_path = ctx.out / checkpoint_name
+    if resume and ckpt_path.is_file():
+        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        missing, unexpected = objective.load_state_dict(ck["model"], strict=False)
+        if unexpected or set(missing) & trainable:
+            raise ValueError(
+                f"{ckpt_path} does not match this run: missing {sorted(set(missing) & trainable)[:5]}, "
+                f"unexpected {unexpected[:5]}"
+            )
+        opt.load_state_dict(ck["optimizer"])
+        gen.set_state(ck["generator"])
+        start = ck["step"]
+        if is_main:
+            print(f"resumed from {ckpt_path} at step {start}")
+
+    use_bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+    log_path = ctx.out / log_name
+    mcfg = model.config
+    objective.train()
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not is_main, desc=ctx.out.name)
+    t0 = time.time()
+    for step in bar:
+        for g in opt.param_groups[:n_scheduled]:
+            g["lr"] = lr_at(step, cfg)
+        vqa, cap = sample_batches(data, ctx.spec, mcfg.pad_token_id, mcfg.bos_token_id, cfg.batch_size, gen)
+        with autocast():
+            losses = wrapped(vqa, cap, step)
+        opt.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if hasattr(objective, "before_step"):
+            objective.before_step()
+        opt.step()
+        if hasattr(objective, "after_step"):
+            objective.after_step()
+        if is_main and (step % cfg.log_every == 0 or step == cfg.steps - 1):
+            row = {"step": step, "lr": lr_at(step, cfg), "elapsed_s": round(time.time() - t0, 1)}
+            row.update({k: round(v.item(), 4) for k, v in losses.items()})
+            with log_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            bar.set_postfix(loss=f"{row['total']:.3f}", vqa=f"{row['vqa']:.3f}", cap=f"{row['caption']:.3f}")
+        if is_main and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            accs = {v.name: round(validation_accuracy(model, v, tok, ctx.pre, device), 4) for v in vqa_val}
+            objective.train()
+            tqdm.write(f"step {step + 1}: val VQA accuracy {accs}")
+            with log_path.open("a") as f:
+                f.write(json.dumps({"step": step + 1, "val": accs}) + "\n")
+        out_of_time = cfg.max_minutes is not None and (time.time() - t0) > 60 * cfg.max_minutes
+        if ctx.world > 1 and cfg.max_minutes is not None:  # every rank must stop at the same step
+            flag = torch.tensor(float(out_of_time), device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            out_of_time = bool(flag.item())
+        if is_main and ((cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or out_of_time):
+            tmp = ckpt_path.with_suffix(".tmp")
+            state = {"model": trainable_state(), "optimizer": opt.state_dict(), "generator": gen.get_state(), "step": step + 1}
+            torch.save(state, tmp)
+            tmp.replace(ckpt_path)
+        if out_of_time:
+            if is_main:
+                tqdm.write(f"time budget of {cfg.max_minutes} min reached: stopping at step {step + 1} of {cfg.steps}")
+                with log_path.open("a") as f:
+                    f.write(json.dumps({"step": step + 1, "stopped_early": True}) + "\n")
+            break
+    objective.eval()
+
+
+def load_data_for(cfg: TrainConfig, ctx: RunContext, tok: Tokenizer, answers: list[str], bos_id: int):
+    """Training tensors on the device plus the VQA validation splits, for a fixed tokenizer."""
+    vqa_train, vqa_val, cap_train, _ = load_training_splits(cfg, ctx.spec)
+    data = build_train_data(cfg, tok, answers, bos_id, vqa_train, cap_train).to(ctx.device)
+    return data, vqa_val
+
+
+def new_model(cfg: TrainConfig, ctx: RunContext) -> tuple[TrimVLM, Tokenizer]:
+    """A freshly initialised model (text side from MiniLM if the config says so) and its tokenizer."""
+    vqa_train, _, cap_train, _ = load_training_splits(cfg, ctx.spec)
     answers = D.answer_vocabulary(*vqa_train)
     corpus = (
         [s.question for sp in vqa_train for s in sp.samples] + answers + [c for sp in cap_train for cs in sp.captions for c in cs]
     )
     tok, old_ids = build_tokenizer(cfg, corpus)
-    ids = special_ids(tok)
     mcfg = ModelConfig.from_dict(
         {
             **ModelConfig().to_dict(),
             **cfg.model,
-            **ids,
+            **special_ids(tok),
             "vocab_size": tok.get_vocab_size(),
             "answers": answers,
             "image_size": cfg.image_size,
@@ -403,91 +605,25 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
             cfg.text_init["fusion_layers"],
             cfg.text_init["decoder_layers"],
         )
-    model.to(device)
-    data = build_train_data(cfg, tok, answers, mcfg.bos_token_id, vqa_train, cap_train).to(device)
-    loss_module = MultiTaskLoss(model, cfg.loss_weights)
-    wrapped: nn.Module = loss_module
-    if world > 1:
-        wrapped = nn.parallel.DistributedDataParallel(loss_module, device_ids=[local] if device.type == "cuda" else None)
+    return model, tok
 
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-        betas=(0.9, 0.98),
-        fused=device.type == "cuda",
-    )
-    gen = torch.Generator().manual_seed(cfg.seed + 1000 * rank)
-    start = 0
-    ckpt_path = out / "checkpoint.pt"
-    if resume and ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        gen.set_state(ck["generator"])
-        start = ck["step"]
-        if is_main:
-            print(f"resumed from {ckpt_path} at step {start}")
 
-    use_bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
-    history = []
-    log_path = out / "train_log.jsonl"
-    model.train()
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not is_main, desc="train")
-    t0 = time.time()
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
-        vqa, cap = sample_batches(data, spec, mcfg.pad_token_id, cfg.batch_size, gen)
-        with autocast():
-            losses = wrapped(vqa, cap)
-        opt.zero_grad(set_to_none=True)
-        losses["total"].backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        if is_main and (step % cfg.log_every == 0 or step == cfg.steps - 1):
-            row = {
-                "step": step,
-                "lr": lr_at(step, cfg),
-                "elapsed_s": round(time.time() - t0, 1),
-                **{k: round(v.item(), 4) for k, v in losses.items()},
-            }
-            history.append(row)
-            with log_path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            bar.set_postfix(loss=f"{row['total']:.3f}", vqa=f"{row['vqa']:.3f}", cap=f"{row['caption']:.3f}")
-        if is_main and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-            accs = {v.name: round(validation_accuracy(model, v, tok, pre, device), 4) for v in vqa_val}
-            tqdm.write(f"step {step + 1}: val VQA accuracy {accs}")
-            with log_path.open("a") as f:
-                f.write(json.dumps({"step": step + 1, "val": accs}) + "\n")
-        out_of_time = cfg.max_minutes is not None and (time.time() - t0) > 60 * cfg.max_minutes
-        if world > 1 and cfg.max_minutes is not None:  # every rank must stop at the same step
-            flag = torch.tensor(float(out_of_time), device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            out_of_time = bool(flag.item())
-        if is_main and ((cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or out_of_time):
-            tmp = ckpt_path.with_suffix(".tmp")
-            torch.save(
-                {"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(), "step": step + 1}, tmp
-            )
-            tmp.replace(ckpt_path)
-        if out_of_time:
-            if is_main:
-                tqdm.write(f"time budget of {cfg.max_minutes} min reached: stopping at step {step + 1} of {cfg.steps}")
-                with log_path.open("a") as f:
-                    f.write(json.dumps({"step": step + 1, "stopped_early": True}) + "\n")
-            break
-    if world > 1:
-        dist.barrier()
-    final = out / "model"
-    if is_main:
+def save_run(cfg: TrainConfig, ctx: RunContext, model: TrimVLM, tok: Tokenizer, name: str = "model") -> Path:
+    final = ctx.out / name
+    if ctx.is_main:
         model.eval()
-        save_model_dir(final, model.cpu(), tok, pre, dtype=cfg.save_dtype)
-        (out / "train_config.yaml").write_text(yaml.safe_dump(cfg.__dict__, sort_keys=False))
-    if world > 1:
-        dist.destroy_process_group()
+        save_model_dir(final, model.cpu(), tok, ctx.pre, dtype=cfg.save_dtype)
+        (ctx.out / "train_config.yaml").write_text(yaml.safe_dump(cfg.__dict__, sort_keys=False))
+    return final
+
+
+def train(cfg: TrainConfig, resume: bool = True) -> Path:
+    """Train a model from its config (the teacher recipe; also the from-scratch baseline)."""
+    ctx = start_run(cfg)
+    model, tok = new_model(cfg, ctx)
+    model.to(ctx.device)
+    data, vqa_val = load_data_for(cfg, ctx, tok, model.config.answers, model.config.bos_token_id)
+    fit(cfg, ctx, model, MultiTaskLoss(model, cfg.loss_weights), data, tok, vqa_val, resume)
+    final = save_run(cfg, ctx, model, tok)
+    end_run(ctx)
     return final

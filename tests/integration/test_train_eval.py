@@ -118,3 +118,55 @@ def test_committed_teacher_loads_and_answers(tmp_path):
     assert res["easy_vqa"]["accuracy"] >= 0.97
     card = (TEACHER_DIR / "MODEL_CARD.md").read_text()
     assert "trimvlm train configs/teacher.yaml" in card
+
+
+def test_distill_prune_and_eval_a_tiny_teacher(tmp_path):
+    """The whole offline compression path on a 2-layer tiny teacher: distil to 1 layer per stack,
+    prune with the Lagrangian, slice, fine-tune, and evaluate the result through the CLI."""
+    import dataclasses
+
+    from compression.artifacts import load_model_dir
+    from compression.distill import DistillConfig, distill
+    from compression.flops import count_params
+    from compression.prune import PruneConfig, prune
+
+    two = {k: [2, 2] for k in ("vision_heads", "text_heads", "fusion_self_heads", "fusion_cross_heads")}
+    two |= {k: [2, 2] for k in ("decoder_self_heads", "decoder_cross_heads")}
+    two |= {k: [64, 64] for k in ("vision_mlp", "text_mlp", "fusion_mlp", "decoder_mlp")}
+    base = tiny(tmp_path, steps=20, checkpoint_every=0)
+    base.model = {**base.model, **two}
+    teacher = train(base, resume=False)
+    common = {f.name: getattr(base, f.name) for f in dataclasses.fields(TrainConfig)} | {"model": {}}
+    student = distill(DistillConfig(**common | {"out": str(tmp_path / "distill"), "teacher": str(teacher), "steps": 8}))
+    s_cfg = load_model_dir(student).model.config
+    assert s_cfg.layer_counts == {"vision": 1, "text": 1, "fusion": 1, "decoder": 1} and s_cfg.role == "student"
+    rows = [json.loads(line) for line in (tmp_path / "distill" / "train_log.jsonl").read_text().splitlines()]
+    assert "kl_vqa" in rows[0] and "fusion_cross_attn" in rows[0]
+
+    pcfg = PruneConfig(
+        **common
+        | {"out": str(tmp_path / "prune"), "teacher": str(teacher), "student": str(student), "log_every": 1}
+        | {"target_sparsity": 0.5, "prune_steps": 40, "finetune_steps": 4, "reg_lr": 0.2, "head_init": 2.0}
+    )
+    pruned = prune(pcfg, resume=False)
+    masks = json.loads((tmp_path / "prune" / "masks.json").read_text())
+    assert masks["mask_sparsity"] > 0.2
+    assert count_params(load_model_dir(pruned).model)["total"] < count_params(load_model_dir(student).model)["total"]
+    out = tmp_path / "eval.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "compression.cli", "eval", str(pruned), "--limit", "10", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert 0.0 <= json.loads(out.read_text())["easy_vqa"]["accuracy"] <= 1.0
+
+    from compression.compression_report import write_report
+
+    report = write_report({"teacher": teacher, "distilled": student, "pruned": pruned}, tmp_path / "report", limit=10, rounds=2)
+    for name in ("teacher", "distilled", "pruned"):
+        row = report["models"][name]
+        assert row["latency"]["vqa_ms"]["n"] == 10 and row["latency"]["vqa_ms"]["p50"] > 0
+        assert set(row["meets_targets"]) == {"params", "easy_vqa", "cider", "r1", "latency"}
+    assert report["models"]["teacher"]["vs_teacher"]["params"] == 1.0
+    assert report["models"]["pruned"]["allocation"]["vision_ffn"] != report["models"]["distilled"]["allocation"]["vision_ffn"]
+    for f in ("report.json", "REPORT.md", "allocation.png", "pareto.png"):
+        assert (tmp_path / "report" / f).stat().st_size > 0

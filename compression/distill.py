@@ -1,0 +1,342 @@
+"""Knowledge distillation of a half-depth student from a teacher (EfficientVLM, DLIP).
+
+The student is the same class with fewer layers per stack (default: half of the teacher's in
+every stack), initialised from teacher layers 1, 3, 5, ... as EfficientVLM does; width kept.
+Losses (EfficientVLM's VQA recipe, module-wise as DLIP recommends, the decoder included):
+
+    L = w_task * L_task + w_kd * [ KL_T(all heads)
+                                   + vision (A + 0.2 H) + text (A + H)
+                                   + 0.5 fusion (H + A_self + A_cross)
+                                   + decoder (H + A_self + A_cross) ]
+
+H: hidden-state MSE, student state i <-> teacher state 2i (embeddings are state 0).
+A: attention-probability MSE scaled by the key length, student layer i <-> teacher layer 2i+1.
+KL_T: KL(teacher || student) at temperature T on the VQA classifier, generative answers, ITM,
+both ITC directions and the captioning LM. Where widths differ, learned linear projections map
+student states to the teacher's width; where head counts differ, attention is head-averaged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compression.artifacts import load_model_dir
+from compression.config import ModelConfig
+from compression.modeling import TrimVLM
+from compression.train import (
+    MultiTaskLoss,
+    TaskOutputs,
+    TrainConfig,
+    end_run,
+    fit,
+    load_data_for,
+    save_run,
+    start_run,
+    task_forward,
+    task_losses,
+    weighted_sum,
+)
+
+STACKS = ("vision", "text", "fusion", "decoder")
+# config fields holding each stack's per-layer lists
+STACK_FIELDS = {
+    "vision": ("vision_heads", "vision_mlp"),
+    "text": ("text_heads", "text_mlp"),
+    "fusion": ("fusion_self_heads", "fusion_cross_heads", "fusion_mlp"),
+    "decoder": ("decoder_self_heads", "decoder_cross_heads", "decoder_mlp"),
+}
+# state-dict prefix of layer i of each stack
+LAYER_PREFIX = {
+    "vision": "vision_model.encoder.layers.{}.",
+    "text": "text_encoder.encoder.layer.{}.",
+    "fusion": "fusion_encoder.layer.{}.",
+    "decoder": "text_decoder.bert.encoder.layer.{}.",
+}
+
+DEFAULT_KD_WEIGHTS = {
+    "logits": 1.0,
+    "vision_attn": 1.0,
+    "vision_hidden": 0.2,
+    "text_attn": 1.0,
+    "text_hidden": 1.0,
+    "fusion_attn": 0.5,
+    "fusion_cross_attn": 0.5,
+    "fusion_hidden": 0.5,
+    "decoder_attn": 1.0,
+    "decoder_cross_attn": 1.0,
+    "decoder_hidden": 1.0,
+}
+
+
+@dataclass
+class DistillConfig(TrainConfig):
+    out: str = "runs/distill"
+    teacher: str = "models/trimvlm-teacher/1"
+    # student layers per stack; missing stacks get half the teacher's (at least 1)
+    student_layers: dict = field(default_factory=dict)
+    student_name: str = "trimvlm-student"
+    init: str = "teacher"  # teacher (layers 1, 3, 5, ...) | scratch (the config's fresh initialisation)
+    task_weight: float = 0.6
+    kd_weight: float = 0.4
+    temperature: float = 1.0
+    kd_weights: dict = field(default_factory=lambda: dict(DEFAULT_KD_WEIGHTS))
+    kd_logits: list = field(default_factory=lambda: ["vqa", "vqa_gen", "itm", "itc", "caption"])
+    projection_lr: float | None = None  # defaults to 2 x lr (EfficientVLM's lr_mult for new parameters)
+
+
+# ----------------------------------------------------------------------------------------------
+# The student: layer maps, config and initialisation
+# ----------------------------------------------------------------------------------------------
+
+
+def attention_layer_map(n_teacher: int, n_student: int) -> list[int]:
+    """Teacher layer each student layer is initialised from and distilled against:
+    round((i + 1) * n_t / n_s) - 1, i.e. 1, 3, 5, ... when halving."""
+    if not 1 <= n_student <= n_teacher:
+        raise ValueError(f"student depth {n_student} must be between 1 and the teacher's {n_teacher}")
+    return [round((i + 1) * n_teacher / n_student) - 1 for i in range(n_student)]
+
+
+def hidden_state_map(n_teacher: int, n_student: int) -> list[int]:
+    """Teacher hidden state for each student state (0 = embeddings): 0, 2, 4, ... when halving."""
+    return [round(i * n_teacher / n_student) for i in range(n_student + 1)]
+
+
+def student_layers(teacher_cfg: ModelConfig, requested: dict | None = None) -> dict[str, int]:
+    requested = requested or {}
+    unknown = set(requested) - set(STACKS)
+    if unknown:
+        raise ValueError(f"unknown stacks in student_layers: {sorted(unknown)}")
+    counts = teacher_cfg.layer_counts
+    return {s: int(requested.get(s, max(1, counts[s] // 2))) for s in STACKS}
+
+
+def student_config(teacher_cfg: ModelConfig, layers: dict[str, int], name: str, overrides: dict | None = None) -> ModelConfig:
+    """The teacher's config with each stack cut to the mapped layers (their heads and widths)."""
+    d = teacher_cfg.to_dict()
+    counts = teacher_cfg.layer_counts
+    for stack, fields_ in STACK_FIELDS.items():
+        keep = attention_layer_map(counts[stack], layers[stack])
+        for f in fields_:
+            d[f] = [d[f][t] for t in keep]
+    d.update({"name": name, "role": "student", **(overrides or {})})
+    return ModelConfig.from_dict(d)
+
+
+def init_from_teacher(student: TrimVLM, teacher: TrimVLM) -> list[str]:
+    """Copy every teacher tensor into the student: student layer i of a stack takes the mapped
+    teacher layer; embeddings, norms and heads are copied as they are. Returns the copied keys.
+    Shapes are asserted: a student of another width must use init 'scratch'."""
+    t_counts, s_counts = teacher.config.layer_counts, student.config.layer_counts
+    rename = {}
+    for stack, prefix in LAYER_PREFIX.items():
+        for i, t in enumerate(attention_layer_map(t_counts[stack], s_counts[stack])):
+            rename[prefix.format(i)] = prefix.format(t)
+    t_sd = teacher.state_dict()
+    new = {}
+    for key, value in student.state_dict().items():
+        src = key
+        for s_pre, t_pre in rename.items():
+            if key.startswith(s_pre):
+                src = t_pre + key[len(s_pre) :]
+                break
+        if src not in t_sd:
+            raise KeyError(f"student tensor {key} has no teacher counterpart {src}")
+        if t_sd[src].shape != value.shape:
+            raise ValueError(f"{key}: student shape {tuple(value.shape)} != teacher {src} {tuple(t_sd[src].shape)}")
+        new[key] = t_sd[src]
+    student.load_state_dict(new, strict=True)
+    return list(new)
+
+
+# ----------------------------------------------------------------------------------------------
+# Distillation losses
+# ----------------------------------------------------------------------------------------------
+
+
+def kl_logits(student: torch.Tensor, teacher: torch.Tensor, temperature: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(softmax(t/T) || softmax(s/T)) averaged over rows (valid rows only with a mask)."""
+    s = F.log_softmax(student.float() / temperature, dim=-1)
+    t = F.log_softmax(teacher.float() / temperature, dim=-1)
+    kl = (t.exp() * (t - s)).sum(-1)
+    if mask is None:
+        return kl.mean()
+    mask = mask.to(kl.dtype)
+    return (kl * mask).sum() / mask.sum().clamp_min(1)
+
+
+def hidden_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    err = (student.float() - teacher.float()).pow(2).mean(-1)
+    if mask is None:
+        return err.mean()
+    mask = mask.to(err.dtype)
+    return (err * mask).sum() / mask.sum().clamp_min(1)
+
+
+def attention_mse(student: torch.Tensor, teacher: torch.Tensor, query_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """MSE of attention probabilities [B, H, Nq, Nk] times the key length (squared error summed
+    over keys, averaged over batch, heads and valid queries), as EfficientVLM. Head-averaged when
+    head counts differ; a fully pruned block (0 heads) contributes nothing."""
+    if student.shape[1] == 0:
+        return student.new_zeros(())
+    if student.shape[1] != teacher.shape[1]:
+        student, teacher = student.mean(1, keepdim=True), teacher.mean(1, keepdim=True)
+    err = (student.float() - teacher.float()).pow(2).sum(-1).mean(1)  # [B, Nq]
+    if query_mask is None:
+        return err.mean()
+    mask = query_mask.to(err.dtype)
+    return (err * mask).sum() / mask.sum().clamp_min(1)
+
+
+class Distiller(nn.Module):
+    """Task + distillation losses of a student against a frozen teacher on the same batch.
+
+    `gates`, when set, is a callable returning pruning gates for the student's forward (the
+    pruning stage reuses this module unchanged)."""
+
+    def __init__(self, student: TrimVLM, teacher: TrimVLM, cfg: DistillConfig):
+        super().__init__()
+        self.student, self.teacher, self.cfg = student, teacher, cfg
+        self.teacher.eval().requires_grad_(False)
+        unknown = set(cfg.kd_weights) - set(DEFAULT_KD_WEIGHTS)
+        if unknown:
+            raise ValueError(f"unknown kd_weights: {sorted(unknown)}")
+        self.kd_weights = {**DEFAULT_KD_WEIGHTS, **cfg.kd_weights}
+        s, t = student.config, teacher.config
+        widths = {
+            "vision": (s.vision_width, t.vision_width),
+            "text": (s.text_width, t.text_width),
+            "fusion": (s.text_width, t.text_width),
+            "decoder": (s.text_width, t.text_width),
+        }
+        self.projections = nn.ModuleDict({k: nn.Linear(a, b) for k, (a, b) in widths.items() if a != b})
+        counts_t, counts_s = t.layer_counts, s.layer_counts
+        self.hidden_map = {k: hidden_state_map(counts_t[k], counts_s[k]) for k in STACKS}
+        self.attn_map = {k: attention_layer_map(counts_t[k], counts_s[k]) for k in STACKS}
+        self.gates = None
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # the teacher never trains (no dropout, frozen statistics)
+        return self
+
+    def _project(self, stack: str, x: torch.Tensor) -> torch.Tensor:
+        return self.projections[stack](x) if stack in self.projections else x
+
+    def stack_losses(self, stack: str, s_out, t_out, token_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        losses = {}
+        hm, am = self.hidden_map[stack], self.attn_map[stack]
+        losses[f"{stack}_hidden"] = sum(
+            hidden_mse(self._project(stack, s_out.hidden_states[i]), t_out.hidden_states[j], token_mask) for i, j in enumerate(hm)
+        ) / len(hm)
+        losses[f"{stack}_attn"] = sum(
+            attention_mse(s_out.attentions[i], t_out.attentions[j], token_mask) for i, j in enumerate(am)
+        ) / len(am)
+        if s_out.cross_attentions and s_out.cross_attentions[0] is not None:
+            losses[f"{stack}_cross_attn"] = sum(
+                attention_mse(s_out.cross_attentions[i], t_out.cross_attentions[j], token_mask) for i, j in enumerate(am)
+            ) / len(am)
+        return losses
+
+    def logit_losses(self, s: TaskOutputs, t: TaskOutputs, vqa: dict, cap: dict) -> dict[str, torch.Tensor]:
+        T, out = self.cfg.temperature, {}
+        wanted = set(self.cfg.kd_logits)
+        if "vqa" in wanted:
+            out["kl_vqa"] = kl_logits(s.vqa_logits, t.vqa_logits, T)
+        if "vqa_gen" in wanted and s.vqa_gen_logits is not None and t.vqa_gen_logits is not None:
+            out["kl_vqa_gen"] = kl_logits(s.vqa_gen_logits[:, :-1], t.vqa_gen_logits[:, :-1], T, vqa["a_mask"][:, 1:])
+        if "itm" in wanted:
+            out["kl_itm"] = kl_logits(s.itm_logits, t.itm_logits, T)
+        if "itc" in wanted:
+            out["kl_itc"] = 0.5 * (kl_logits(s.itc_sim, t.itc_sim, T) + kl_logits(s.itc_sim.t(), t.itc_sim.t(), T))
+        if "caption" in wanted:
+            out["kl_caption"] = kl_logits(s.caption_logits[:, :-1], t.caption_logits[:, :-1], T, cap["mask"][:, 1:])
+        return out
+
+    def forward(self, vqa: dict, cap: dict, step: int = 0) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        need_kd = cfg.kd_weight > 0
+        gates = self.gates() if self.gates is not None else None
+        t_out = None
+        if need_kd:
+            with torch.no_grad():
+                t_out = task_forward(self.teacher, vqa, cap, states=True)
+        s_out = task_forward(self.student, vqa, cap, gates=gates, states=need_kd, negatives=t_out.negatives if t_out else None)
+        losses = task_losses(s_out, vqa, cap)
+        task = weighted_sum(losses, cfg.loss_weights)
+        total = cfg.task_weight * task
+        losses["task"] = task
+        if need_kd:
+            kd = self.logit_losses(s_out, t_out, vqa, cap)
+            logit_total = sum(kd.values())
+            q_mask = vqa["q_mask"]
+            kd.update(self.stack_losses("vision", s_out.vision, t_out.vision, None))
+            kd.update(self.stack_losses("text", s_out.text, t_out.text, q_mask))
+            kd.update(self.stack_losses("fusion", s_out.fusion, t_out.fusion, q_mask))
+            kd.update(self.stack_losses("decoder", s_out.decoder, t_out.decoder, cap["mask"]))
+            feature_total = sum(self.kd_weights[k] * v for k, v in kd.items() if k in self.kd_weights)
+            losses.update(kd)
+            losses["kd"] = self.kd_weights["logits"] * logit_total + feature_total
+            total = total + cfg.kd_weight * losses["kd"]
+        losses["total"] = total
+        return losses
+
+
+# ----------------------------------------------------------------------------------------------
+# Command
+# ----------------------------------------------------------------------------------------------
+
+
+def build_student(cfg: DistillConfig, teacher: TrimVLM, tokenizer) -> TrimVLM:
+    layers = student_layers(teacher.config, cfg.student_layers)
+    scfg = student_config(teacher.config, layers, cfg.student_name, cfg.model)
+    student = TrimVLM(scfg)
+    if cfg.init == "teacher":
+        init_from_teacher(student, teacher)
+    elif cfg.init == "scratch":
+        if cfg.text_init:  # the teacher's own recipe: text side from MiniLM, the rest random
+            _init_text_from_minilm(student, tokenizer, cfg.text_init)
+    else:
+        raise ValueError(f"unknown init {cfg.init!r} (teacher | scratch)")
+    return student
+
+
+def _init_text_from_minilm(model: TrimVLM, tokenizer, text_init: dict) -> None:
+    import json
+
+    from compression.pretrained import load_bert_text_side
+    from compression.tokenization import minilm_dir
+
+    base = json.loads((minilm_dir() / "tokenizer.json").read_text())["model"]["vocab"]
+    old_ids = [base.get(tokenizer.id_to_token(i)) for i in range(tokenizer.get_vocab_size())]
+    load_bert_text_side(
+        model,
+        minilm_dir() / "model.safetensors",
+        old_ids,
+        text_init["text_layers"],
+        text_init["fusion_layers"],
+        text_init["decoder_layers"],
+    )
+
+
+def distill(cfg: DistillConfig, resume: bool = True) -> Path:
+    """Distil a student from cfg.teacher and save it under <out>/model."""
+    ctx = start_run(cfg)
+    t = load_model_dir(cfg.teacher, ctx.device)
+    if t.preprocessing.image.size != cfg.image_size:
+        raise ValueError(f"teacher expects {t.preprocessing.image.size}px images, config says {cfg.image_size}")
+    student = build_student(cfg, t.model, t.tokenizer).to(ctx.device)
+    objective = Distiller(student, t.model, cfg) if cfg.kd_weight > 0 else MultiTaskLoss(student, cfg.loss_weights)
+    data, vqa_val = load_data_for(cfg, ctx, t.tokenizer, student.config.answers, student.config.bos_token_id)
+    extra = []
+    if isinstance(objective, Distiller) and len(objective.projections):
+        extra = [{"params": list(objective.projections.parameters()), "lr": cfg.projection_lr or 2 * cfg.lr, "weight_decay": 0.0}]
+    fit(cfg, ctx, student, objective, data, t.tokenizer, vqa_val, resume, extra)
+    final = save_run(cfg, ctx, student, t.tokenizer)
+    end_run(ctx)
+    return final

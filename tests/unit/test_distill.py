@@ -1,0 +1,120 @@
+"""Student construction from a teacher and the distillation losses."""
+
+import pytest
+import torch
+
+from compression.distill import (
+    DistillConfig,
+    Distiller,
+    attention_layer_map,
+    attention_mse,
+    hidden_state_map,
+    init_from_teacher,
+    kl_logits,
+    student_config,
+    student_layers,
+)
+from compression.modeling import TrimVLM
+from compression.train import task_forward
+from tests.unit.test_modeling import tiny_config
+from tests.unit.test_prune import synthetic_batches
+
+
+def four_layer_config():
+    return tiny_config(
+        vision_heads=[4, 2, 4, 3],
+        vision_mlp=[64, 48, 32, 16],
+        text_heads=[4, 2],
+        text_mlp=[40, 20],
+        decoder_self_heads=[4, 2],
+        decoder_cross_heads=[4, 1],
+        decoder_mlp=[40, 8],
+    )
+
+
+def test_layer_maps_follow_efficientvlm():
+    assert attention_layer_map(4, 2) == [1, 3]  # init and attention KD: teacher layers 1, 3
+    assert hidden_state_map(4, 2) == [0, 2, 4]  # hidden KD: student state i <-> teacher state 2i
+    assert attention_layer_map(12, 6) == [1, 3, 5, 7, 9, 11]
+    assert attention_layer_map(3, 3) == [0, 1, 2] and hidden_state_map(3, 3) == [0, 1, 2, 3]
+    with pytest.raises(ValueError):
+        attention_layer_map(2, 3)
+
+
+def test_student_is_half_depth_with_the_mapped_layers_shapes_and_weights():
+    torch.manual_seed(0)
+    tcfg = four_layer_config()
+    teacher = TrimVLM(tcfg)
+    layers = student_layers(tcfg)
+    assert layers == {"vision": 2, "text": 1, "fusion": 1, "decoder": 1}
+    scfg = student_config(tcfg, layers, "s")
+    assert scfg.role == "student"
+    assert scfg.vision_heads == [2, 3] and scfg.vision_mlp == [48, 16]  # teacher layers 1 and 3
+    assert scfg.fusion_cross_heads == [4] and scfg.decoder_mlp == [8]
+    student = TrimVLM(scfg)
+    init_from_teacher(student, teacher)
+    t_sd, s_sd = teacher.state_dict(), student.state_dict()
+    assert torch.equal(s_sd["vision_model.encoder.layers.1.mlp.fc1.weight"], t_sd["vision_model.encoder.layers.3.mlp.fc1.weight"])
+    assert torch.equal(
+        s_sd["fusion_encoder.layer.0.crossattention.self.key.weight"],
+        t_sd["fusion_encoder.layer.1.crossattention.self.key.weight"],
+    )
+    assert torch.equal(s_sd["vqa_head.3.weight"], t_sd["vqa_head.3.weight"])
+
+
+def test_init_from_teacher_refuses_other_widths():
+    with pytest.raises(ValueError, match="shape"):
+        init_from_teacher(TrimVLM(tiny_config(vision_width=48)), TrimVLM(tiny_config()))
+
+
+def test_kd_losses_vanish_when_the_student_equals_the_teacher():
+    torch.manual_seed(0)
+    cfg = tiny_config(decoder_cross_width=None, text_width=32, text_head_dim=8)
+    teacher = TrimVLM(cfg).eval()
+    student = TrimVLM(cfg).eval()
+    student.load_state_dict(teacher.state_dict())
+    d = Distiller(student, teacher, DistillConfig())
+    vqa, cap = synthetic_batches(cfg)
+    losses = d(vqa, cap)
+    kd_terms = [k for k in losses if k.startswith("kl_") or k.endswith(("_hidden", "_attn"))]
+    assert {"kl_vqa", "kl_vqa_gen", "kl_itm", "kl_itc", "kl_caption", "decoder_cross_attn", "fusion_cross_attn"} <= set(kd_terms)
+    for k in kd_terms:
+        assert float(losses[k]) == pytest.approx(0.0, abs=1e-6), k
+    # a perturbed student has positive KD terms and its task loss is mixed 0.6 / 0.4
+    with torch.no_grad():
+        student.vision_model.encoder.layers[0].mlp.fc1.weight.add_(0.5)
+    losses = d(vqa, cap)
+    assert float(losses["vision_hidden"]) > 0 and float(losses["kl_vqa"]) > 0
+    assert float(losses["total"]) == pytest.approx(0.6 * float(losses["task"]) + 0.4 * float(losses["kd"]), rel=1e-5)
+
+
+def test_projection_and_head_averaging_when_shapes_differ():
+    tcfg = tiny_config()
+    narrow = tiny_config(vision_width=16, vision_head_dim=8, decoder_cross_width=16, vision_heads=[2, 1])
+    d = Distiller(TrimVLM(narrow), TrimVLM(tcfg), DistillConfig())
+    assert set(d.projections) == {"vision"} and d.projections["vision"].in_features == 16
+    vqa, cap = synthetic_batches(tcfg)
+    losses = d(vqa, cap)
+    assert torch.isfinite(losses["total"]) and float(losses["vision_attn"]) >= 0
+
+
+def test_kl_and_attention_mse_definitions():
+    s, t = torch.tensor([[0.0, 1.0]]), torch.tensor([[1.0, 0.0]])
+    p = torch.softmax(t, -1)
+    expected = float((p * (torch.log_softmax(t, -1) - torch.log_softmax(s, -1))).sum())
+    assert float(kl_logits(s, t, 1.0)) == pytest.approx(expected)
+    a = torch.zeros(1, 1, 1, 4)
+    b = torch.zeros(1, 1, 1, 4)
+    a[..., 0], b[..., 1] = 1.0, 1.0
+    # squared error summed over keys (= MSE x key length)
+    assert float(attention_mse(a, b)) == pytest.approx(2.0)
+    assert float(attention_mse(torch.zeros(1, 0, 1, 4), b)) == 0.0  # fully pruned block
+
+
+def test_task_forward_reuses_given_negatives():
+    cfg = tiny_config()
+    m = TrimVLM(cfg).eval()
+    vqa, cap = synthetic_batches(cfg)
+    neg = (torch.arange(6).roll(1), torch.arange(6).roll(2))
+    out = task_forward(m, vqa, cap, negatives=neg)
+    assert out.negatives is neg and out.itm_logits.shape == (18, 2)
