@@ -146,6 +146,23 @@ def info(model_dir: Annotated[Path, typer.Argument(help="Model folder.")]):
     typer.echo(params_flops_table(model_summary(model_dir)))
 
 
+@app.command()
+def publish(
+    src: Annotated[Path, typer.Argument(help="Model folder from a run (e.g. runs/prune-params-0.40/model).")],
+    to: Annotated[Path, typer.Option(help="Destination, models/<name>/<version>.")],
+    name: Annotated[Optional[str], typer.Option(help="Model name written into its config.")] = None,
+    dtype: Annotated[str, typer.Option(help="Stored dtype: fp32 | fp16 | bf16.")] = "fp16",
+):
+    """Copy a trained model folder into the model repository (weights cast to --dtype)."""
+    from compression.artifacts import load_model_dir, save_model_dir
+
+    lm = load_model_dir(src)
+    if name:
+        lm.model.config.name = name
+    save_model_dir(to, lm.model, lm.tokenizer, lm.preprocessing, dtype=dtype)
+    typer.echo(f"published {src} to {to} ({dtype})")
+
+
 @app.command("model-card")
 def model_card(
     model_dir: Path,

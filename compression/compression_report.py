@@ -11,6 +11,7 @@ Writes report.json, REPORT.md, allocation.png and pareto.png.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -35,6 +36,16 @@ TARGETS = {
     "r1_ratio_min": 0.96,
     "latency_speedup_min": 2.5,
 }
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _vqa_inputs(lm, image: np.ndarray, question: str):
@@ -139,7 +150,8 @@ def build_report(models: dict[str, Path], teacher: str = "teacher", limit: int |
     return {
         "machine": {
             "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
+            "processor": cpu_name(),
+            "cpu_count": os.cpu_count(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
         },
@@ -156,7 +168,8 @@ def markdown(report: dict) -> str:
     lines = [
         "# Compression report: teacher -> distilled -> pruned",
         "",
-        f"Machine: {report['machine']['processor']}, {report['machine']['threads']} torch threads, "
+        f"Machine: {report['machine']['processor']} ({report['machine']['cpu_count']} cores), "
+        f"{report['machine']['threads']} torch threads, "
         f"torch {report['machine']['torch']} ({report['machine']['platform']}).",
         f"Latency: {report['latency_protocol']}.",
         "",

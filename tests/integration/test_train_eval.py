@@ -120,6 +120,20 @@ def test_committed_teacher_loads_and_answers(tmp_path):
     assert "trimvlm train configs/teacher.yaml" in card
 
 
+def test_committed_student_is_a_pruned_smaller_model_that_answers():
+    from compression.artifacts import load_model_dir
+    from compression.evaluate import evaluate
+    from compression.flops import count_params
+
+    student_dir = REPO / "models" / "trimvlm-student" / "1"
+    student, teacher = load_model_dir(student_dir).model, load_model_dir(TEACHER_DIR).model
+    assert student.config.role == "student"
+    assert count_params(student)["total"] <= 0.35 * count_params(teacher)["total"]
+    assert max(student.config.vision_mlp) < teacher.config.vision_mlp[0]  # sliced, not masked
+    res = evaluate(student_dir, limit=200, include_scenes=False)
+    assert res["easy_vqa"]["accuracy"] >= 0.97
+
+
 def test_distill_prune_and_eval_a_tiny_teacher(tmp_path):
     """The whole offline compression path on a 2-layer tiny teacher: distil to 1 layer per stack,
     prune with the Lagrangian, slice, fine-tune, and evaluate the result through the CLI."""
