@@ -34,7 +34,7 @@ def count_params(model: nn.Module) -> dict[str, int]:
     return counts
 
 
-def _attention_flops(
+def attention_flops(
     nq: int, nk: int, q_width: int, kv_width: int, heads: int, head_dim: int, out_width: int, project_kv: bool = True
 ) -> int:
     inner = heads * head_dim
@@ -46,7 +46,7 @@ def _attention_flops(
     return f
 
 
-def _ffn_flops(n: int, width: int, hidden: int) -> int:
+def ffn_flops(n: int, width: int, hidden: int) -> int:
     return 2 * 2 * n * width * hidden
 
 
@@ -76,21 +76,21 @@ def flops_per_sample(cfg: ModelConfig, tokens: TokenCounts | None = None, task: 
     vw, vhd = cfg.vision_width, cfg.vision_head_dim
     for i, (h, m) in enumerate(zip(cfg.vision_heads, cfg.vision_mlp, strict=True)):
         n = image_per_layer[i]
-        out["vision"] += _attention_flops(n, n, vw, vw, h, vhd, vw) + _ffn_flops(n, vw, m)
+        out["vision"] += attention_flops(n, n, vw, vw, h, vhd, vw) + ffn_flops(n, vw, m)
     n_img_out = image_per_layer[-1] if image_per_layer else n_img
 
     tw, thd = cfg.text_width, cfg.text_head_dim
     if task in ("vqa", "itm", "itc"):
         n = t.text
         for h, m in zip(cfg.text_heads, cfg.text_mlp, strict=True):
-            out["text"] += _attention_flops(n, n, tw, tw, h, thd, tw) + _ffn_flops(n, tw, m)
+            out["text"] += attention_flops(n, n, tw, tw, h, thd, tw) + ffn_flops(n, tw, m)
     if task in ("vqa", "itm"):
         fused = t.fused_text or [t.text] * cfg.layer_counts["fusion"]
         for i, (h, c, m) in enumerate(zip(cfg.fusion_self_heads, cfg.fusion_cross_heads, cfg.fusion_mlp, strict=True)):
             n = fused[i]
-            out["fusion"] += _attention_flops(n, n, tw, tw, h, thd, tw)
-            out["fusion"] += _attention_flops(n, n_img_out, tw, vw, c, thd, tw)
-            out["fusion"] += _ffn_flops(n, tw, m)
+            out["fusion"] += attention_flops(n, n, tw, tw, h, thd, tw)
+            out["fusion"] += attention_flops(n, n_img_out, tw, vw, c, thd, tw)
+            out["fusion"] += ffn_flops(n, tw, m)
         if task == "vqa":
             out["heads"] += 2 * (tw * 2 * tw + 2 * tw * cfg.num_answers)
         else:
@@ -100,9 +100,9 @@ def flops_per_sample(cfg: ModelConfig, tokens: TokenCounts | None = None, task: 
     if task == "caption":
         n = t.caption
         for h, c, m in zip(cfg.decoder_self_heads, cfg.decoder_cross_heads, cfg.decoder_mlp, strict=True):
-            out["decoder"] += _attention_flops(n, n, tw, tw, h, thd, tw)
-            out["decoder"] += _attention_flops(n, n_img_out, tw, cfg.cross_width, c, thd, tw)
-            out["decoder"] += _ffn_flops(n, tw, m)
+            out["decoder"] += attention_flops(n, n, tw, tw, h, thd, tw)
+            out["decoder"] += attention_flops(n, n_img_out, tw, cfg.cross_width, c, thd, tw)
+            out["decoder"] += ffn_flops(n, tw, m)
         out["decoder"] += 2 * n * (tw * tw + tw * cfg.vocab_size)  # LM head transform + vocabulary
     out["total"] = sum(out[m] for m in MODULES)
     return out

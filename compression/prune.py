@@ -29,7 +29,7 @@ from torch import nn
 from compression.artifacts import load_model_dir
 from compression.config import ModelConfig
 from compression.distill import DistillConfig, Distiller
-from compression.flops import TokenCounts, _attention_flops, _ffn_flops
+from compression.flops import TokenCounts, attention_flops, ffn_flops
 from compression.modeling import TrimVLM
 from compression.train import end_run, fit, load_data_for, save_run, start_run
 
@@ -92,13 +92,13 @@ def unit_costs(cfg: ModelConfig, mode: str, tokens: TokenCounts | None = None) -
     for (stack, kind), field_name in GROUPS.items():
         n, w, hd, n_kv, kv_w = dims[stack]
         if kind == "ffn":
-            c = (2 * w + 1) if mode == "params" else _ffn_flops(n, w, 1)
+            c = (2 * w + 1) if mode == "params" else ffn_flops(n, w, 1)
         else:
             nk, kw = (n_kv, kv_w) if kind == "cross" else (n, w)
             if mode == "params":
                 c = (w + 1) * hd + 2 * (kw + 1) * hd + hd * w
             else:
-                c = _attention_flops(n, nk, w, kw, 1, hd, w)
+                c = attention_flops(n, nk, w, kw, 1, hd, w)
         if mode not in ("params", "flops"):
             raise ValueError(f"unknown cost mode {mode!r} (params | flops)")
         costs[(stack, kind)] = [float(c)] * len(getattr(cfg, field_name))
