@@ -225,6 +225,13 @@ class Distiller(nn.Module):
         self.teacher.eval()  # the teacher never trains (no dropout, frozen statistics)
         return self
 
+    def param_groups(self) -> list[dict]:
+        """Optimiser groups for the width projections (new parameters: projection_lr, default 2 x lr)."""
+        if not len(self.projections):
+            return []
+        lr = self.cfg.projection_lr or 2 * self.cfg.lr
+        return [{"params": list(self.projections.parameters()), "lr": lr, "weight_decay": 0.0}]
+
     def _project(self, stack: str, x: torch.Tensor) -> torch.Tensor:
         return self.projections[stack](x) if stack in self.projections else x
 
@@ -333,9 +340,7 @@ def distill(cfg: DistillConfig, resume: bool = True) -> Path:
     student = build_student(cfg, t.model, t.tokenizer).to(ctx.device)
     objective = Distiller(student, t.model, cfg) if cfg.kd_weight > 0 else MultiTaskLoss(student, cfg.loss_weights)
     data, vqa_val = load_data_for(cfg, ctx, t.tokenizer, student.config.answers, student.config.bos_token_id)
-    extra = []
-    if isinstance(objective, Distiller) and len(objective.projections):
-        extra = [{"params": list(objective.projections.parameters()), "lr": cfg.projection_lr or 2 * cfg.lr, "weight_decay": 0.0}]
+    extra = objective.param_groups() if isinstance(objective, Distiller) else []
     fit(cfg, ctx, student, objective, data, t.tokenizer, vqa_val, resume, extra)
     final = save_run(cfg, ctx, student, t.tokenizer)
     end_run(ctx)

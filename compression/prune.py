@@ -329,11 +329,7 @@ class Pruner(nn.Module):
         return [
             {"params": list(self.gates.parameters()), "lr": reg, "weight_decay": 0.0},
             {"params": list(self.lagrangian.parameters()), "lr": reg, "weight_decay": 0.0},
-        ] + (
-            [{"params": list(self.distiller.projections.parameters()), "lr": 2 * self.cfg.lr, "weight_decay": 0.0}]
-            if len(self.distiller.projections)
-            else []
-        )
+        ] + self.distiller.param_groups()
 
 
 def prune(cfg: PruneConfig, resume: bool = True) -> Path:
@@ -390,11 +386,7 @@ def prune(cfg: PruneConfig, resume: bool = True) -> Path:
     if cfg.finetune_steps > 0:
         phase = dataclasses.replace(cfg, steps=cfg.finetune_steps)
         distiller = Distiller(sliced, t.model, cfg)
-        extra = (
-            [{"params": list(distiller.projections.parameters()), "lr": 2 * cfg.lr, "weight_decay": 0.0}]
-            if len(distiller.projections)
-            else []
-        )
+        extra = distiller.param_groups()
         fit(
             phase,
             ctx,

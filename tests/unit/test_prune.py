@@ -179,3 +179,11 @@ def test_per_layer_sizes_survive_save_and_load(tmp_path):
 
 def test_distill_config_is_shared_with_prune():
     assert issubclass(PruneConfig, DistillConfig)
+
+
+@pytest.mark.parametrize(("kw", "message"), [({"cost": "latency"}, "cost mode"), ({"target_sparsity": 1.2}, "target_sparsity")])
+def test_prune_rejects_bad_settings_before_loading_anything(kw, message):
+    from compression.prune import prune
+
+    with pytest.raises(ValueError, match=message):
+        prune(PruneConfig(teacher="/nonexistent", student="/nonexistent", **kw))
