@@ -92,6 +92,42 @@ def prune(
         typer.echo(f"pruned student written to {final}")
 
 
+@app.command()
+def trim(
+    config: Annotated[Path, typer.Argument(help="Trimming YAML (see configs/trim.yaml).")],
+    student: Annotated[Optional[str], typer.Option(help="Student model folder (overrides the config).")] = None,
+    target: Annotated[Optional[float], typer.Option(help="Target FLOPs ratio in (0, 1] (overrides the config).")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Run folder (overrides the config's `out`).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Override the number of steps.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = None,
+    resume: Annotated[bool, typer.Option(help="Resume from the run folder's checkpoint if present.")] = True,
+):
+    """Train SmartTrim token and head trimmers on a student, then calibrate compute levels."""
+    from compression.trim import TrimConfig
+    from compression.trim import trim as run
+
+    cfg = TrimConfig.from_yaml(config, student=student, target_flops=target, out=out, steps=steps, device=device)
+    if not 0 < cfg.target_flops <= 1:
+        raise typer.BadParameter(f"target FLOPs ratio must be in (0, 1], got {cfg.target_flops}")
+    final = run(cfg, resume=resume)
+    typer.echo(f"trimmed student written to {final} (levels: {final / 'levels.json'})")
+
+
+@report_app.command("trim")
+def report_trim(
+    model_dir: Annotated[Path, typer.Argument(help="Trimmed model folder (with levels.json).")],
+    out: Annotated[Path, typer.Option(help="Report folder.")] = Path("reports/trim"),
+    limit: Annotated[Optional[int], typer.Option(help="Evaluate only the first N questions of each split.")] = None,
+    latency_samples: Annotated[int, typer.Option(help="Questions timed at batch 1.")] = 200,
+    rounds: Annotated[int, typer.Option(help="Interleaved latency rounds.")] = 3,
+):
+    """Accuracy vs FLOPs across thresholds, kept-token histogram, trimmed examples, batch-1 latency."""
+    from compression.trim_report import write_report
+
+    write_report(model_dir, out, limit, latency_samples, rounds)
+    typer.echo((out / "REPORT.md").read_text())
+
+
 @report_app.command("compression")
 def report_compression(
     model: Annotated[list[str], typer.Option(help="NAME=FOLDER, repeated, in display order (the teacher first).")],
@@ -160,6 +196,8 @@ def publish(
     if name:
         lm.model.config.name = name
     save_model_dir(to, lm.model, lm.tokenizer, lm.preprocessing, dtype=dtype)
+    if (src / "levels.json").is_file():  # calibrated compute levels travel with the weights
+        (to / "levels.json").write_text((src / "levels.json").read_text())
     typer.echo(f"published {src} to {to} ({dtype})")
 
 

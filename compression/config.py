@@ -58,6 +58,8 @@ class ModelConfig:
     # BLIP computes ITC text features with the fusion layers run text-only (its text encoder
     # *is* the fusion encoder); X-VLM uses a separate text encoder. Imported BLIP sets True.
     itc_text_through_fusion: bool = False
+    # SmartTrim trimming modules (compression/trim.py): {"hidden": d'} or None for none
+    trimming: dict | None = None
 
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0

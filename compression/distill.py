@@ -7,12 +7,14 @@ Losses (EfficientVLM's VQA recipe, module-wise as DLIP recommends, the decoder i
     L = w_task * L_task + w_kd * [ KL_T(all heads)
                                    + vision (A + 0.2 H) + text (A + H)
                                    + 0.5 fusion (H + A_self + A_cross)
-                                   + decoder (H + A_self + A_cross) ]
+                                   + decoder (H + A_self + A_cross) + E ]
 
 H: hidden-state MSE, student state i <-> teacher state 2i (embeddings are state 0).
 A: attention-probability MSE scaled by the key length, student layer i <-> teacher layer 2i+1.
 KL_T: KL(teacher || student) at temperature T on the VQA classifier, generative answers, ITM,
-both ITC directions and the captioning LM. Where widths differ, learned linear projections map
+both ITC directions and the captioning LM. E: cosine distance between the student's and the
+teacher's normalised ITC embeddings of the caption images and texts (DLIP's feature KD on the
+projected [CLS]); the in-batch ITC KL only sees B candidates, this pins the whole retrieval space. Where widths differ, learned linear projections map
 student states to the teacher's width; where head counts differ, attention is head-averaged.
 """
 
@@ -70,6 +72,7 @@ DEFAULT_KD_WEIGHTS = {
     "decoder_attn": 1.0,
     "decoder_cross_attn": 1.0,
     "decoder_hidden": 1.0,
+    "itc_embed": 1.0,
 }
 
 
@@ -80,7 +83,9 @@ class DistillConfig(TrainConfig):
     # student layers per stack; missing stacks get half the teacher's (at least 1)
     student_layers: dict = field(default_factory=dict)
     student_name: str = "trimvlm-student"
-    init: str = "teacher"  # teacher (layers 1, 3, 5, ...) | scratch (the config's fresh initialisation)
+    # teacher (layers 1, 3, 5, ...) | scratch (the config's fresh initialisation) | a model directory
+    # (continue distilling an existing student, e.g. a pruned one; student_layers is then ignored)
+    init: str = "teacher"
     task_weight: float = 0.6
     kd_weight: float = 0.4
     temperature: float = 1.0
@@ -168,6 +173,13 @@ def kl_logits(student: torch.Tensor, teacher: torch.Tensor, temperature: float, 
         return kl.mean()
     mask = mask.to(kl.dtype)
     return (kl * mask).sum() / mask.sum().clamp_min(1)
+
+
+def embedding_cosine(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean 1 - cos between matching rows (CosineEmbeddingLoss on positive pairs)."""
+    if student.shape[-1] != teacher.shape[-1]:
+        raise ValueError(f"ITC embedding widths differ: student {student.shape[-1]}, teacher {teacher.shape[-1]}")
+    return (1 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)).mean()
 
 
 def hidden_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -281,6 +293,7 @@ class Distiller(nn.Module):
         if need_kd:
             kd = self.logit_losses(s_out, t_out, vqa, cap)
             logit_total = sum(kd.values())
+            kd["itc_embed"] = embedding_cosine(s_out.image_emb, t_out.image_emb) + embedding_cosine(s_out.text_emb, t_out.text_emb)
             q_mask = vqa["q_mask"]
             kd.update(self.stack_losses("vision", s_out.vision, t_out.vision, None))
             kd.update(self.stack_losses("text", s_out.text, t_out.text, q_mask))
@@ -300,16 +313,20 @@ class Distiller(nn.Module):
 
 
 def build_student(cfg: DistillConfig, teacher: TrimVLM, tokenizer) -> TrimVLM:
+    if cfg.init not in ("teacher", "scratch"):  # an existing student: keep its (possibly pruned) shape
+        existing = load_model_dir(cfg.init, "cpu")
+        if existing.tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise ValueError(f"{cfg.init}: tokenizer differs from the teacher's")
+        student = existing.model.float()
+        student.config.name = cfg.student_name
+        return student
     layers = student_layers(teacher.config, cfg.student_layers)
     scfg = student_config(teacher.config, layers, cfg.student_name, cfg.model)
     student = TrimVLM(scfg)
     if cfg.init == "teacher":
         init_from_teacher(student, teacher)
-    elif cfg.init == "scratch":
-        if cfg.text_init:  # the teacher's own recipe: text side from MiniLM, the rest random
-            _init_text_from_minilm(student, tokenizer, cfg.text_init)
-    else:
-        raise ValueError(f"unknown init {cfg.init!r} (teacher | scratch)")
+    elif cfg.text_init:  # scratch, the teacher's own recipe: text side from MiniLM, the rest random
+        _init_text_from_minilm(student, tokenizer, cfg.text_init)
     return student
 
 

@@ -558,6 +558,75 @@ class TextDecoder(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
+# ----------------------------------------------------------------------------------------------
+# SmartTrim trimming modules (used by compression/trim.py; present when config.trimming is set)
+# ----------------------------------------------------------------------------------------------
+
+TRIM_KEEP_INIT = 3.0  # initial keep logit: sigmoid(3) = 0.95, so training starts from "keep all"
+
+
+class TokenTrimmer(nn.Module):
+    """Keep-logit per token from the token's features, its own stream's pooled kept state and the
+    other modality's pooled state (cross-modal guidance of what is redundant)."""
+
+    def __init__(self, width: int, other_width: int, hidden: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.token = nn.Linear(width, hidden)
+        self.own = nn.Linear(width, hidden, bias=False)
+        self.other = nn.Linear(other_width, hidden, bias=False)
+        self.out = nn.Linear(hidden, 1)
+
+    def forward(self, x: torch.Tensor, own_pooled: torch.Tensor, other_pooled: torch.Tensor) -> torch.Tensor:
+        context = self.own(self.norm(own_pooled)) + self.other(other_pooled)
+        return self.out(F.gelu(self.token(self.norm(x)) + context[:, None])).squeeze(-1)
+
+
+class HeadTrimmer(nn.Module):
+    """Keep-logit per attention head from the block's pooled input and the other modality."""
+
+    def __init__(self, width: int, other_width: int, heads: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.proj = nn.Linear(width + other_width, heads)
+
+    def forward(self, own_pooled: torch.Tensor, other_pooled: torch.Tensor) -> torch.Tensor:
+        return self.proj(torch.cat([self.norm(own_pooled), other_pooled], dim=-1))
+
+
+class Trimmers(nn.Module):
+    """One token trimmer before every vision, text and fusion layer; one head trimmer per
+    attention block (vision self, text self, fusion self and cross)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = int(cfg.trimming.get("hidden", 32))
+        vw, tw = cfg.vision_width, cfg.text_width
+        self.vision_tokens = nn.ModuleList(TokenTrimmer(vw, tw, hidden) for _ in cfg.vision_heads)
+        self.text_tokens = nn.ModuleList(TokenTrimmer(tw, vw, hidden) for _ in cfg.text_heads)
+        self.fusion_tokens = nn.ModuleList(TokenTrimmer(tw, vw, hidden) for _ in cfg.fusion_self_heads)
+        self.vision_heads = nn.ModuleList(HeadTrimmer(vw, tw, h) for h in cfg.vision_heads)
+        self.text_heads = nn.ModuleList(HeadTrimmer(tw, vw, h) for h in cfg.text_heads)
+        self.fusion_self_heads = nn.ModuleList(HeadTrimmer(tw, vw, h) for h in cfg.fusion_self_heads)
+        self.fusion_cross_heads = nn.ModuleList(HeadTrimmer(tw, vw, h) for h in cfg.fusion_cross_heads)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for m in self.modules():  # the keep-logit outputs start at "keep"
+            if isinstance(m, TokenTrimmer):
+                nn.init.constant_(m.out.bias, TRIM_KEEP_INIT)
+            elif isinstance(m, HeadTrimmer):
+                nn.init.constant_(m.proj.bias, TRIM_KEEP_INIT)
+
+
 class TrimVLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -575,6 +644,7 @@ class TrimVLM(nn.Module):
             nn.Linear(w, 2 * w), nn.GELU(), nn.LayerNorm(2 * w), nn.Linear(2 * w, max(cfg.num_answers, 1))
         )
         self.apply(self._init_weights)
+        self.trimmers = Trimmers(cfg) if cfg.trimming else None
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:

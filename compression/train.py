@@ -259,6 +259,8 @@ class TaskOutputs:
     vqa_logits: torch.Tensor
     vqa_gen_logits: torch.Tensor | None
     itc_sim: torch.Tensor  # [B_img, B_txt]
+    image_emb: torch.Tensor  # [B, embed_dim] normalised ITC embeddings of the caption images
+    text_emb: torch.Tensor  # [B, embed_dim] ... and of the captions
     itm_logits: torch.Tensor  # [3B, 2]: positives, negative texts, negative images
     caption_logits: torch.Tensor
     negatives: tuple[torch.Tensor, torch.Tensor]  # (negative text per image, negative image per text)
@@ -294,7 +296,8 @@ def task_forward(
     # ITC between caption images and texts.
     img = m.encode_image(cap["pixels"], **kv).last_hidden_state
     txt = m.encode_text(cap["ids"], cap["mask"], **kt).last_hidden_state
-    sim = m.itc_logits(m.image_embeds(img), m.text_embeds(txt))
+    image_emb, text_emb = m.image_embeds(img), m.text_embeds(txt)
+    sim = m.itc_logits(image_emb, text_emb)
 
     # ITM with hard negatives drawn from the ITC similarities (BLIP/ALBEF).
     if negatives is None:
@@ -311,7 +314,7 @@ def task_forward(
 
     # Captioning LM: [DEC] caption [SEP], cross-attending to the image tokens.
     caption_logits, decoder = m.text_decoder(cap["dec_ids"], cap["mask"], encoder_states=img, **kd, **st)
-    return TaskOutputs(vqa_logits, gen_logits, sim, itm, caption_logits, negatives, vision, text, fusion, decoder)
+    return TaskOutputs(vqa_logits, gen_logits, sim, image_emb, text_emb, itm, caption_logits, negatives, vision, text, fusion, decoder)
 
 
 def task_losses(out: TaskOutputs, vqa: dict, cap: dict) -> dict[str, torch.Tensor]:
@@ -540,7 +543,8 @@ def fit(
             row.update({k: round(v.item(), 4) for k, v in losses.items()})
             with log_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
-            bar.set_postfix(loss=f"{row['total']:.3f}", vqa=f"{row['vqa']:.3f}", cap=f"{row['caption']:.3f}")
+            shown = {k: f"{row[k]:.3f}" for k in ("vqa", "caption", "flops_ratio") if k in row}
+            bar.set_postfix(loss=f"{row['total']:.3f}", **shown)
         if is_main and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
             accs = {v.name: round(validation_accuracy(model, v, tok, ctx.pre, device), 4) for v in vqa_val}
             objective.train()

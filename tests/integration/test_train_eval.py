@@ -184,3 +184,25 @@ def test_distill_prune_and_eval_a_tiny_teacher(tmp_path):
     assert report["models"]["pruned"]["allocation"]["vision_ffn"] != report["models"]["distilled"]["allocation"]["vision_ffn"]
     for f in ("report.json", "REPORT.md", "allocation.png", "pareto.png"):
         assert (tmp_path / "report" / f).stat().st_size > 0
+
+    # SmartTrim on the pruned student: train the trimmers briefly, calibrate levels, report.
+    from compression.trim import TrimConfig, trim
+    from compression.trim_report import write_report as write_trim_report
+
+    tcfg = TrimConfig(
+        **common
+        | {"out": str(tmp_path / "trim"), "student": str(pruned), "steps": 6, "log_every": 1, "hidden": 8}
+        | {"thresholds": [0.3, 0.5, 0.7], "calibration_limit": 30, "lr": 1e-4}
+    )
+    trimmed = trim(tcfg, resume=False)
+    levels = json.loads((trimmed / "levels.json").read_text())
+    assert set(levels["levels"]) == {"full", "balanced", "fast"} and len(levels["curve"]) == 3
+    assert levels["levels"]["full"]["flops_ratio"] == 1.0
+    assert all(0 < p["flops_ratio"] < 1.1 for p in levels["curve"])
+    rows = [json.loads(line) for line in (trimmed / "trim_log.jsonl").read_text().splitlines()]
+    assert {"self_distill", "cost", "flops_ratio", "beta"} <= set(rows[-1])
+    rep = write_trim_report(trimmed, tmp_path / "trim_report", limit=20, latency_samples=4, rounds=1)
+    assert rep["latency_batch1"]["balanced"]["p50_ms"] > 0
+    assert rep["parity"]["mask_vs_gather_batch1_max_abs"] <= 1e-4
+    for f in ("report.json", "REPORT.md", "accuracy_vs_flops.png", "kept_tokens_balanced.png", "most_trimmed.png"):
+        assert (tmp_path / "trim_report" / f).stat().st_size > 0

@@ -76,8 +76,8 @@ def test_kd_losses_vanish_when_the_student_equals_the_teacher():
     d = Distiller(student, teacher, DistillConfig())
     vqa, cap = synthetic_batches(cfg)
     losses = d(vqa, cap)
-    kd_terms = [k for k in losses if k.startswith("kl_") or k.endswith(("_hidden", "_attn"))]
-    assert {"kl_vqa", "kl_vqa_gen", "kl_itm", "kl_itc", "kl_caption", "decoder_cross_attn", "fusion_cross_attn"} <= set(kd_terms)
+    kd_terms = [k for k in losses if k.startswith("kl_") or k.endswith(("_hidden", "_attn")) or k == "itc_embed"]
+    assert {"itc_embed", "kl_vqa", "kl_vqa_gen", "kl_itm", "kl_itc", "kl_caption", "decoder_cross_attn", "fusion_cross_attn"} <= set(kd_terms)
     for k in kd_terms:
         assert float(losses[k]) == pytest.approx(0.0, abs=1e-6), k
     # a perturbed student has positive KD terms and its task loss is mixed 0.6 / 0.4
@@ -118,3 +118,30 @@ def test_task_forward_reuses_given_negatives():
     neg = (torch.arange(6).roll(1), torch.arange(6).roll(2))
     out = task_forward(m, vqa, cap, negatives=neg)
     assert out.negatives is neg and out.itm_logits.shape == (18, 2)
+
+
+def test_embedding_kd_is_the_cosine_distance_of_itc_embeddings():
+    from compression.distill import embedding_cosine
+
+    a = torch.nn.functional.normalize(torch.randn(5, 8), dim=-1)
+    assert float(embedding_cosine(a, a)) == pytest.approx(0.0, abs=1e-6)
+    assert float(embedding_cosine(a, -a)) == pytest.approx(2.0, abs=1e-6)
+    with pytest.raises(ValueError, match="widths"):
+        embedding_cosine(a, torch.randn(5, 4))
+
+
+def test_init_from_an_existing_student_keeps_its_pruned_shape(tmp_path):
+    from compression.artifacts import Preprocessing, save_model_dir
+    from compression.distill import build_student
+    from service.preprocess import ImageSpec
+    from tests.unit.test_modeling import _tokenizer
+
+    torch.manual_seed(0)
+    pruned = TrimVLM(tiny_config(vision_mlp=[7, 3], fusion_self_heads=[1, 2]))
+    tok = _tokenizer()
+    save_model_dir(tmp_path / "s", pruned, tok, Preprocessing(ImageSpec(size=32)))
+    cfg = DistillConfig(init=str(tmp_path / "s"), student_name="again")
+    student = build_student(cfg, TrimVLM(tiny_config()), tok)
+    assert student.config.vision_mlp == [7, 3] and student.config.fusion_self_heads == [1, 2]
+    assert student.config.name == "again"
+    assert torch.equal(student.state_dict()["vision_model.encoder.layers.0.mlp.fc1.weight"], pruned.state_dict()["vision_model.encoder.layers.0.mlp.fc1.weight"])

@@ -1,0 +1,574 @@
+"""SmartTrim-style per-instance trimming of tokens and attention heads (VQA path).
+
+Every vision, text and fusion layer gets a token trimmer (keep-logit per token from the token, its
+stream's pooled kept state and the other modality's pooled state) and every attention block a
+head trimmer (modeling.Trimmers). Masks are cumulative: a token dropped before layer l is never
+attended to again and its state is frozen; [CLS] is always kept.
+
+Streams run text -> vision -> fusion so each trimmer sees the other modality's best available
+summary: the text trimmers the mean image patch embedding, the vision trimmers the question's
+[CLS], the fusion trimmers the image [CLS].
+
+Execution modes, one set of weights (`Trim.mode`):
+  train   straight-through Gumbel gates; soft keep-masks carry gradients into attention
+          (log-keep key bias, as DynamicViT) and into the frozen-state blend.
+  mask    deterministic keep = p > threshold, static shapes (keep-masks -> key bias).
+  gather  dropped tokens are removed (batch 1: exactly the kept tokens; batches: padded up to
+          a bucket of the stream's length, the padding masked), and at batch 1 dropped heads
+          are skipped by slicing their weights. Same outputs as mask within fp tolerance.
+
+`trimmed_flops` counts the FLOPs a trace of kept tokens and heads costs (trimmers included),
+differentiably, so the same formula drives the training cost and the reports.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compression.config import ModelConfig
+from compression.flops import attention_flops, ffn_flops
+from compression.modeling import TextLayer, TrimVLM, VisionLayer, key_bias
+
+DEFAULT_BUCKETS = (1.0, 0.75, 0.5, 0.375, 0.25, 0.125)
+LOG_KEEP_EPS = 1e-6
+
+
+@dataclass
+class Trim:
+    """How to run the trimmers. enabled=False runs the same code untrimmed (the full model)."""
+
+    mode: str = "mask"  # train | mask | gather
+    token_threshold: float = 0.5
+    head_threshold: float = 0.5
+    tau: float = 1.0  # Gumbel temperature (train)
+    buckets: tuple[float, ...] = DEFAULT_BUCKETS  # gather with batch > 1
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("train", "mask", "gather"):
+            raise ValueError(f"unknown trim mode {self.mode!r} (train | mask | gather)")
+
+
+@dataclass
+class TrimTrace:
+    """Per-sample kept counts ([B] tensors; soft in training) that the FLOPs formula reads."""
+
+    text_len: torch.Tensor  # real (unpadded) question tokens
+    vision_tokens: list = field(default_factory=list)  # tokens entering each vision layer
+    text_tokens: list = field(default_factory=list)
+    fusion_tokens: list = field(default_factory=list)
+    image_kv: torch.Tensor | None = None  # image tokens the fusion cross-attention reads
+    vision_heads: list = field(default_factory=list)
+    text_heads: list = field(default_factory=list)
+    fusion_self_heads: list = field(default_factory=list)
+    fusion_cross_heads: list = field(default_factory=list)
+    scored: dict = field(default_factory=lambda: {"vision": [], "text": [], "fusion": []})  # tokens each trimmer scored
+    image_keep: torch.Tensor | None = None  # [B, N_img] final kept image tokens (original positions)
+    trimmed: bool = True
+
+
+# ----------------------------------------------------------------------------------------------
+# Gates
+# ----------------------------------------------------------------------------------------------
+
+
+def gumbel_keep(logits: torch.Tensor, tau: float) -> torch.Tensor:
+    """Straight-through binary Gumbel (logistic noise): hard 0/1 forward, sigmoid gradient."""
+    u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
+    soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / tau)
+    hard = (soft > 0.5).to(soft.dtype)
+    return hard + soft - soft.detach()
+
+
+def keep_decision(logits: torch.Tensor, trim: Trim, threshold: float) -> torch.Tensor:
+    """Keep gate from keep-logits: sampled in training, `sigmoid(logit) > threshold` otherwise."""
+    if trim.mode == "train":
+        return gumbel_keep(logits, trim.tau)
+    return (torch.sigmoid(logits) > threshold).to(logits.dtype)
+
+
+def masked_mean(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    w = keep.to(x.dtype)[..., None]
+    return (x * w).sum(1) / w.sum(1).clamp_min(1.0)
+
+
+def attention_bias(keep: torch.Tensor, trim: Trim, dtype: torch.dtype) -> torch.Tensor:
+    """Key bias from a keep-mask: log(keep) in training (differentiable, DynamicViT-style),
+    a hard -inf-like mask otherwise."""
+    if trim.mode == "train":
+        return torch.log(keep.to(dtype) + LOG_KEEP_EPS)[:, None, None, :]
+    return key_bias(keep.bool(), dtype)
+
+
+def blend(new: torch.Tensor, old: torch.Tensor, keep: torch.Tensor, trim: Trim) -> torch.Tensor:
+    """Dropped tokens keep their incoming state (zero residual update)."""
+    if trim.mode == "train":
+        k = keep.to(new.dtype)[..., None]
+        return k * new + (1 - k) * old
+    return torch.where(keep.bool()[..., None], new, old)
+
+
+def bucket_size(count: int, n: int, buckets: tuple[float, ...]) -> int:
+    """Smallest bucket (a fraction of the stream length n) holding `count` tokens."""
+    sizes = sorted({max(1, math.ceil(f * n)) for f in buckets} | {n})
+    return next(s for s in sizes if s >= count)
+
+
+def compact(x: torch.Tensor, keep: torch.Tensor, pos: torch.Tensor, size: int):
+    """Keep `size` slots per sample: the kept tokens (and, to fill a bucket, the first dropped
+    ones, which stay masked), in their original order."""
+    n = x.shape[1]
+    order = (~keep.bool()).long() * n + torch.arange(n, device=x.device)
+    idx = order.topk(size, dim=1, largest=False).indices.sort(dim=1).values
+    x = x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+    return x, keep.gather(1, idx), pos.gather(1, idx)
+
+
+class Stream:
+    """A token stream being trimmed: states, keep-mask and the tokens' original positions."""
+
+    def __init__(self, x: torch.Tensor, keep: torch.Tensor, trim: Trim):
+        self.x, self.keep, self.trim = x, keep, trim
+        self.pos = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+        self.length = x.shape[1]
+
+    def drop(self, trimmer: nn.Module, other: torch.Tensor, scored: list) -> torch.Tensor:
+        """Run a token trimmer, update the cumulative keep-mask ([CLS] forced) and, in gather
+        mode, remove dropped tokens. Returns the tokens entering the layer, per sample."""
+        trim = self.trim
+        scored.append(self.keep.to(self.x.dtype).sum(1))
+        logits = trimmer(self.x, masked_mean(self.x, self.keep), other)
+        new = keep_decision(logits, trim, trim.token_threshold)
+        new = torch.cat([torch.ones_like(new[:, :1]), new[:, 1:]], dim=1)
+        self.keep = self.keep.to(new.dtype) * new
+        if trim.mode == "gather":
+            counts = self.keep.sum(1)
+            if self.x.shape[0] == 1:
+                size = int(counts.item())
+            else:
+                size = bucket_size(int(counts.max().item()), self.length, trim.buckets)
+            if size < self.x.shape[1]:
+                self.x, self.keep, self.pos = compact(self.x, self.keep, self.pos, size)
+        return self.keep.sum(1)
+
+
+def head_gate(trimmer: nn.Module, own: torch.Tensor, other: torch.Tensor, trim: Trim) -> torch.Tensor | None:
+    if trimmer.proj.out_features == 0:
+        return None
+    return keep_decision(trimmer(own, other), trim, trim.head_threshold)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batch-1 head skipping (gather mode): slice the kept heads' weights
+# ----------------------------------------------------------------------------------------------
+
+
+def _rows(linear: nn.Linear, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return linear.weight.index_select(0, idx), linear.bias.index_select(0, idx)
+
+
+def _head_index(gate: torch.Tensor, head_dim: int) -> torch.Tensor:
+    heads = gate[0].nonzero().squeeze(1)
+    return (heads[:, None] * head_dim + torch.arange(head_dim, device=gate.device)).reshape(-1)
+
+
+def _sdpa(q, k, v, heads: int, head_dim: int, bias):
+    b, nq, nk = q.shape[0], q.shape[1], k.shape[1]
+    q = q.view(b, nq, heads, head_dim).transpose(1, 2)
+    k = k.view(b, nk, heads, head_dim).transpose(1, 2)
+    v = v.view(b, nk, heads, head_dim).transpose(1, 2)
+    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    return ctx.transpose(1, 2).reshape(b, nq, heads * head_dim)
+
+
+def vision_attention_kept(attn, x, bias, gate):
+    """VisionAttention over the kept heads only (batch 1)."""
+    idx = _head_index(gate, attn.head_dim)
+    if len(idx) == 0:  # every head dropped: only the output bias remains
+        return attn.projection.bias.expand_as(x)
+    w = attn.n_heads * attn.head_dim
+    rows = torch.cat([idx, idx + w, idx + 2 * w])
+    wq, bq = _rows(attn.qkv, rows)
+    q, k, v = F.linear(x, wq, bq).chunk(3, dim=-1)
+    ctx = _sdpa(q, k, v, len(idx) // attn.head_dim, attn.head_dim, bias)
+    return F.linear(ctx, attn.projection.weight.index_select(1, idx), attn.projection.bias)
+
+
+def bert_attention_kept(block, x, kv_states, bias, gate):
+    """BertAttention (self or cross) over the kept heads only (batch 1); kv_states: keys' input."""
+    s = block.self
+    idx = _head_index(gate, s.head_dim)
+    if len(idx) == 0:
+        return block.output.LayerNorm(x + block.output.dense.bias)
+    q = F.linear(x, *_rows(s.query, idx))
+    k = F.linear(kv_states, *_rows(s.key, idx))
+    v = F.linear(kv_states, *_rows(s.value, idx))
+    ctx = _sdpa(q, k, v, len(idx) // s.head_dim, s.head_dim, bias)
+    dense = block.output.dense
+    return block.output.LayerNorm(x + F.linear(ctx, dense.weight.index_select(1, idx), dense.bias))
+
+
+def _slice_heads(trim: Trim, x: torch.Tensor, gate) -> bool:
+    return trim.mode == "gather" and trim.enabled and gate is not None and x.shape[0] == 1
+
+
+def run_vision_layer(layer: VisionLayer, x, bias, gate, trim: Trim):
+    if _slice_heads(trim, x, gate):
+        h = x + vision_attention_kept(layer.self_attn, layer.layer_norm1(x), bias, gate)
+        return h + layer.mlp(layer.layer_norm2(h))
+    return layer(x, bias, gate)[0]
+
+
+def run_fusion_layer(layer: TextLayer, x, self_bias, image, enc_bias, gate, cross_gate, trim: Trim):
+    """One BERT layer (self-attention, optional cross-attention to `image`, FFN)."""
+    if _slice_heads(trim, x, gate):
+        h = bert_attention_kept(layer.attention, x, x, self_bias, gate)
+    else:
+        h = layer.attention(x, None, self_bias, gate)[0]
+    if image is not None:
+        if _slice_heads(trim, x, cross_gate):
+            h = bert_attention_kept(layer.crossattention, h, image, enc_bias, cross_gate)
+        else:
+            h = layer.crossattention(h, layer.crossattention.project_kv(image), enc_bias, cross_gate)[0]
+    return layer.output.LayerNorm(h + layer.output.dense(F.gelu(layer.intermediate.dense(h))))
+
+
+# ----------------------------------------------------------------------------------------------
+# Trimmed VQA forward
+# ----------------------------------------------------------------------------------------------
+
+
+def trimmed_vqa_forward(
+    model: TrimVLM, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, trim: Trim, trimmers: nn.Module | None = None
+) -> tuple[torch.Tensor, TrimTrace]:
+    """VQA classifier logits with per-instance trimming, and the trace of what was kept.
+    trimmers: defaults to the model's own (training passes them separately)."""
+    tr = trimmers if trimmers is not None else model.trimmers
+    on = trim.enabled
+    if on and tr is None:
+        raise ValueError("this model has no trimmers (config.trimming is unset): run `trimvlm trim` first")
+    dtype = pixels.dtype if pixels.is_floating_point() else torch.float32
+    trace = TrimTrace(text_len=mask.sum(1).to(dtype), trimmed=on)
+
+    # Text encoder; its trimmers see the mean image patch embedding.
+    image_emb = model.vision_model.embeddings(pixels)
+    pooled_patches = image_emb[:, 1:].mean(1)
+    t = Stream(model.text_encoder.embeddings(ids), mask.bool(), trim)
+    if trim.mode == "gather" and ids.shape[0] == 1:  # batch 1 runs unpadded
+        t.x, t.keep, t.pos = compact(t.x, t.keep, t.pos, int(mask.sum()))
+    for i, layer in enumerate(model.text_encoder.encoder.layer):
+        gate = None
+        if on:
+            trace.text_tokens.append(t.drop(tr.text_tokens[i], pooled_patches, trace.scored["text"]))
+            gate = head_gate(tr.text_heads[i], masked_mean(t.x, t.keep), pooled_patches, trim)
+            trace.text_heads.append(_count(gate, layer.attention.self.n_heads, t.x))
+        bias = attention_bias(t.keep, trim, t.x.dtype)
+        t.x = blend(run_fusion_layer(layer, t.x, bias, None, None, gate, None, trim), t.x, t.keep, trim)
+    question = t.x[:, 0]
+
+    # Vision encoder; its trimmers see the question.
+    v = Stream(image_emb, torch.ones(image_emb.shape[:2], dtype=torch.bool, device=image_emb.device), trim)
+    for i, layer in enumerate(model.vision_model.encoder.layers):
+        gate = None
+        if on:
+            trace.vision_tokens.append(v.drop(tr.vision_tokens[i], question, trace.scored["vision"]))
+            gate = head_gate(tr.vision_heads[i], masked_mean(v.x, v.keep), question, trim)
+            trace.vision_heads.append(_count(gate, layer.self_attn.n_heads, v.x))
+        bias = attention_bias(v.keep, trim, v.x.dtype)
+        v.x = blend(run_vision_layer(layer, v.x, bias, gate, trim), v.x, v.keep, trim)
+    image = model.vision_model.post_layernorm(v.x)
+    image_bias = attention_bias(v.keep, trim, image.dtype)
+    trace.image_kv = v.keep.to(dtype).sum(1)
+    full_keep = torch.zeros(image_emb.shape[:2], dtype=dtype, device=image.device)
+    trace.image_keep = full_keep.scatter(1, v.pos, v.keep.to(dtype).detach())
+
+    # Fusion encoder: the text stream continues; its trimmers see the image [CLS].
+    image_cls = image[:, 0]
+    for i, layer in enumerate(model.fusion_encoder.layer):
+        gate = cross = None
+        if on:
+            trace.fusion_tokens.append(t.drop(tr.fusion_tokens[i], image_cls, trace.scored["fusion"]))
+            own = masked_mean(t.x, t.keep)
+            gate = head_gate(tr.fusion_self_heads[i], own, image_cls, trim)
+            cross = head_gate(tr.fusion_cross_heads[i], own, image_cls, trim)
+            trace.fusion_self_heads.append(_count(gate, layer.attention.self.n_heads, t.x))
+            trace.fusion_cross_heads.append(_count(cross, layer.crossattention.self.n_heads, t.x))
+        bias = attention_bias(t.keep, trim, t.x.dtype)
+        new = run_fusion_layer(layer, t.x, bias, image, image_bias, gate, cross, trim)
+        t.x = blend(new, t.x, t.keep, trim)
+    return model.vqa_logits(t.x), trace
+
+
+def _count(gate: torch.Tensor | None, heads: int, x: torch.Tensor) -> torch.Tensor:
+    if gate is None:
+        return torch.full((x.shape[0],), float(heads), device=x.device)
+    return gate.sum(-1) if gate.dim() == 2 else gate.sum().expand(x.shape[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOPs
+# ----------------------------------------------------------------------------------------------
+
+
+def trimmed_flops(cfg: ModelConfig, trace: TrimTrace) -> torch.Tensor:
+    """Per-sample VQA forward FLOPs ([B]) of what the trace kept, trimmers included; with an
+    untrimmed trace (trace.trimmed False) the full model's FLOPs at the real question length.
+    Same conventions as compression.flops (2 x MACs of every matmul)."""
+    n_text = trace.text_len
+    n_img = float(cfg.num_image_tokens)
+    on = trace.trimmed
+    vw, tw, vhd, thd = cfg.vision_width, cfg.text_width, cfg.vision_head_dim, cfg.text_head_dim
+    hidden = int((cfg.trimming or {}).get("hidden", 32))
+    total = n_text * 0 + 2 * cfg.num_patches * (3 * cfg.patch_size**2) * vw  # patch embedding
+
+    def tokens(lst, i, default):
+        return lst[i] if on else default
+
+    def heads(lst, i, default):
+        return lst[i] if on else default
+
+    for i, (h, m) in enumerate(zip(cfg.text_heads, cfg.text_mlp, strict=True)):
+        n, k = tokens(trace.text_tokens, i, n_text), heads(trace.text_heads, i, h)
+        total = total + attention_flops(n, n, tw, tw, k, thd, tw) + ffn_flops(n, tw, m)
+    for i, (h, m) in enumerate(zip(cfg.vision_heads, cfg.vision_mlp, strict=True)):
+        n, k = tokens(trace.vision_tokens, i, n_img), heads(trace.vision_heads, i, h)
+        total = total + attention_flops(n, n, vw, vw, k, vhd, vw) + ffn_flops(n, vw, m)
+    n_kv = trace.image_kv if on else n_img
+    for i, (h, c, m) in enumerate(zip(cfg.fusion_self_heads, cfg.fusion_cross_heads, cfg.fusion_mlp, strict=True)):
+        n = tokens(trace.fusion_tokens, i, n_text)
+        k, kc = heads(trace.fusion_self_heads, i, h), heads(trace.fusion_cross_heads, i, c)
+        total = total + attention_flops(n, n, tw, tw, k, thd, tw)
+        total = total + attention_flops(n, n_kv, tw, vw, kc, thd, tw) + ffn_flops(n, tw, m)
+    total = total + 2 * (tw * 2 * tw + 2 * tw * cfg.num_answers)  # VQA head
+    if on:
+        total = total + trimmer_flops(cfg, trace, hidden)
+    return total
+
+
+def trimmer_flops(cfg: ModelConfig, trace: TrimTrace, hidden: int) -> torch.Tensor:
+    """The trimmers' own cost: per scored token a width->hidden->1 MLP, per sample the pooled
+    projections and one head-trimmer matmul per attention block."""
+    vw, tw = cfg.vision_width, cfg.text_width
+    total = 0
+    for stream, width, other in (("vision", vw, tw), ("text", tw, vw), ("fusion", tw, vw)):
+        for n in trace.scored[stream]:
+            total = total + n * 2 * (width * hidden + hidden) + 2 * (width + other) * hidden
+    blocks = [(vw + tw, h) for h in cfg.vision_heads] + [(tw + vw, h) for h in cfg.text_heads]
+    blocks += [(tw + vw, h) for h in cfg.fusion_self_heads] + [(tw + vw, h) for h in cfg.fusion_cross_heads]
+    return total + sum(2 * i * h for i, h in blocks)
+
+
+def flops_ratio(cfg: ModelConfig, trace: TrimTrace) -> torch.Tensor:
+    """Per-sample trimmed / untrimmed FLOPs at the same question."""
+    full = trimmed_flops(cfg, TrimTrace(text_len=trace.text_len, trimmed=False))
+    return trimmed_flops(cfg, trace) / full
+
+
+# ----------------------------------------------------------------------------------------------
+# Training: `trimvlm trim`
+# ----------------------------------------------------------------------------------------------
+
+from compression.train import TrainConfig  # noqa: E402  (after the model code it trains)
+
+
+@dataclass
+class TrimConfig(TrainConfig):
+    out: str = "runs/trim"
+    student: str = "models/trimvlm-student/1"
+    hidden: int = 32  # trimmer MLP width (d' ; keeps the trimmers under 2% of the FLOPs)
+    target_flops: float = 0.3  # beta: the trimmed / full FLOPs ratio the cost drives towards
+    curriculum_fraction: float = 0.3  # beta anneals 1 -> target over this part of training
+    cost_weight: float = 10.0  # lambda_c in lambda_c * (mean ratio - beta)^2
+    sd_weight: float = 1.0  # self-distillation KL(full || trimmed) on the VQA classifier
+    task_weight: float = 1.0
+    temperature: float = 1.0
+    tau_start: float = 1.0  # Gumbel temperature, annealed geometrically
+    tau_end: float = 0.1
+    trimmer_lr: float = 1e-3  # the token trimmers' own rate; `lr` is the backbone's (0 freezes it)
+    # head trimmers learn slower: one vision head costs as much as a dozen image tokens, so the
+    # FLOPs cost pulls hardest on heads, whose loss hurts accuracy most
+    head_trimmer_lr: float = 1e-4
+    # calibration of compute levels on the validation splits
+    thresholds: list = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95])
+    level_drops: dict = field(default_factory=lambda: {"balanced": 0.005, "fast": 0.02})
+    calibration_limit: int | None = None  # questions per validation split (tests)
+
+
+class TrimObjective(nn.Module):
+    """Task loss on the trimmed pass + self-distillation from the untrimmed pass of the same
+    weights + the FLOPs-ratio cost against the curriculum target."""
+
+    def __init__(self, model: TrimVLM, trimmers: nn.Module, cfg: TrimConfig):
+        super().__init__()
+        self.model, self.trimmers, self.cfg = model, trimmers, cfg
+
+    def schedule(self, step: int) -> tuple[float, float]:
+        c = self.cfg
+        frac = step / max(1, c.steps - 1)
+        tau = c.tau_start * (c.tau_end / c.tau_start) ** frac
+        beta = 1 - (1 - c.target_flops) * min(1.0, step / max(1, c.curriculum_fraction * c.steps))
+        return tau, beta
+
+    def forward(self, vqa: dict, cap: dict, step: int = 0) -> dict[str, torch.Tensor]:
+        from compression.distill import kl_logits
+
+        c = self.cfg
+        tau, beta = self.schedule(step)
+        args = (vqa["pixels"], vqa["q_ids"], vqa["q_mask"])
+        with torch.no_grad():
+            full, _ = trimmed_vqa_forward(self.model, *args, Trim(enabled=False))
+        logits, trace = trimmed_vqa_forward(self.model, *args, Trim(mode="train", tau=tau), self.trimmers)
+        ratio = flops_ratio(self.model.config, trace)
+        task = F.cross_entropy(logits.float(), vqa["answer"])
+        sd = kl_logits(logits, full, c.temperature)
+        cost = (ratio.mean() - beta) ** 2
+        total = c.task_weight * task + c.sd_weight * sd + c.cost_weight * cost
+        image = torch.stack(trace.vision_tokens).mean(0).mean() / self.model.config.num_image_tokens
+        return {
+            "total": total,
+            "vqa": task,
+            "self_distill": sd,
+            "cost": cost,
+            "flops_ratio": ratio.mean().detach(),
+            "beta": torch.tensor(beta),
+            "tau": torch.tensor(tau),
+            "image_kept": image.detach(),
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation and calibration of compute levels
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrimEval:
+    accuracy: float
+    flops_ratio: float  # mean over questions of trimmed / full FLOPs
+    ratios: np.ndarray  # per question
+    image_kept: np.ndarray  # image tokens reaching the fusion encoder, per question
+    text_kept: np.ndarray  # question tokens reaching the classifier, per question
+    image_keep: np.ndarray  # [Q, N_img] kept-image-token masks (original positions)
+    correct: np.ndarray
+
+    def summary(self) -> dict:
+        return {"accuracy": round(self.accuracy, 4), "flops_ratio": round(self.flops_ratio, 4), "n": len(self.correct)}
+
+
+@torch.no_grad()
+def evaluate_trimmed(model: TrimVLM, split, tok, pre, device, trim: Trim, batch: int = 256) -> TrimEval:
+    """VQA accuracy (VQAv2 metric) and measured FLOPs of one trim setting on a split."""
+    from compression import data as D
+    from compression.train import normalize_on_device
+    from service.preprocess import encode_texts
+
+    model.eval()
+    answers = model.config.answers
+    ratios, img, txt, keeps, correct = [], [], [], [], []
+    for start in range(0, len(split.samples), batch):
+        chunk = split.samples[start : start + batch]
+        ids, mask = encode_texts(tok, [s.question for s in chunk], pre.max_text_length)
+        ids, mask = torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device).bool()
+        length = int(mask.sum(1).max())
+        ids, mask = ids[:, :length], mask[:, :length]
+        pixels = normalize_on_device(torch.from_numpy(split.images[[s.image for s in chunk]]).to(device), pre.image)
+        logits, trace = trimmed_vqa_forward(model, pixels, ids, mask, trim)
+        ratios.append(flops_ratio(model.config, trace).cpu())
+        n_text = trace.text_len
+        img.append((trace.image_kv if trim.enabled else torch.full_like(n_text, model.config.num_image_tokens)).cpu())
+        txt.append((trace.fusion_tokens[-1] if trim.enabled else n_text).cpu())
+        keeps.append(trace.image_keep.cpu())
+        for s, p in zip(chunk, logits.argmax(-1).tolist(), strict=True):
+            correct.append(D.vqa_accuracy(answers[p], s.answers))
+    ratio = torch.cat(ratios).numpy()
+    return TrimEval(
+        accuracy=float(np.mean(correct)),
+        flops_ratio=float(ratio.mean()),
+        ratios=ratio,
+        image_kept=torch.cat(img).numpy(),
+        text_kept=torch.cat(txt).numpy(),
+        image_keep=torch.cat(keeps).numpy().astype(bool),
+        correct=np.array(correct),
+    )
+
+
+def sweep_point(model, splits, tok, pre, device, threshold: float | None) -> dict:
+    """One calibration point: accuracy per split and FLOPs ratio over all their questions.
+    threshold None = untrimmed. Bucketed gather: the mask-mode results, faster."""
+    trim = Trim(mode="gather", token_threshold=threshold or 0.5, head_threshold=threshold or 0.5, enabled=threshold is not None)
+    evals = {s.name: evaluate_trimmed(model, s, tok, pre, device, trim) for s in splits}
+    all_ratios = np.concatenate([e.ratios for e in evals.values()])
+    acc = {k: round(e.accuracy, 4) for k, e in evals.items()}
+    return {
+        "token_threshold": threshold,
+        "head_threshold": threshold,
+        "flops_ratio": round(float(all_ratios.mean()), 4),
+        "accuracy": acc,
+        "min_accuracy": min(acc.values()),
+    }
+
+
+def calibrate(model, splits, tok, pre, device, thresholds, level_drops: dict) -> dict:
+    """Compute levels on validation splits: sweep the thresholds, then name levels (levels.py)."""
+    from service.levels import choose_levels
+
+    full = sweep_point(model, splits, tok, pre, device, None)
+    full["flops_ratio"] = 1.0
+    curve = [sweep_point(model, splits, tok, pre, device, t) for t in thresholds]
+    rule = "cheapest threshold whose accuracy on every calibration split is within the level's max_drop of full"
+    return {
+        "levels": choose_levels(curve, full, level_drops),
+        "curve": curve,
+        "calibration": {"splits": [s.name for s in splits], "questions": sum(len(s.samples) for s in splits), "rule": rule},
+    }
+
+
+def trim(cfg: TrimConfig, resume: bool = True) -> Path:
+    """Train trimmers on a student, calibrate compute levels, save under <out>/model."""
+    import shutil
+
+    import yaml
+
+    from compression.artifacts import load_model_dir
+    from compression.modeling import Trimmers
+    from compression.train import end_run, fit, load_data_for, save_run, start_run
+
+    ctx = start_run(cfg)
+    lm = load_model_dir(cfg.student, ctx.device)
+    model = lm.model
+    if lm.preprocessing.image.size != cfg.image_size:
+        raise ValueError(f"student expects {lm.preprocessing.image.size}px images, config says {cfg.image_size}")
+    model.config.trimming = {"hidden": cfg.hidden}
+    model.trimmers = None
+    trimmers = Trimmers(model.config).to(ctx.device)
+    if cfg.lr == 0:
+        model.requires_grad_(False)
+    objective = TrimObjective(model, trimmers, cfg)
+    data, vqa_val = load_data_for(cfg, ctx, lm.tokenizer, model.config.answers, model.config.bos_token_id)
+    heads = [p for n, p in trimmers.named_parameters() if "_heads." in n]
+    tokens = [p for n, p in trimmers.named_parameters() if "_heads." not in n]
+    group = [
+        {"params": tokens, "lr": cfg.trimmer_lr, "weight_decay": 0.0},
+        {"params": heads, "lr": cfg.head_trimmer_lr, "weight_decay": 0.0},
+    ]
+    fit(cfg, ctx, model, objective, data, lm.tokenizer, vqa_val, resume, group, log_name="trim_log.jsonl")
+    model.trimmers = trimmers
+    model.eval()
+    splits = [s.limit(cfg.calibration_limit) for s in vqa_val] if cfg.calibration_limit else vqa_val
+    levels = calibrate(model, splits, lm.tokenizer, lm.preprocessing, ctx.device, cfg.thresholds, cfg.level_drops)
+    final = save_run(cfg, ctx, model, lm.tokenizer)
+    if ctx.is_main:
+        (final / "levels.json").write_text(json.dumps(levels, indent=2) + "\n")
+        (ctx.out / "trim_config.yaml").write_text(yaml.safe_dump(cfg.__dict__, sort_keys=False))
+        for name in ("trim_log.jsonl",):
+            shutil.copy(ctx.out / name, final / name)
+    end_run(ctx)
+    return final
