@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TEACHER ?= models/trimvlm-teacher/1
 
-.PHONY: run test lint format install install-dev teacher compress compression-report student clean
+.PHONY: run test lint format install install-dev teacher compress compression-report trim trim-report student clean
 
 $(VENV)/.train: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,16 @@ compression-report: $(VENV)/.train
 	$(VENV)/bin/trimvlm report compression --out reports/compression \
 	  --model teacher=$(TEACHER) --model distilled=runs/distill/model --model scratch=runs/scratch/model \
 	  $(foreach r,$(PRUNE_RUNS),--model pruned-$(r)=runs/prune-$(r)/model)
+
+## Train SmartTrim trimmers on the committed pruned student, calibrate compute levels, and write
+## reports/trim (2 CPU cores: about 25 minutes). Not yet published: see README, Per-instance trimming.
+TRIM_STUDENT ?= models/trimvlm-student/1
+trim: $(VENV)/.train
+	$(VENV)/bin/trimvlm trim configs/trim.yaml --student $(TRIM_STUDENT)
+	$(MAKE) trim-report
+TRIMMED ?= runs/trim/model
+trim-report: $(VENV)/.train
+	$(VENV)/bin/trimvlm report trim $(TRIMMED) --out reports/trim
 
 ## Publish the chosen pruned student (see reports/compression/REPORT.md) with its model card.
 STUDENT_RUN ?= runs/prune-flops-0.55/model

@@ -14,8 +14,9 @@ A: attention-probability MSE scaled by the key length, student layer i <-> teach
 KL_T: KL(teacher || student) at temperature T on the VQA classifier, generative answers, ITM,
 both ITC directions and the captioning LM. E: cosine distance between the student's and the
 teacher's normalised ITC embeddings of the caption images and texts (DLIP's feature KD on the
-projected [CLS]); the in-batch ITC KL only sees B candidates, this pins the whole retrieval space. Where widths differ, learned linear projections map
-student states to the teacher's width; where head counts differ, attention is head-averaged.
+projected [CLS]); the in-batch ITC KL only sees B candidates, this pins the whole retrieval space.
+Where widths differ, learned linear projections map student states to the teacher's width;
+where head counts differ, attention is head-averaged.
 """
 
 from __future__ import annotations
@@ -293,7 +294,9 @@ class Distiller(nn.Module):
         if need_kd:
             kd = self.logit_losses(s_out, t_out, vqa, cap)
             logit_total = sum(kd.values())
-            kd["itc_embed"] = embedding_cosine(s_out.image_emb, t_out.image_emb) + embedding_cosine(s_out.text_emb, t_out.text_emb)
+            kd["itc_embed"] = embedding_cosine(s_out.image_emb, t_out.image_emb) + embedding_cosine(
+                s_out.text_emb, t_out.text_emb
+            )
             q_mask = vqa["q_mask"]
             kd.update(self.stack_losses("vision", s_out.vision, t_out.vision, None))
             kd.update(self.stack_losses("text", s_out.text, t_out.text, q_mask))

@@ -620,11 +620,16 @@ class Trimmers(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        for m in self.modules():  # the keep-logit outputs start at "keep"
+        self.set_keep_init(TRIM_KEEP_INIT, TRIM_KEEP_INIT)
+
+    @torch.no_grad()
+    def set_keep_init(self, token: float, head: float) -> None:
+        """Initial keep-logits (the output biases) of the token and head trimmers."""
+        for m in self.modules():
             if isinstance(m, TokenTrimmer):
-                nn.init.constant_(m.out.bias, TRIM_KEEP_INIT)
+                m.out.bias.fill_(token)
             elif isinstance(m, HeadTrimmer):
-                nn.init.constant_(m.proj.bias, TRIM_KEEP_INIT)
+                m.proj.bias.fill_(head)
 
 
 class TrimVLM(nn.Module):

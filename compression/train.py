@@ -314,7 +314,9 @@ def task_forward(
 
     # Captioning LM: [DEC] caption [SEP], cross-attending to the image tokens.
     caption_logits, decoder = m.text_decoder(cap["dec_ids"], cap["mask"], encoder_states=img, **kd, **st)
-    return TaskOutputs(vqa_logits, gen_logits, sim, image_emb, text_emb, itm, caption_logits, negatives, vision, text, fusion, decoder)
+    return TaskOutputs(
+        vqa_logits, gen_logits, sim, image_emb, text_emb, itm, caption_logits, negatives, vision, text, fusion, decoder
+    )
 
 
 def task_losses(out: TaskOutputs, vqa: dict, cap: dict) -> dict[str, torch.Tensor]:

@@ -51,6 +51,7 @@ class Trim:
     tau: float = 1.0  # Gumbel temperature (train)
     buckets: tuple[float, ...] = DEFAULT_BUCKETS  # gather with batch > 1
     enabled: bool = True
+    skip_heads: bool = True  # gather at batch 1: skip dropped heads (Python-side; off for ONNX export)
 
     def __post_init__(self) -> None:
         if self.mode not in ("train", "mask", "gather"):
@@ -135,35 +136,54 @@ def compact(x: torch.Tensor, keep: torch.Tensor, pos: torch.Tensor, size: int):
 class Stream:
     """A token stream being trimmed: states, keep-mask and the tokens' original positions."""
 
-    def __init__(self, x: torch.Tensor, keep: torch.Tensor, trim: Trim):
+    def __init__(self, x: torch.Tensor, keep: torch.Tensor, trim: Trim, dense: bool = False):
         self.x, self.keep, self.trim = x, keep, trim
         self.pos = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
         self.length = x.shape[1]
+        # dense: every token present is kept (known when tracing), so masks are skipped entirely;
+        # true at batch 1 in gather mode, where dropped tokens are gone
+        self.dense = dense
+
+    def pooled(self) -> torch.Tensor:
+        return self.x.mean(1) if self.dense else masked_mean(self.x, self.keep)
+
+    def bias(self) -> torch.Tensor | None:
+        return None if self.dense else attention_bias(self.keep, self.trim, self.x.dtype)
+
+    def update(self, new: torch.Tensor) -> None:
+        self.x = new if self.dense else blend(new, self.x, self.keep, self.trim)
 
     def drop(self, trimmer: nn.Module, other: torch.Tensor, scored: list) -> torch.Tensor:
         """Run a token trimmer, update the cumulative keep-mask ([CLS] forced) and, in gather
         mode, remove dropped tokens. Returns the tokens entering the layer, per sample."""
         trim = self.trim
         scored.append(self.keep.to(self.x.dtype).sum(1))
-        logits = trimmer(self.x, masked_mean(self.x, self.keep), other)
+        # Trimmers read the backbone's features without writing back: the FLOPs cost (weighted
+        # heavily) would otherwise push the backbone's features around to move the gates.
+        logits = trimmer(self.x.detach(), self.pooled().detach(), other.detach())
         new = keep_decision(logits, trim, trim.token_threshold)
         new = torch.cat([torch.ones_like(new[:, :1]), new[:, 1:]], dim=1)
         self.keep = self.keep.to(new.dtype) * new
+        self.dense = False
         if trim.mode == "gather":
-            counts = self.keep.sum(1)
             if self.x.shape[0] == 1:
-                size = int(counts.item())
+                self.select(self.keep[0].nonzero().squeeze(1))
             else:
-                size = bucket_size(int(counts.max().item()), self.length, trim.buckets)
-            if size < self.x.shape[1]:
-                self.x, self.keep, self.pos = compact(self.x, self.keep, self.pos, size)
+                size = bucket_size(int(self.keep.sum(1).max().item()), self.length, trim.buckets)
+                if size < self.x.shape[1]:
+                    self.x, self.keep, self.pos = compact(self.x, self.keep, self.pos, size)
         return self.keep.sum(1)
+
+    def select(self, idx: torch.Tensor) -> None:
+        """Batch 1: keep only the tokens at idx (NonZero + Gather when exported: no host sync)."""
+        self.x, self.keep, self.pos = self.x.index_select(1, idx), self.keep.index_select(1, idx), self.pos.index_select(1, idx)
+        self.dense = True
 
 
 def head_gate(trimmer: nn.Module, own: torch.Tensor, other: torch.Tensor, trim: Trim) -> torch.Tensor | None:
     if trimmer.proj.out_features == 0:
         return None
-    return keep_decision(trimmer(own, other), trim, trim.head_threshold)
+    return keep_decision(trimmer(own.detach(), other.detach()), trim, trim.head_threshold)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,17 +191,23 @@ def head_gate(trimmer: nn.Module, own: torch.Tensor, other: torch.Tensor, trim: 
 # ----------------------------------------------------------------------------------------------
 
 
-def _rows(linear: nn.Linear, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return linear.weight.index_select(0, idx), linear.bias.index_select(0, idx)
+def _head_runs(gate: torch.Tensor) -> list[tuple[int, int]]:
+    """Kept heads of a batch-1 gate as runs [a, b) of consecutive heads: each run's weights are
+    a contiguous row block (a view, no copy), so skipping heads costs no weight traffic."""
+    kept = gate[0].bool().tolist()
+    runs, start = [], None
+    for h, k in enumerate(kept + [False]):
+        if k and start is None:
+            start = h
+        elif not k and start is not None:
+            runs.append((start, h))
+            start = None
+    return runs
 
 
-def _head_index(gate: torch.Tensor, head_dim: int) -> torch.Tensor:
-    heads = gate[0].nonzero().squeeze(1)
-    return (heads[:, None] * head_dim + torch.arange(head_dim, device=gate.device)).reshape(-1)
-
-
-def _sdpa(q, k, v, heads: int, head_dim: int, bias):
+def _sdpa(q, k, v, head_dim: int, bias):
     b, nq, nk = q.shape[0], q.shape[1], k.shape[1]
+    heads = q.shape[-1] // head_dim
     q = q.view(b, nq, heads, head_dim).transpose(1, 2)
     k = k.view(b, nk, heads, head_dim).transpose(1, 2)
     v = v.view(b, nk, heads, head_dim).transpose(1, 2)
@@ -189,35 +215,43 @@ def _sdpa(q, k, v, heads: int, head_dim: int, bias):
     return ctx.transpose(1, 2).reshape(b, nq, heads * head_dim)
 
 
+def _attend_runs(x, kv_states, bias, runs, d, q_w, q_b, k_w, k_b, v_w, v_b, o_w):
+    """Attention of the kept head runs; returns the output projection without its bias."""
+    out = 0
+    for a, b in runs:
+        r = slice(a * d, b * d)
+        q = F.linear(x, q_w[r], q_b[r])
+        k = F.linear(kv_states, k_w[r], k_b[r])
+        v = F.linear(kv_states, v_w[r], v_b[r])
+        out = out + F.linear(_sdpa(q, k, v, d, bias), o_w[:, r])
+    return out
+
+
 def vision_attention_kept(attn, x, bias, gate):
     """VisionAttention over the kept heads only (batch 1)."""
-    idx = _head_index(gate, attn.head_dim)
-    if len(idx) == 0:  # every head dropped: only the output bias remains
-        return attn.projection.bias.expand_as(x)
-    w = attn.n_heads * attn.head_dim
-    rows = torch.cat([idx, idx + w, idx + 2 * w])
-    wq, bq = _rows(attn.qkv, rows)
-    q, k, v = F.linear(x, wq, bq).chunk(3, dim=-1)
-    ctx = _sdpa(q, k, v, len(idx) // attn.head_dim, attn.head_dim, bias)
-    return F.linear(ctx, attn.projection.weight.index_select(1, idx), attn.projection.bias)
+    w, d = attn.n_heads * attn.head_dim, attn.head_dim
+    W, B = attn.qkv.weight, attn.qkv.bias
+    runs = _head_runs(gate)
+    out = _attend_runs(
+        x, x, bias, runs, d, W[:w], B[:w], W[w : 2 * w], B[w : 2 * w], W[2 * w :], B[2 * w :], attn.projection.weight
+    )
+    return out + attn.projection.bias
 
 
 def bert_attention_kept(block, x, kv_states, bias, gate):
     """BertAttention (self or cross) over the kept heads only (batch 1); kv_states: keys' input."""
-    s = block.self
-    idx = _head_index(gate, s.head_dim)
-    if len(idx) == 0:
-        return block.output.LayerNorm(x + block.output.dense.bias)
-    q = F.linear(x, *_rows(s.query, idx))
-    k = F.linear(kv_states, *_rows(s.key, idx))
-    v = F.linear(kv_states, *_rows(s.value, idx))
-    ctx = _sdpa(q, k, v, len(idx) // s.head_dim, s.head_dim, bias)
-    dense = block.output.dense
-    return block.output.LayerNorm(x + F.linear(ctx, dense.weight.index_select(1, idx), dense.bias))
+    s, dense = block.self, block.output.dense
+    runs = _head_runs(gate)
+    args = (s.query.weight, s.query.bias, s.key.weight, s.key.bias, s.value.weight, s.value.bias, dense.weight)
+    out = _attend_runs(x, kv_states, bias, runs, s.head_dim, *args)
+    return block.output.LayerNorm(x + out + dense.bias)
 
 
 def _slice_heads(trim: Trim, x: torch.Tensor, gate) -> bool:
-    return trim.mode == "gather" and trim.enabled and gate is not None and x.shape[0] == 1
+    """Skip dropped heads for real: gather mode, batch 1, and some head actually dropped."""
+    if not (trim.mode == "gather" and trim.enabled and trim.skip_heads and gate is not None and x.shape[0] == 1):
+        return False
+    return not bool(gate.all())
 
 
 def run_vision_layer(layer: VisionLayer, x, bias, gate, trim: Trim):
@@ -263,29 +297,27 @@ def trimmed_vqa_forward(
     pooled_patches = image_emb[:, 1:].mean(1)
     t = Stream(model.text_encoder.embeddings(ids), mask.bool(), trim)
     if trim.mode == "gather" and ids.shape[0] == 1:  # batch 1 runs unpadded
-        t.x, t.keep, t.pos = compact(t.x, t.keep, t.pos, int(mask.sum()))
+        t.select(mask[0].nonzero().squeeze(1))
     for i, layer in enumerate(model.text_encoder.encoder.layer):
         gate = None
         if on:
             trace.text_tokens.append(t.drop(tr.text_tokens[i], pooled_patches, trace.scored["text"]))
-            gate = head_gate(tr.text_heads[i], masked_mean(t.x, t.keep), pooled_patches, trim)
+            gate = head_gate(tr.text_heads[i], t.pooled(), pooled_patches, trim)
             trace.text_heads.append(_count(gate, layer.attention.self.n_heads, t.x))
-        bias = attention_bias(t.keep, trim, t.x.dtype)
-        t.x = blend(run_fusion_layer(layer, t.x, bias, None, None, gate, None, trim), t.x, t.keep, trim)
+        t.update(run_fusion_layer(layer, t.x, t.bias(), None, None, gate, None, trim))
     question = t.x[:, 0]
 
     # Vision encoder; its trimmers see the question.
-    v = Stream(image_emb, torch.ones(image_emb.shape[:2], dtype=torch.bool, device=image_emb.device), trim)
+    v = Stream(image_emb, torch.ones(image_emb.shape[:2], dtype=torch.bool, device=image_emb.device), trim, dense=True)
     for i, layer in enumerate(model.vision_model.encoder.layers):
         gate = None
         if on:
             trace.vision_tokens.append(v.drop(tr.vision_tokens[i], question, trace.scored["vision"]))
-            gate = head_gate(tr.vision_heads[i], masked_mean(v.x, v.keep), question, trim)
+            gate = head_gate(tr.vision_heads[i], v.pooled(), question, trim)
             trace.vision_heads.append(_count(gate, layer.self_attn.n_heads, v.x))
-        bias = attention_bias(v.keep, trim, v.x.dtype)
-        v.x = blend(run_vision_layer(layer, v.x, bias, gate, trim), v.x, v.keep, trim)
+        v.update(run_vision_layer(layer, v.x, v.bias(), gate, trim))
     image = model.vision_model.post_layernorm(v.x)
-    image_bias = attention_bias(v.keep, trim, image.dtype)
+    image_bias = v.bias()
     trace.image_kv = v.keep.to(dtype).sum(1)
     full_keep = torch.zeros(image_emb.shape[:2], dtype=dtype, device=image.device)
     trace.image_keep = full_keep.scatter(1, v.pos, v.keep.to(dtype).detach())
@@ -296,14 +328,12 @@ def trimmed_vqa_forward(
         gate = cross = None
         if on:
             trace.fusion_tokens.append(t.drop(tr.fusion_tokens[i], image_cls, trace.scored["fusion"]))
-            own = masked_mean(t.x, t.keep)
+            own = t.pooled()
             gate = head_gate(tr.fusion_self_heads[i], own, image_cls, trim)
             cross = head_gate(tr.fusion_cross_heads[i], own, image_cls, trim)
             trace.fusion_self_heads.append(_count(gate, layer.attention.self.n_heads, t.x))
             trace.fusion_cross_heads.append(_count(cross, layer.crossattention.self.n_heads, t.x))
-        bias = attention_bias(t.keep, trim, t.x.dtype)
-        new = run_fusion_layer(layer, t.x, bias, image, image_bias, gate, cross, trim)
-        t.x = blend(new, t.x, t.keep, trim)
+        t.update(run_fusion_layer(layer, t.x, t.bias(), image, image_bias, gate, cross, trim))
     return model.vqa_logits(t.x), trace
 
 
@@ -389,13 +419,20 @@ class TrimConfig(TrainConfig):
     cost_weight: float = 10.0  # lambda_c in lambda_c * (mean ratio - beta)^2
     sd_weight: float = 1.0  # self-distillation KL(full || trimmed) on the VQA classifier
     task_weight: float = 1.0
+    # task loss on the untrimmed pass too, when the backbone trains: it must stay a good full
+    # model (the `full` level) while it learns to work trimmed
+    full_task_weight: float = 1.0
     temperature: float = 1.0
     tau_start: float = 1.0  # Gumbel temperature, annealed geometrically
     tau_end: float = 0.1
     trimmer_lr: float = 1e-3  # the token trimmers' own rate; `lr` is the backbone's (0 freezes it)
     # head trimmers learn slower: one vision head costs as much as a dozen image tokens, so the
     # FLOPs cost pulls hardest on heads, whose loss hurts accuracy most
-    head_trimmer_lr: float = 1e-4
+    head_trimmer_lr: float = 1e-5
+    # initial keep-logits: tokens start near the decision boundary so Gumbel sampling explores
+    # dropping them early; heads start firmly kept (sigmoid(3) = 0.95)
+    token_keep_init: float = 1.0
+    head_keep_init: float = 3.0
     # calibration of compute levels on the validation splits
     thresholds: list = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95])
     level_drops: dict = field(default_factory=lambda: {"balanced": 0.005, "fast": 0.02})
@@ -423,18 +460,22 @@ class TrimObjective(nn.Module):
         c = self.cfg
         tau, beta = self.schedule(step)
         args = (vqa["pixels"], vqa["q_ids"], vqa["q_mask"])
-        with torch.no_grad():
+        train_full = c.lr > 0 and c.full_task_weight > 0
+        with torch.set_grad_enabled(train_full):
             full, _ = trimmed_vqa_forward(self.model, *args, Trim(enabled=False))
+        full_task = F.cross_entropy(full.float(), vqa["answer"]) if train_full else full.new_zeros(())
+        full = full.detach()
         logits, trace = trimmed_vqa_forward(self.model, *args, Trim(mode="train", tau=tau), self.trimmers)
         ratio = flops_ratio(self.model.config, trace)
         task = F.cross_entropy(logits.float(), vqa["answer"])
         sd = kl_logits(logits, full, c.temperature)
         cost = (ratio.mean() - beta) ** 2
-        total = c.task_weight * task + c.sd_weight * sd + c.cost_weight * cost
+        total = c.task_weight * task + c.sd_weight * sd + c.cost_weight * cost + c.full_task_weight * full_task
         image = torch.stack(trace.vision_tokens).mean(0).mean() / self.model.config.num_image_tokens
         return {
             "total": total,
             "vqa": task,
+            "vqa_full": full_task.detach(),
             "self_distill": sd,
             "cost": cost,
             "flops_ratio": ratio.mean().detach(),
@@ -549,6 +590,7 @@ def trim(cfg: TrimConfig, resume: bool = True) -> Path:
     model.config.trimming = {"hidden": cfg.hidden}
     model.trimmers = None
     trimmers = Trimmers(model.config).to(ctx.device)
+    trimmers.set_keep_init(cfg.token_keep_init, cfg.head_keep_init)
     if cfg.lr == 0:
         model.requires_grad_(False)
     objective = TrimObjective(model, trimmers, cfg)

@@ -77,7 +77,16 @@ def test_kd_losses_vanish_when_the_student_equals_the_teacher():
     vqa, cap = synthetic_batches(cfg)
     losses = d(vqa, cap)
     kd_terms = [k for k in losses if k.startswith("kl_") or k.endswith(("_hidden", "_attn")) or k == "itc_embed"]
-    assert {"itc_embed", "kl_vqa", "kl_vqa_gen", "kl_itm", "kl_itc", "kl_caption", "decoder_cross_attn", "fusion_cross_attn"} <= set(kd_terms)
+    assert {
+        "itc_embed",
+        "kl_vqa",
+        "kl_vqa_gen",
+        "kl_itm",
+        "kl_itc",
+        "kl_caption",
+        "decoder_cross_attn",
+        "fusion_cross_attn",
+    } <= set(kd_terms)
     for k in kd_terms:
         assert float(losses[k]) == pytest.approx(0.0, abs=1e-6), k
     # a perturbed student has positive KD terms and its task loss is mixed 0.6 / 0.4
@@ -144,4 +153,7 @@ def test_init_from_an_existing_student_keeps_its_pruned_shape(tmp_path):
     student = build_student(cfg, TrimVLM(tiny_config()), tok)
     assert student.config.vision_mlp == [7, 3] and student.config.fusion_self_heads == [1, 2]
     assert student.config.name == "again"
-    assert torch.equal(student.state_dict()["vision_model.encoder.layers.0.mlp.fc1.weight"], pruned.state_dict()["vision_model.encoder.layers.0.mlp.fc1.weight"])
+    assert torch.equal(
+        student.state_dict()["vision_model.encoder.layers.0.mlp.fc1.weight"],
+        pruned.state_dict()["vision_model.encoder.layers.0.mlp.fc1.weight"],
+    )

@@ -3,7 +3,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from compression.flops import TokenCounts, flops_per_sample
-from compression.modeling import TrimVLM, Trimmers
+from compression.modeling import Trimmers, TrimVLM
 from compression.trim import (
     Trim,
     TrimConfig,
@@ -75,7 +75,7 @@ def test_mask_and_gather_give_the_same_outputs():
         assert torch.equal(m_trace.image_keep, g_trace.image_keep)
         assert torch.allclose(flops_ratio(model.config, m_trace), flops_ratio(model.config, g_trace))
         dropped_any |= bool((m_trace.image_keep == 0).any())
-        dropped_any |= any(h.item() < n for h, n in zip(m_trace.vision_heads, model.config.vision_heads))
+        dropped_any |= any(h.item() < n for h, n in zip(m_trace.vision_heads, model.config.vision_heads, strict=True))
     assert dropped_any, "the test model should actually trim something"
 
 
@@ -84,7 +84,12 @@ def test_bucketed_gather_equals_per_sample_gather():
     pixels, ids, mask = inputs(8, seed=4)
     with torch.no_grad():
         batched, trace = trimmed_vqa_forward(model, pixels, ids, mask, Trim(mode="gather"))
-        single = torch.cat([trimmed_vqa_forward(model, pixels[i : i + 1], ids[i : i + 1], mask[i : i + 1], Trim(mode="gather"))[0] for i in range(8)])
+        single = torch.cat(
+            [
+                trimmed_vqa_forward(model, pixels[i : i + 1], ids[i : i + 1], mask[i : i + 1], Trim(mode="gather"))[0]
+                for i in range(8)
+            ]
+        )
         masked, _ = trimmed_vqa_forward(model, pixels, ids, mask, Trim(mode="mask"))
     assert torch.allclose(batched, single, atol=1e-4)
     assert torch.allclose(batched, masked, atol=1e-4)
@@ -154,9 +159,9 @@ def test_gather_flops_match_torch_flop_counter():
     def sdpa(nq, nk, heads, head_dim):
         return 2 * 2 * nq * nk * heads * head_dim
 
-    unseen = sum(sdpa(n, n, h, cfg.vision_head_dim) for n, h in zip(t.vision_tokens, t.vision_heads))
-    unseen += sum(sdpa(n, n, h, cfg.text_head_dim) for n, h in zip(t.text_tokens, t.text_heads))
-    for n, h, c in zip(t.fusion_tokens, t.fusion_self_heads, t.fusion_cross_heads):
+    unseen = sum(sdpa(n, n, h, cfg.vision_head_dim) for n, h in zip(t.vision_tokens, t.vision_heads, strict=True))
+    unseen += sum(sdpa(n, n, h, cfg.text_head_dim) for n, h in zip(t.text_tokens, t.text_heads, strict=True))
+    for n, h, c in zip(t.fusion_tokens, t.fusion_self_heads, t.fusion_cross_heads, strict=True):
         unseen += sdpa(n, n, h, cfg.text_head_dim) + sdpa(n, t.image_kv, c, cfg.text_head_dim)
     assert fc.get_total_flops() + unseen.item() == trimmed_flops(cfg, t).item()
 
@@ -178,7 +183,11 @@ def test_trimmers_cost_under_two_percent_on_the_committed_student():
     kept_all.fusion_self_heads = [torch.tensor([float(h)]) for h in cfg.fusion_self_heads]
     kept_all.fusion_cross_heads = [torch.tensor([float(h)]) for h in cfg.fusion_cross_heads]
     kept_all.image_kv = torch.tensor([n_img])
-    kept_all.scored = {"vision": [n_img] * len(cfg.vision_heads), "text": [n] * len(cfg.text_heads), "fusion": [n] * len(cfg.fusion_self_heads)}
+    kept_all.scored = {
+        "vision": [n_img] * len(cfg.vision_heads),
+        "text": [n] * len(cfg.text_heads),
+        "fusion": [n] * len(cfg.fusion_self_heads),
+    }
     overhead = trimmed_flops(cfg, kept_all) / trimmed_flops(cfg, full) - 1
     assert 0 < overhead.item() < 0.02
 
