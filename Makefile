@@ -59,7 +59,7 @@ compression-report: $(VENV)/.train
 	  $(foreach r,$(PRUNE_RUNS),--model pruned-$(r)=runs/prune-$(r)/model)
 
 ## Train SmartTrim trimmers on the committed pruned student, calibrate compute levels, and write
-## reports/trim (2 CPU cores: about 25 minutes). Not yet published: see README, Per-instance trimming.
+## reports/trim (2 CPU cores: about 30 minutes). Not yet published: see README, Per-instance trimming.
 TRIM_STUDENT ?= models/trimvlm-student/1
 trim: $(VENV)/.train
 	$(VENV)/bin/trimvlm trim configs/trim.yaml --student $(TRIM_STUDENT)
