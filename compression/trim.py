@@ -422,6 +422,9 @@ class TrimConfig(TrainConfig):
     # task loss on the untrimmed pass too, when the backbone trains: it must stay a good full
     # model (the `full` level) while it learns to work trimmed
     full_task_weight: float = 1.0
+    # which task losses the untrimmed pass carries: vqa, or all (VQA, ITC, ITM, captioning on the
+    # caption batch, with loss_weights) so joint training cannot drift the other tasks' weights
+    full_tasks: str = "vqa"
     temperature: float = 1.0
     tau_start: float = 1.0  # Gumbel temperature, annealed geometrically
     tau_end: float = 0.1
@@ -445,6 +448,8 @@ class TrimObjective(nn.Module):
 
     def __init__(self, model: TrimVLM, trimmers: nn.Module, cfg: TrimConfig):
         super().__init__()
+        if cfg.full_tasks not in ("vqa", "all"):
+            raise ValueError(f"full_tasks must be vqa or all, got {cfg.full_tasks!r}")
         self.model, self.trimmers, self.cfg = model, trimmers, cfg
 
     def schedule(self, step: int) -> tuple[float, float]:
@@ -462,8 +467,15 @@ class TrimObjective(nn.Module):
         args = (vqa["pixels"], vqa["q_ids"], vqa["q_mask"])
         train_full = c.lr > 0 and c.full_task_weight > 0
         with torch.set_grad_enabled(train_full):
-            full, _ = trimmed_vqa_forward(self.model, *args, Trim(enabled=False))
-        full_task = F.cross_entropy(full.float(), vqa["answer"]) if train_full else full.new_zeros(())
+            if train_full and c.full_tasks == "all":
+                from compression.train import task_forward, task_losses, weighted_sum
+
+                out = task_forward(self.model, vqa, cap)
+                full = out.vqa_logits
+                full_task = weighted_sum(task_losses(out, vqa, cap), c.loss_weights)
+            else:
+                full, _ = trimmed_vqa_forward(self.model, *args, Trim(enabled=False))
+                full_task = F.cross_entropy(full.float(), vqa["answer"]) if train_full else full.new_zeros(())
         full = full.detach()
         logits, trace = trimmed_vqa_forward(self.model, *args, Trim(mode="train", tau=tau), self.trimmers)
         ratio = flops_ratio(self.model.config, trace)

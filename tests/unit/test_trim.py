@@ -258,3 +258,24 @@ def test_resolve_by_name_or_flops_budget():
         resolve(doc, max_flops_ratio=0.1)
     with pytest.raises(LevelError):
         resolve(doc, max_flops_ratio=0)
+
+
+def test_joint_training_can_keep_every_task_on_the_untrimmed_pass():
+    from tests.unit.test_prune import synthetic_batches
+
+    torch.manual_seed(0)
+    model = TrimVLM(tiny_config(trimming={"hidden": 8}, decoder_cross_width=None, text_width=32, text_head_dim=8))
+    trimmers = model.trimmers
+    model.trimmers = None
+    vqa, cap = synthetic_batches(model.config)
+    only_vqa = TrimObjective(model, trimmers, TrimConfig(steps=10, lr=1e-4, full_tasks="vqa"))
+    every = TrimObjective(model, trimmers, TrimConfig(steps=10, lr=1e-4, full_tasks="all"))
+    caption_grad = []
+    for objective in (only_vqa, every):
+        model.zero_grad()
+        objective(vqa, cap, step=5)["total"].backward()
+        g = model.text_decoder.bert.encoder.layer[0].output.dense.weight.grad
+        caption_grad.append(0.0 if g is None else float(g.abs().sum()))
+    assert caption_grad[0] == 0.0 and caption_grad[1] > 0  # only "all" trains the decoder
+    with pytest.raises(ValueError, match="full_tasks"):
+        TrimObjective(model, trimmers, TrimConfig(full_tasks="some"))
