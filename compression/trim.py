@@ -511,6 +511,7 @@ class TrimEval:
     text_kept: np.ndarray  # question tokens reaching the classifier, per question
     image_keep: np.ndarray  # [Q, N_img] kept-image-token masks (original positions)
     correct: np.ndarray
+    predictions: list[str]  # the classifier's answer per question
 
     def summary(self) -> dict:
         return {"accuracy": round(self.accuracy, 4), "flops_ratio": round(self.flops_ratio, 4), "n": len(self.correct)}
@@ -525,7 +526,7 @@ def evaluate_trimmed(model: TrimVLM, split, tok, pre, device, trim: Trim, batch:
 
     model.eval()
     answers = model.config.answers
-    ratios, img, txt, keeps, correct = [], [], [], [], []
+    ratios, img, txt, keeps, correct, predictions = [], [], [], [], [], []
     for start in range(0, len(split.samples), batch):
         chunk = split.samples[start : start + batch]
         ids, mask = encode_texts(tok, [s.question for s in chunk], pre.max_text_length)
@@ -540,6 +541,7 @@ def evaluate_trimmed(model: TrimVLM, split, tok, pre, device, trim: Trim, batch:
         txt.append((trace.fusion_tokens[-1] if trim.enabled else n_text).cpu())
         keeps.append(trace.image_keep.cpu())
         for s, p in zip(chunk, logits.argmax(-1).tolist(), strict=True):
+            predictions.append(answers[p])
             correct.append(D.vqa_accuracy(answers[p], s.answers))
     ratio = torch.cat(ratios).numpy()
     return TrimEval(
@@ -550,6 +552,7 @@ def evaluate_trimmed(model: TrimVLM, split, tok, pre, device, trim: Trim, batch:
         text_kept=torch.cat(txt).numpy(),
         image_keep=torch.cat(keeps).numpy().astype(bool),
         correct=np.array(correct),
+        predictions=predictions,
     )
 
 

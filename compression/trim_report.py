@@ -63,7 +63,7 @@ def _batched_inputs(lm, split: D.VQASplit, batch: int, n_batches: int):
 
 
 @torch.no_grad()
-def measure_latency(model, runners: dict, inputs: list, rounds: int) -> dict:
+def measure_latency(runners: dict, inputs: list, rounds: int) -> dict:
     """Milliseconds per call of each runner over the same inputs, interleaved runner by runner
     within every round so machine noise hits all alike."""
     times = {name: [] for name in runners}
@@ -254,15 +254,20 @@ def write_report(model_dir: Path, out: Path, limit: int | None = None, latency_s
     bal = level_evals["balanced"][easy.name]
     n_img = model.config.num_image_tokens
     plot_histogram(bal.image_kept, bal.text_kept, n_img, out / "kept_tokens_balanced.png")
-    preds = _predictions(model, easy, tok, pre, _trim_for(levels["balanced"], "gather"))
     order = np.argsort(bal.ratios)
     plot_examples(
-        easy, bal, preds, list(order[:5]), "Most trimmed inputs (balanced)", model.config.patch_size, out / "most_trimmed.png"
+        easy,
+        bal,
+        bal.predictions,
+        list(order[:5]),
+        "Most trimmed inputs (balanced)",
+        model.config.patch_size,
+        out / "most_trimmed.png",
     )
     plot_examples(
         easy,
         bal,
-        preds,
+        bal.predictions,
         list(order[-5:][::-1]),
         "Least trimmed inputs (balanced)",
         model.config.patch_size,
@@ -274,14 +279,14 @@ def write_report(model_dir: Path, out: Path, limit: int | None = None, latency_s
     runners = {"untrimmed": lambda p, i, m: model.vqa_forward(p, i, m)}
     for name in ("balanced", "fast"):
         runners[name] = lambda p, i, m, t=_trim_for(levels[name], "gather"): trimmed_vqa_forward(model, p, i, m, t)
-    lat1 = measure_latency(model, runners, rows, rounds)
+    lat1 = measure_latency(runners, rows, rounds)
     batches = _batched_inputs(lm, easy, 32, 8)
     runners32 = {
         "untrimmed": lambda p, i, m: model.vqa_forward(p, i, m),
         "balanced_bucketed": lambda p, i, m, t=_trim_for(levels["balanced"], "gather"): trimmed_vqa_forward(model, p, i, m, t),
         "balanced_mask": lambda p, i, m, t=_trim_for(levels["balanced"], "mask"): trimmed_vqa_forward(model, p, i, m, t),
     }
-    lat32 = measure_latency(model, runners32, batches, rounds)
+    lat32 = measure_latency(runners32, batches, rounds)
     lat_ort = ort_latency(model, rows, {n: levels[n] for n in ("balanced", "fast")}, rounds)
     par = parity(model, rows[:100], batches[:2], _trim_for(levels["balanced"], "mask"), _trim_for(levels["balanced"], "gather"))
 
@@ -332,45 +337,13 @@ def ort_latency(model, rows: list, levels: dict, rounds: int) -> dict:
         full = ort.InferenceSession(str(export_vqa(model, Path(tmp) / "full.onnx", "full")))
         gather = ort.InferenceSession(str(export_vqa(model, Path(tmp) / "gather.onnx", "gather")))
     feeds = [
-        {"pixel_values": p.numpy(), "input_ids": i.numpy(), "attention_mask": m.numpy().astype(np.int64)} for p, i, m in rows
+        ({"pixel_values": p.numpy(), "input_ids": i.numpy(), "attention_mask": m.numpy().astype(np.int64)},) for p, i, m in rows
     ]
     runners = {"untrimmed": lambda f: full.run(None, f)}
     for name, lv in levels.items():
         th = {k: np.array(lv[k], np.float32) for k in ("token_threshold", "head_threshold")}
         runners[name] = lambda f, th=th: gather.run(None, {**f, **th})
-    times = {name: [] for name in runners}
-    for run in runners.values():  # warm-up
-        for f in feeds[:5]:
-            run(f)
-    for _ in range(rounds):
-        for name, run in runners.items():
-            for f in feeds:
-                t0 = time.perf_counter()
-                run(f)
-                times[name].append((time.perf_counter() - t0) * 1000)
-    return {
-        name: {
-            "p50_ms": round(statistics.median(t), 3),
-            "p90_ms": round(float(np.percentile(t, 90)), 3),
-            "mean_ms": round(statistics.fmean(t), 3),
-        }
-        for name, t in times.items()
-    }
-
-
-@torch.no_grad()
-def _predictions(model, split, tok, pre, trim: Trim, batch: int = 256) -> list[str]:
-    preds = []
-    for start in range(0, len(split.samples), batch):
-        chunk = split.samples[start : start + batch]
-        ids, mask = encode_texts(tok, [s.question for s in chunk], pre.max_text_length)
-        length = int(mask.sum(1).max())
-        pixels = normalize_on_device(torch.from_numpy(split.images[[s.image for s in chunk]]), pre.image)
-        logits, _ = trimmed_vqa_forward(
-            model, pixels, torch.from_numpy(ids[:, :length]), torch.from_numpy(mask[:, :length]).bool(), trim
-        )
-        preds += [model.config.answers[i] for i in logits.argmax(-1).tolist()]
-    return preds
+    return measure_latency(runners, feeds, rounds)
 
 
 def check(what: str, value: str, target: str, passed: bool) -> str:
