@@ -436,6 +436,9 @@ class TrimConfig(TrainConfig):
     # dropping them early; heads start firmly kept (sigmoid(3) = 0.95)
     token_keep_init: float = 1.0
     head_keep_init: float = 3.0
+    # a student that already has trimmers (an earlier `trimvlm trim` output) keeps them and goes on
+    # training them, unless this is set
+    reinit_trimmers: bool = False
     # calibration of compute levels on the validation splits
     thresholds: list = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95])
     level_drops: dict = field(default_factory=lambda: {"balanced": 0.005, "fast": 0.02})
@@ -602,10 +605,13 @@ def trim(cfg: TrimConfig, resume: bool = True) -> Path:
     model = lm.model
     if lm.preprocessing.image.size != cfg.image_size:
         raise ValueError(f"student expects {lm.preprocessing.image.size}px images, config says {cfg.image_size}")
-    model.config.trimming = {"hidden": cfg.hidden}
-    model.trimmers = None
-    trimmers = Trimmers(model.config).to(ctx.device)
-    trimmers.set_keep_init(cfg.token_keep_init, cfg.head_keep_init)
+    if model.trimmers is not None and not cfg.reinit_trimmers:
+        trimmers, model.trimmers = model.trimmers, None  # continue an earlier trimming run
+    else:
+        model.config.trimming = {"hidden": cfg.hidden}
+        model.trimmers = None
+        trimmers = Trimmers(model.config).to(ctx.device)
+        trimmers.set_keep_init(cfg.token_keep_init, cfg.head_keep_init)
     if cfg.lr == 0:
         model.requires_grad_(False)
     objective = TrimObjective(model, trimmers, cfg)
