@@ -9,11 +9,18 @@ from typing import Annotated, Optional
 
 import typer
 
+from service.cli import register as register_service_commands
+
 app = typer.Typer(help="TrimVLM: compress vision-language models offline and serve them fast.", no_args_is_help=True)
 data_app = typer.Typer(help="Datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 report_app = typer.Typer(help="Reports (JSON + Markdown + PNG).", no_args_is_help=True)
 app.add_typer(report_app, name="report")
+models_app = typer.Typer(help="The model repository (models/<name>/<version>/manifest.json).", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+pipeline_app = typer.Typer(help="The whole offline pipeline from one YAML.", no_args_is_help=True)
+app.add_typer(pipeline_app, name="pipeline")
+register_service_commands(app)  # serve, index build (service/cli.py: no torch on that path)
 
 
 @data_app.command("scenes")
@@ -128,6 +135,24 @@ def report_trim(
     typer.echo((out / "REPORT.md").read_text())
 
 
+@report_app.command("export")
+def report_export(
+    model: Annotated[Path, typer.Argument(help="Exported version folder (manifest.json), e.g. models/trimvlm-default/1.")],
+    teacher: Annotated[Path, typer.Option(help="Torch teacher folder to compare against.")] = Path("models/trimvlm-teacher/1"),
+    fp32: Annotated[Optional[Path], typer.Option(help="An fp32 export of the same model (INT8 accuracy cost).")] = None,
+    out: Annotated[Path, typer.Option(help="Report folder.")] = Path("reports/export"),
+    limit: Annotated[Optional[int], typer.Option(help="Evaluate only the first N test questions.")] = None,
+    latency_samples: Annotated[int, typer.Option(help="Questions timed at batch 1.")] = 100,
+    rounds: int = 3,
+):
+    """Exported model (ONNX Runtime) vs the torch fp32 teacher: accuracy, batch-1 latency,
+    batch-32 throughput, caption decoding with vs without the KV cache."""
+    from compression.export_report import write_report
+
+    write_report(model, teacher, out, fp32, limit, latency_samples, rounds)
+    typer.echo((out / "REPORT.md").read_text())
+
+
 @report_app.command("compression")
 def report_compression(
     model: Annotated[list[str], typer.Option(help="NAME=FOLDER, repeated, in display order (the teacher first).")],
@@ -158,15 +183,22 @@ def eval_cmd(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON here.")] = None,
     device: str = "auto",
     scenes: Annotated[Optional[Path], typer.Option(help="Scenes folder (generated if missing).")] = None,
+    backend: Annotated[str, typer.Option(help="Exported folders: onnxruntime | tensorrt | torch.")] = "onnxruntime",
+    precision: Annotated[
+        Optional[str], typer.Option(help="Exported folders: fp32 | int8 | fp16 (default: the manifest's).")
+    ] = None,
 ):
-    """VQA accuracy (easy-VQA, scenes), caption BLEU-4/CIDEr and retrieval R@K (scenes)."""
+    """VQA accuracy (easy-VQA, scenes), caption BLEU-4/CIDEr and retrieval R@K (scenes).
+
+    MODEL_DIR is a torch model folder, or an exported one (manifest.json), which then runs
+    through the service's runtime by the same evaluation code."""
     from rich.console import Console
     from rich.markdown import Markdown
 
     from compression.evaluate import evaluate
     from compression.report import metrics_table
 
-    results = evaluate(model_dir, limit=limit, device=device, scenes_root=scenes)
+    results = evaluate(model_dir, limit=limit, device=device, scenes_root=scenes, backend=backend, precision=precision)
     Console().print(Markdown(metrics_table(results)))
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -214,6 +246,104 @@ def model_card(
 
     path = write_model_card(model_dir, json.loads(eval_json.read_text()), command, trained_on, notes)
     typer.echo(f"wrote {path}")
+
+
+@app.command("export")
+def export_cmd(
+    model_dir: Annotated[Path, typer.Argument(help="Torch model folder (e.g. models/trimvlm-student/1 or runs/trim/model).")],
+    out: Annotated[Path, typer.Option(help="Destination version folder, models/<name>/<version>.")],
+    precision: Annotated[list[str], typer.Option(help="Variants beside fp32: int8 (CPU), fp16 (GPU). Repeatable.")] = ["int8"],  # noqa: B006
+    name: Annotated[Optional[str], typer.Option(help="Model name in the manifest (default: the config's).")] = None,
+    keep_fp32: Annotated[bool, typer.Option(help="Keep the fp32 graphs next to the variants.")] = True,
+):
+    """ONNX graphs (vision, text, fusion+heads, trimmed VQA, caption decoder with KV cache),
+    INT8/FP16 variants, reference outputs and manifest.json with checksums."""
+    import shlex
+    import sys
+
+    from compression.export import export_model
+    from service.repository import summary
+
+    command = "trimvlm " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    folder = export_model(model_dir, out, ("fp32", *precision), name=name, version=out.name, command=command, keep_fp32=keep_fp32)
+    typer.echo(json.dumps(summary(folder), indent=2))
+
+
+@app.command("build-engine")
+def build_engine_cmd(
+    model: Annotated[Path, typer.Argument(help="Exported version folder (manifest.json).")],
+    precision: Annotated[str, typer.Option(help="fp16 | int8 | fp32.")] = "fp16",
+    max_batch: Annotated[int, typer.Option(help="Largest batch the optimisation profiles cover.")] = 32,
+    cache: Annotated[Path, typer.Option(help="Engine cache (per GPU model and TensorRT version).")] = Path("engines"),
+):
+    """TensorRT engines for every graph of an exported model (needs an NVIDIA GPU and TensorRT)."""
+    from compression.engines import EngineBuildUnavailable, build_model_engines
+
+    try:
+        built = build_model_engines(model, cache, precision=precision, max_batch=max_batch)
+    except EngineBuildUnavailable as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from e
+    typer.echo(json.dumps({k: str(v) for k, v in built.items()}, indent=2))
+
+
+@models_app.command("list")
+def models_list(models: Annotated[Path, typer.Option(help="Repository root.")] = Path("models")):
+    """Exported models under the repository (name/version, graphs, precisions, levels, size)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from service.repository import ManifestError, find_models, summary
+
+    table = Table("model", "tasks", "precisions", "levels", "MB", "path")
+    found = find_models(models)
+    for folder in found:
+        try:
+            s = summary(folder)
+        except ManifestError as e:
+            table.add_row(folder.name, f"[red]{e}[/red]", "", "", "", str(folder))
+            continue
+        table.add_row(
+            s["model"], ",".join(s["tasks"]), ",".join(s["precisions"]), ",".join(s["levels"]), str(s["size_mb"]), s["path"]
+        )
+    Console().print(table)
+    if not found:
+        typer.echo(f"no exported models (manifest.json) under {models}")
+
+
+@models_app.command("verify")
+def models_verify(models: Annotated[Path, typer.Option(help="Repository root, or one version folder.")] = Path("models")):
+    """Checksums, graphs load, and outputs match the recorded reference outputs; exit 1 on any problem."""
+    from service.repository import find_models, verify
+
+    found = find_models(models)
+    if not found:
+        typer.echo(f"error: no exported models (manifest.json) under {models}", err=True)
+        raise typer.Exit(1)
+    failed = 0
+    for folder in found:
+        problems = verify(folder)
+        if problems:
+            failed += 1
+            typer.echo(f"FAIL {folder}")
+            for p in problems:
+                typer.echo(f"  - {p}")
+        else:
+            typer.echo(f"ok   {folder}")
+    if failed:
+        raise typer.Exit(1)
+
+
+@pipeline_app.command("run")
+def pipeline_run(
+    config: Annotated[Path, typer.Argument(help="Pipeline YAML (configs/pipeline-default.yaml).")],
+    force: Annotated[list[str], typer.Option(help="Rerun this stage even if current. Repeatable.")] = [],  # noqa: B006
+):
+    """teacher -> distill -> prune -> trim -> export -> evaluate -> report; each stage resumes
+    and is skipped when its outputs are newer than its inputs and config."""
+    from compression.pipeline import run_pipeline
+
+    run_pipeline(config, force=set(force))
 
 
 def main() -> None:  # console-script entry point

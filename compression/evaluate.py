@@ -18,8 +18,8 @@ import torch
 from compression import data as D
 from compression.artifacts import LoadedModel, load_model_dir
 from compression.tokenization import decode_ids
-from compression.train import normalize_on_device, pick_device
-from service.preprocess import encode_texts
+from compression.train import pick_device
+from service.preprocess import encode_texts, normalize_uint8
 
 
 def _batches(n: int, size: int):
@@ -27,32 +27,93 @@ def _batches(n: int, size: int):
         yield slice(i, min(n, i + size))
 
 
-@torch.no_grad()
-def evaluate_vqa(lm: LoadedModel, split: D.VQASplit, device, batch: int = 256, generative: bool = True) -> dict:
-    """Closed-vocabulary accuracy (VQAv2 metric), per question type, and generative accuracy."""
-    m, tok, pre = lm.model, lm.tokenizer, lm.preprocessing
-    generative = generative and m.config.generative_vqa
-    answers = m.config.answers
+class TorchTasks:
+    """A torch model folder behind the same numpy task interface as an exported model
+    (service/tasks.py::TaskModel), so both are evaluated by the same loops below."""
+
+    def __init__(self, lm: LoadedModel, device):
+        self.lm, self.model, self.device = lm, lm.model, device
+        self.tokenizer, self.pre = lm.tokenizer, lm.preprocessing
+
+    def _t(self, x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(x).to(self.device)
+
+    def pixels(self, images_u8: np.ndarray) -> np.ndarray:
+        return normalize_uint8(images_u8, self.pre.image)
+
+    def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        return encode_texts(self.tokenizer, texts, self.pre.max_text_length)
+
+    @torch.no_grad()
+    def encode_images(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        states = self.model.encode_image(self._t(pixels)).last_hidden_state
+        return states.cpu().numpy(), self.model.image_embeds(states).cpu().numpy()
+
+    @torch.no_grad()
+    def encode_texts(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ids_t, mask_t = self._t(ids), self._t(mask).bool()
+        states = self.model.text_encoder(ids_t, mask_t).last_hidden_state
+        itc = self.model.encode_text(ids_t, mask_t).last_hidden_state if self.model.config.itc_text_through_fusion else states
+        return states.cpu().numpy(), self.model.text_embeds(itc).cpu().numpy()
+
+    @torch.no_grad()
+    def fuse(self, text_states: np.ndarray, mask: np.ndarray, image_states: np.ndarray) -> dict[str, np.ndarray]:
+        fused = self.model.fuse(self._t(text_states), self._t(mask).bool(), self._t(image_states)).last_hidden_state
+        return {
+            "vqa_logits": self.model.vqa_logits(fused).cpu().numpy(),
+            "itm_logits": self.model.itm_logits(fused).cpu().numpy(),
+            "fused_states": fused.cpu().numpy(),
+        }
+
+    @torch.no_grad()
+    def captions(self, image_states: np.ndarray, max_length: int | None = None, num_beams: int = 1) -> list[str]:
+        ids = self.model.generate(self._t(image_states), max_new_tokens=max_length or self.pre.max_caption_length)
+        return [
+            decode_ids(self.tokenizer, row, self.model.config.sep_token_id, self.model.config.pad_token_id)
+            for row in ids.tolist()
+        ]
+
+    @torch.no_grad()
+    def generate_answers(self, fused_states: np.ndarray, mask: np.ndarray) -> list[str]:
+        cfg = self.model.config
+        gen = self.model.generate(self._t(fused_states), self._t(mask).bool(), max_new_tokens=self.pre.max_answer_length)
+        return [decode_ids(self.tokenizer, row, cfg.sep_token_id, cfg.pad_token_id) for row in gen.tolist()]
+
+    @property
+    def answers(self) -> list[str]:
+        return self.model.config.answers
+
+    @property
+    def generative_vqa(self) -> bool:
+        return bool(self.model.config.generative_vqa)
+
+
+def as_tasks(model, device=None):
+    """LoadedModel -> TorchTasks; an exported TaskModel passes through."""
+    return TorchTasks(model, device or "cpu") if isinstance(model, LoadedModel) else model
+
+
+def evaluate_vqa(model, split: D.VQASplit, device=None, batch: int = 256, generative: bool = True) -> dict:
+    """Closed-vocabulary accuracy (VQAv2 metric), per question type, and generative accuracy
+    (torch models only: the exported decoder graphs take image states, not fused question states)."""
+    tasks = as_tasks(model, device)
+    generative = generative and getattr(tasks, "generative_vqa", False)
+    answers = tasks.answers if isinstance(tasks, TorchTasks) else tasks.manifest.answers
     scores, gen_scores, by_type = [], [], {}
     for sl in _batches(len(split.samples), batch):
         chunk = split.samples[sl]
-        ids, mask = encode_texts(tok, [s.question for s in chunk], pre.max_text_length)
-        ids, mask = torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device).bool()
+        ids, mask = tasks.tokenize([s.question for s in chunk])
         # questions come grouped by image: encode each image of the batch once
         unique, inverse = np.unique([s.image for s in chunk], return_inverse=True)
-        pixels = normalize_on_device(torch.from_numpy(split.images[unique]).to(device), pre.image)
-        image_states = m.encode_image(pixels).last_hidden_state[torch.from_numpy(inverse).to(device)]
-        text_states = m.text_encoder(ids, mask).last_hidden_state
-        fused = m.fuse(text_states, mask, image_states)
-        logits = m.vqa_logits(fused.last_hidden_state)
-        for s, p in zip(chunk, logits.argmax(-1).tolist(), strict=True):
+        image_states, _ = tasks.encode_images(tasks.pixels(split.images[unique]))
+        text_states, _ = tasks.encode_texts(ids, mask)
+        fused = tasks.fuse(text_states, mask, image_states[inverse])
+        for s, p in zip(chunk, fused["vqa_logits"].argmax(-1).tolist(), strict=True):
             acc = D.vqa_accuracy(answers[p], s.answers)
             scores.append(acc)
             by_type.setdefault(s.question_type or "all", []).append(acc)
         if generative:
-            gen = m.generate(fused.last_hidden_state, mask, max_new_tokens=pre.max_answer_length)
-            for s, row in zip(chunk, gen.tolist(), strict=True):
-                text = decode_ids(tok, row, m.config.sep_token_id, m.config.pad_token_id)
+            for s, text in zip(chunk, tasks.generate_answers(fused["fused_states"], mask), strict=True):
                 gen_scores.append(D.vqa_accuracy(text, s.answers))
     out = {"accuracy": float(np.mean(scores)) if scores else 0.0, "n": len(scores)}
     if generative:
@@ -77,15 +138,12 @@ def caption_scores(predictions: dict[int, str], references: dict[int, list[str]]
     return {"bleu4": float(bleu[3]), "cider": float(cider)}
 
 
-@torch.no_grad()
-def generate_captions(lm: LoadedModel, images_u8: np.ndarray, device, batch: int = 128) -> list[str]:
-    m, pre = lm.model, lm.preprocessing
+def generate_captions(model, images_u8: np.ndarray, device=None, batch: int = 128) -> list[str]:
+    tasks = as_tasks(model, device)
     out = []
     for sl in _batches(len(images_u8), batch):
-        pixels = normalize_on_device(torch.from_numpy(images_u8[sl]).to(device), pre.image)
-        states = m.encode_image(pixels).last_hidden_state
-        ids = m.generate(states, max_new_tokens=pre.max_caption_length)
-        out += [decode_ids(lm.tokenizer, row, m.config.sep_token_id, m.config.pad_token_id) for row in ids.tolist()]
+        states, _ = tasks.encode_images(tasks.pixels(images_u8[sl]))
+        out += tasks.captions(states)
     return out
 
 
@@ -94,22 +152,14 @@ def recall_at_k(ranks: np.ndarray, ks=(1, 5, 10)) -> dict[int, float]:
     return {k: float(np.mean(ranks < k)) for k in ks}
 
 
-@torch.no_grad()
-def evaluate_retrieval(lm: LoadedModel, split: D.CaptionSplit, device, batch: int = 256) -> dict:
+def evaluate_retrieval(model, split: D.CaptionSplit, device=None, batch: int = 256) -> dict:
     """ITC retrieval, image->text (any of the image's captions counts) and text->image."""
-    m, pre = lm.model, lm.preprocessing
-    img_emb = []
-    for sl in _batches(len(split.images), batch):
-        pixels = normalize_on_device(torch.from_numpy(split.images[sl]).to(device), pre.image)
-        img_emb.append(m.image_embeds(m.encode_image(pixels).last_hidden_state))
+    tasks = as_tasks(model, device)
+    img_emb = [tasks.encode_images(tasks.pixels(split.images[sl]))[1] for sl in _batches(len(split.images), batch)]
     texts = [c for caps in split.captions for c in caps]
     owner = np.array([i for i, caps in enumerate(split.captions) for _ in caps])
-    txt_emb = []
-    for sl in _batches(len(texts), batch):
-        ids, mask = encode_texts(lm.tokenizer, texts[sl], pre.max_text_length)
-        states = m.encode_text(torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device).bool()).last_hidden_state
-        txt_emb.append(m.text_embeds(states))
-    sim = (torch.cat(img_emb) @ torch.cat(txt_emb).t()).float().cpu().numpy()  # [N_img, N_txt]
+    txt_emb = [tasks.encode_texts(*tasks.tokenize(texts[sl]))[1] for sl in _batches(len(texts), batch)]
+    sim = np.concatenate(img_emb).astype(np.float32) @ np.concatenate(txt_emb).astype(np.float32).T  # [N_img, N_txt]
     order_i2t = np.argsort(-sim, axis=1)
     ranks_i2t = np.array([np.where(owner[order_i2t[i]] == i)[0].min() for i in range(len(split.images))])
     order_t2i = np.argsort(-sim.T, axis=1)
@@ -132,13 +182,28 @@ def evaluate(
     scenes_root: str | Path | None = None,
     include_easy_vqa: bool = True,
     include_scenes: bool = True,
+    backend: str = "onnxruntime",
+    precision: str | None = None,
 ) -> dict:
-    """Every metric of a model folder; `limit` evaluates the first N items of each split."""
-    dev = pick_device(device)
-    lm = load_model_dir(model_dir, dev)
-    spec = lm.preprocessing.image
+    """Every metric of a model folder; `limit` evaluates the first N items of each split.
+
+    A torch model folder runs in torch on `device`; an exported folder (manifest.json) runs
+    through the service's runtime (`backend`, `precision`), by the same evaluation loops."""
+    if (Path(model_dir) / "manifest.json").is_file():
+        from service.runtime import RuntimeOptions
+        from service.tasks import TaskModel
+
+        dev = "cuda" if pick_device(device).type == "cuda" else "cpu"
+        lm = TaskModel(model_dir, backend, precision, RuntimeOptions(device=dev), fallback=False)
+        spec = lm.image_spec
+        runtime = {"backend": lm.runtime.describe(), "precision": lm.precision}
+    else:
+        dev = pick_device(device)
+        lm = load_model_dir(model_dir, dev)
+        spec = lm.preprocessing.image
+        runtime = {"backend": "torch", "device": str(dev)}
     t0 = time.time()
-    results: dict = {"model": str(model_dir), "limit": limit}
+    results: dict = {"model": str(model_dir), "limit": limit, "runtime": runtime}
     if include_easy_vqa:
         results["easy_vqa"] = evaluate_vqa(lm, D.load_easy_vqa("test", spec).limit(limit), dev)
     if include_scenes:

@@ -1,4 +1,13 @@
-"""ONNX export of the VQA path (untrimmed, or trimmed in mask / batch-1 gather mode).
+"""ONNX export: every graph the service runs, written into a model-repository folder.
+
+Graphs (names are the contract with `service/`, see `graph_modules`):
+  vision            pixel_values -> image_states, image_embeds (ITC projection, normalised)
+  text              input_ids, attention_mask -> text_states (fusion input), text_embeds (ITC)
+  fusion            text_states, attention_mask, image_states -> vqa_logits, itm_logits
+  vqa_trimmed       batch-1 gather graph, thresholds as inputs (below)
+  decoder_*         caption decoder with a KV cache (compression/export_decoder.py)
+
+The VQA path (untrimmed, or trimmed in mask / batch-1 gather mode):
 
 The trimmed graphs take the keep thresholds as scalar inputs, so one graph serves every compute
 level: the service picks a level per request and feeds its thresholds. Gather mode exports
@@ -13,8 +22,11 @@ than they are worth; levels.json carries the calibrated ratio.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -22,6 +34,56 @@ from compression.modeling import TrimVLM
 from compression.trim import Trim, trimmed_vqa_forward
 
 OPSET = 18
+
+
+@dataclass
+class GraphModule:
+    """One exportable graph: a module whose forward takes `inputs` positionally and returns
+    `outputs` in order; `sample` makes example inputs (batch b, text length t) for tracing;
+    `dynamic_axes` names the dynamic dimensions per tensor (shared by export and manifest)."""
+
+    module: nn.Module
+    inputs: list[str]
+    outputs: list[str]
+    sample: Callable[[int, int], tuple] | None = None
+    dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
+    batch_one: bool = False  # data-dependent shapes baked for batch 1 (the gather graph)
+
+
+class VisionGraph(nn.Module):
+    def __init__(self, model: TrimVLM):
+        super().__init__()
+        self.model = model.eval()
+
+    def forward(self, pixel_values):
+        states = self.model.encode_image(pixel_values).last_hidden_state
+        return states, self.model.image_embeds(states)
+
+
+class TextGraph(nn.Module):
+    """Text encoder states feed fusion; the ITC embedding may come from a fusion text-only pass
+    (config.itc_text_through_fusion), exactly as `TrimVLM.encode_text` does."""
+
+    def __init__(self, model: TrimVLM):
+        super().__init__()
+        self.model = model.eval()
+
+    def forward(self, input_ids, attention_mask):
+        states = self.model.text_encoder(input_ids, attention_mask).last_hidden_state
+        itc = states
+        if self.model.config.itc_text_through_fusion:
+            itc = self.model.fusion_encoder(states, attention_mask).last_hidden_state
+        return states, self.model.text_embeds(itc)
+
+
+class FusionGraph(nn.Module):
+    def __init__(self, model: TrimVLM):
+        super().__init__()
+        self.model = model.eval()
+
+    def forward(self, text_states, attention_mask, image_states):
+        fused = self.model.fuse(text_states, attention_mask, image_states).last_hidden_state
+        return self.model.vqa_logits(fused), self.model.itm_logits(fused)
 
 
 class VQAGraph(nn.Module):
@@ -41,6 +103,84 @@ class VQAGraph(nn.Module):
         trim = Trim(mode=self.mode, token_threshold=token_threshold, head_threshold=head_threshold, skip_heads=False)
         logits, trace = trimmed_vqa_forward(self.model, pixels, input_ids, attention_mask, trim)
         return logits, trace.image_kv
+
+
+def _pixels(cfg, b):
+    return torch.randn(b, 3, cfg.image_size, cfg.image_size)
+
+
+def _text(cfg, b, t):
+    ids = torch.full((b, t), 5, dtype=torch.long)
+    ids[:, 0] = cfg.cls_token_id
+    return ids, torch.ones(b, t, dtype=torch.long)
+
+
+def graph_modules(model: TrimVLM) -> dict[str, GraphModule]:
+    """Every graph the service can run, by name (decoder graphs included)."""
+    from compression.export_decoder import decoder_graph_modules
+
+    cfg = model.config
+    n_img = (cfg.image_size // cfg.patch_size) ** 2 + 1
+    batch, text = {0: "batch"}, {0: "batch", 1: "text"}
+    graphs = {
+        "vision": GraphModule(
+            VisionGraph(model),
+            ["pixel_values"],
+            ["image_states", "image_embeds"],
+            lambda b, t: (_pixels(cfg, b),),
+            {"pixel_values": batch, "image_states": batch, "image_embeds": batch},
+        ),
+        "text": GraphModule(
+            TextGraph(model),
+            ["input_ids", "attention_mask"],
+            ["text_states", "text_embeds"],
+            lambda b, t: _text(cfg, b, t),
+            {"input_ids": text, "attention_mask": text, "text_states": text, "text_embeds": batch},
+        ),
+        "fusion": GraphModule(
+            FusionGraph(model),
+            ["text_states", "attention_mask", "image_states"],
+            ["vqa_logits", "itm_logits"],
+            lambda b, t: (torch.randn(b, t, cfg.text_width), _text(cfg, b, t)[1], torch.randn(b, n_img, cfg.vision_width)),
+            {"text_states": text, "attention_mask": text, "image_states": batch, "vqa_logits": batch, "itm_logits": batch},
+        ),
+    }
+    if model.trimmers is not None:
+        graphs["vqa_trimmed"] = GraphModule(
+            VQAGraph(model, "gather"),
+            ["pixel_values", "input_ids", "attention_mask", "token_threshold", "head_threshold"],
+            ["vqa_logits", "image_tokens_kept"],
+            lambda b, t: (_pixels(cfg, 1), *_text(cfg, 1, t), torch.tensor(0.5), torch.tensor(0.5)),
+            {"input_ids": {1: "text"}, "attention_mask": {1: "text"}},
+            batch_one=True,
+        )
+    graphs.update(decoder_graph_modules(model))
+    return graphs
+
+
+def export_graph(graph: GraphModule, path: str | Path, b: int = 2, t: int = 8) -> Path:
+    """Trace one graph to ONNX (TorchScript exporter, opset 18) and check it."""
+    import onnx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad(), warnings.catch_warnings():
+        # The batch-1 gather graph branches on shapes at trace time on purpose (batch 1 is baked
+        # in); the tracer warns about every such branch.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            graph.module,
+            graph.sample(1 if graph.batch_one else b, t),
+            str(path),
+            input_names=graph.inputs,
+            output_names=graph.outputs,
+            dynamic_axes=graph.dynamic_axes,
+            opset_version=OPSET,
+            dynamo=False,
+        )
+    onnx.checker.check_model(str(path))
+    return path
 
 
 def export_vqa(model: TrimVLM, path: str | Path, mode: str = "full") -> Path:
@@ -80,3 +220,144 @@ def export_vqa(model: TrimVLM, path: str | Path, mode: str = "full") -> Path:
             dynamo=False,
         )
     return path
+
+
+# ----------------------------------------------------------------------------------------------
+# A whole model folder -> a model-repository version folder with manifest.json
+# ----------------------------------------------------------------------------------------------
+
+
+def _spec(name: str, array: np.ndarray, axes: dict[int, str]):
+    from service.repository import TensorInfo
+
+    return TensorInfo(name=name, dtype=str(array.dtype), shape=[axes.get(i, d) for i, d in enumerate(array.shape)])
+
+
+def _numpy(x) -> np.ndarray:
+    return x.detach().cpu().numpy()
+
+
+def export_model(
+    model_dir: str | Path,
+    out: str | Path,
+    precisions: tuple[str, ...] = ("fp32", "int8"),
+    name: str | None = None,
+    version: str = "1",
+    command: str = "",
+    keep_fp32: bool = True,
+) -> Path:
+    """Export every graph of a model folder to `out` (a `<name>/<version>` folder): fp32 ONNX,
+    then the requested variants (int8: ONNX Runtime dynamic quantisation; fp16: for GPUs), the
+    tokenizer, reference inputs/outputs and manifest.json. fp32 parity against torch is measured
+    for every graph and recorded; keep_fp32=False drops the fp32 files after the variants are
+    made (a small committed artifact)."""
+    import datetime
+    import shutil
+
+    import onnxruntime as ort
+
+    from compression.artifacts import load_model_dir
+    from compression.quantize import quantize_dynamic_int8, to_fp16
+    from service.levels import load_levels
+    from service.repository import (
+        GraphInfo,
+        Manifest,
+        Preprocessing,
+        Tokens,
+        reference_key,
+        write_manifest,
+    )
+
+    unknown = set(precisions) - {"fp32", "int8", "fp16"}
+    if unknown:
+        raise ValueError(f"unknown precision(s) {sorted(unknown)} (fp32 | int8 | fp16)")
+    lm = load_model_dir(model_dir)
+    model, cfg = lm.model, lm.model.config
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    graphs = graph_modules(model)
+    torch.manual_seed(0)
+    reference: dict[str, np.ndarray] = {}
+    infos: dict[str, GraphInfo] = {}
+    for gname, graph in graphs.items():
+        fp32 = export_graph(graph, out / f"{gname}.onnx")
+        sample = graph.sample(1 if graph.batch_one else 2, 8)
+        feeds = {n: _numpy(x) for n, x in zip(graph.inputs, sample, strict=True)}
+        for n, x in feeds.items():
+            reference[reference_key(gname, "", n, "in")] = x
+        with torch.no_grad():
+            expected = graph.module(*sample)
+        expected = expected if isinstance(expected, tuple) else (expected,)
+        files = {"fp32": fp32.name}
+        if "int8" in precisions:
+            files["int8"] = quantize_dynamic_int8(fp32, out / f"{gname}.int8.onnx").name
+        if "fp16" in precisions:
+            files["fp16"] = to_fp16(fp32, out / f"{gname}.fp16.onnx").name
+        parity = {}
+        outputs = None
+        for precision, rel in files.items():
+            if precision == "fp16":
+                continue  # CPU ONNX Runtime lacks many fp16 kernels; checked on GPUs (models verify)
+            sess = ort.InferenceSession(str(out / rel), providers=["CPUExecutionProvider"])
+            got = sess.run(graph.outputs, feeds)
+            parity[precision] = max(float(np.max(np.abs(g - _numpy(e)), initial=0.0)) for g, e in zip(got, expected, strict=True))
+            for n, g in zip(graph.outputs, got, strict=True):
+                reference[reference_key(gname, precision, n, "out")] = g
+            outputs = got
+        axes = graph.dynamic_axes
+        infos[gname] = GraphInfo(
+            inputs=[_spec(n, x, axes.get(n, {})) for n, x in feeds.items()],
+            outputs=[_spec(n, g, axes.get(n, {})) for n, g in zip(graph.outputs, outputs, strict=True)],
+            files=files,
+            batch_one=graph.batch_one,
+            parity=parity,
+        )
+        if parity.get("fp32", 0.0) > 1e-4:
+            raise RuntimeError(f"graph {gname}: ONNX Runtime differs from torch by {parity['fp32']:.3g} (> 1e-4)")
+    if not keep_fp32 and precisions != ("fp32",):
+        for gname, info in infos.items():
+            (out / info.files.pop("fp32")).unlink()
+            for key in [k for k in reference if k.startswith(f"out/{gname}/fp32/")]:
+                del reference[key]
+    np.savez_compressed(out / "reference.npz", **reference)
+    # reference_key(..., "in") ignores precision; verify feeds the same inputs to every variant
+    shutil.copy(Path(model_dir) / "tokenizer.json", out / "tokenizer.json")
+    for extra in ("MODEL_CARD.md", "eval.json"):
+        if (Path(model_dir) / extra).is_file():
+            shutil.copy(Path(model_dir) / extra, out / f"source_{extra}")
+    pre = lm.preprocessing.to_dict()
+    manifest = Manifest(
+        name=name or cfg.name,
+        version=version,
+        tasks=["vqa", "caption", "retrieval"],
+        graphs=infos,
+        preprocessing=Preprocessing.model_validate(pre),
+        tokens=Tokens(pad=cfg.pad_token_id, cls=cfg.cls_token_id, sep=cfg.sep_token_id, bos=cfg.bos_token_id),
+        answers=list(cfg.answers),
+        itc_temperature=float(model.temp.clamp(0.001, 0.5)),
+        levels=load_levels(model_dir) if model.trimmers is not None else None,
+        produced_by={
+            "command": command or f"trimvlm export {model_dir} --out {out}",
+            "source_model": str(model_dir),
+            "source_config": cfg.name,
+            "torch": torch.__version__,
+            "onnxruntime": ort.__version__,
+            "opset": OPSET,
+            "git_commit": _git_commit(),
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        },
+    )
+    write_manifest(out, manifest)
+    return out
+
+
+def _git_commit() -> str | None:
+    import subprocess
+
+    try:
+        res = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False)
+    except OSError:
+        return None
+    return res.stdout.strip() or None

@@ -103,3 +103,83 @@ Full results: `eval.json` beside this card.
     (model_dir / "MODEL_CARD.md").write_text(card)
     (model_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
     return model_dir / "MODEL_CARD.md"
+
+
+def comparison_table(columns: dict[str, dict]) -> str:
+    """Headline metrics side by side, one column per evaluation (`trimvlm eval` results)."""
+    from compression.evaluate import flat_metrics
+
+    flats = {name: flat_metrics(r) for name, r in columns.items()}
+    keys = [k for k in next(iter(flats.values())) if not k.endswith(("n", "_n", "n_images", "n_texts")) and "chance" not in k]
+    rows = ["| metric | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for k in keys:
+        rows.append(f"| {k} | " + " | ".join(f"{flats[c][k]:.4f}" if k in flats[c] else "-" for c in columns) + " |")
+    return "\n".join(rows)
+
+
+def write_export_card(export_dir: str | Path, eval_dir: str | Path, source: str | Path, command: str) -> Path:
+    """MODEL_CARD.md of an exported model: what it is, how it was made, the exported runtime's
+    metrics beside the torch source's (and the teacher's), and the measured metrics recorded in
+    the manifest. Rewrites manifest.json (its file table covers the new card)."""
+    from service.repository import load_manifest, write_manifest
+
+    export_dir, eval_dir = Path(export_dir), Path(eval_dir)
+    columns = {}
+    for label, name in (
+        ("exported (ONNX Runtime)", "exported.json"),
+        ("torch source", "torch.json"),
+        ("teacher (torch)", "teacher.json"),
+    ):
+        if (eval_dir / name).is_file():
+            columns[label] = json.loads((eval_dir / name).read_text())
+    exported = columns["exported (ONNX Runtime)"]
+    m = load_manifest(export_dir)
+    from compression.evaluate import flat_metrics
+
+    runtime = exported.get("runtime", {})
+    m.metrics = {f"onnxruntime/{runtime.get('precision', '?')}": flat_metrics(exported)}
+    if "torch source" in columns:
+        m.metrics["torch/fp32 (source)"] = flat_metrics(columns["torch source"])
+    levels = ""
+    if m.levels:
+        rows = ["| level | thresholds (token/head) | FLOPs ratio | calibration accuracy |", "|---|---|---:|---|"]
+        for name, lv in m.levels["levels"].items():
+            th = "untrimmed" if lv["token_threshold"] is None else f"{lv['token_threshold']}/{lv['head_threshold']}"
+            acc = ", ".join(f"{k} {v:.4f}" for k, v in lv["accuracy"].items())
+            rows.append(f"| {name} | {th} | {lv['flops_ratio']:.3f} | {acc} |")
+        levels = "\n## Compute levels\nCalibrated on the validation splits (`trimvlm trim`):\n\n" + "\n".join(rows) + "\n"
+    graphs = "\n".join(
+        f"| {g} | {', '.join(t.name for t in info.inputs)} | {', '.join(t.name for t in info.outputs)} | "
+        f"{', '.join(f'{p}: {f}' for p, f in info.files.items())} | {info.parity.get('fp32', float('nan')):.1e} |"
+        for g, info in m.graphs.items()
+    )
+    card = f"""# {m.name}/{m.version} (exported)
+
+The TrimVLM embedded default format: ONNX graphs served by `trimvlm serve` through ONNX Runtime,
+with the preprocessing, tokenizer, answer vocabulary, compute levels and checksums in
+`manifest.json`. Source torch model: `{source}`.
+
+## How it was made
+```
+{command}
+```
+Produced by: {json.dumps(m.produced_by)}
+
+## Graphs
+| graph | inputs | outputs | files | fp32 parity vs torch (max abs) |
+|---|---|---|---|---:|
+{graphs}
+{levels}
+## Evaluation
+Same evaluation code for every column (`trimvlm eval`; exported folders run through the
+service's runtime, {runtime.get("backend", {}).get("runtime", "onnxruntime")} {runtime.get("precision", "")}):
+
+{comparison_table(columns)}
+
+Generative VQA accuracy is measured on torch models only (the exported decoder graphs take image
+states). Verify the files and reference outputs with `trimvlm models verify --models {export_dir}`.
+"""
+    (export_dir / "MODEL_CARD.md").write_text(card)
+    (export_dir / "eval.json").write_text(json.dumps(exported, indent=2) + "\n")
+    write_manifest(export_dir, m)
+    return export_dir / "MODEL_CARD.md"

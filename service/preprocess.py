@@ -7,6 +7,7 @@ it is served with.
 from __future__ import annotations
 
 import io
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,15 +48,34 @@ def load_image(source: str | Path | bytes | Image.Image) -> Image.Image:
         img = Image.open(io.BytesIO(source))
     else:
         img = Image.open(source)
-    img = ImageOps.exif_transpose(img)
+    img.load()  # decode here, so a truncated file fails now instead of inside the EXIF step below
+    try:
+        img = ImageOps.exif_transpose(img)
+    except (SyntaxError, ValueError, TypeError, KeyError, struct.error):
+        pass  # a malformed EXIF block should not cost us the picture: keep it unrotated
+    if img.mode in _HIGH_BIT_DEPTH:
+        img = _to_8bit_gray(img)
+    # Palette/alpha (and tRNS colour-keyed L/RGB) go through RGBA so transparency lands on white.
+    if img.mode in ("RGBA", "LA", "P", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
     if img.mode != "RGB":
-        # Palette/alpha/16-bit/CMYK all go through RGBA first so transparency lands on white.
-        if img.mode in ("RGBA", "LA", "P", "PA"):
-            rgba = img.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(background, rgba)
         img = img.convert("RGB")
     return img
+
+
+_HIGH_BIT_DEPTH = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def _to_8bit_gray(img: Image.Image) -> Image.Image:
+    """16-bit/int/float grayscale -> L by scaling; PIL's own convert clips everything above 255 to white."""
+    a = np.asarray(img)
+    if img.mode.startswith("I;16") or (img.mode == "I" and a.max(initial=0) > 255):
+        a = np.rint(np.clip(a, 0, 65535) / 257.0)  # 16-bit range (PNG I;16 may open as "I")
+    elif img.mode == "F" and a.max(initial=0) <= 1.0:
+        a = a * 255.0  # float images in [0, 1]
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L")
 
 
 def image_to_uint8(img: Image.Image, spec: ImageSpec) -> np.ndarray:

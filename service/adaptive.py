@@ -1,0 +1,87 @@
+"""Adaptive compute: pick a compute level per request from its deadline and the current queues.
+
+Latency per (batcher, batch size) is fitted online as t(n) = a*n + b by least squares over the
+most recent batches (BentoML's CorkDispatcher fits the same line), seeded at warm-up so the first
+request already has a prediction. `auto` takes the most accurate level whose predicted
+completion (queue ahead + its own batch + preprocessing) fits the remaining deadline; when none
+does, the request is refused at once (503) instead of being queued to fail.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class LatencyModel:
+    """Per key: t(n) = a*n + b from the last `window` (n, seconds) observations."""
+
+    def __init__(self, window: int = 256):
+        self.window = window
+        self._obs: dict[str, deque] = {}
+        self._fit: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def observe(self, key: str, n: int, seconds: float) -> None:
+        with self._lock:
+            obs = self._obs.setdefault(key, deque(maxlen=self.window))
+            obs.append((n, seconds))
+            self._fit[key] = self._solve(obs)
+
+    @staticmethod
+    def _solve(obs) -> tuple[float, float]:
+        n = np.array([o[0] for o in obs], dtype=np.float64)
+        t = np.array([o[1] for o in obs], dtype=np.float64)
+        if len(set(n.tolist())) < 2:  # one batch size seen: proportional share, no intercept
+            return float(t.mean() / max(n.mean(), 1.0)), 0.0
+        a, b = np.polyfit(n, t, 1)
+        a = max(float(a), 0.0)
+        b = max(float(b), 0.0)
+        return a, b
+
+    def predict(self, key: str, n: int) -> float:
+        a, b = self._fit.get(key, (0.0, 0.0))
+        return a * max(n, 0) + b
+
+    def known(self, key: str) -> bool:
+        return key in self._fit
+
+    def snapshot(self) -> dict[str, dict]:
+        with self._lock:
+            return {
+                k: {"a_ms_per_item": round(1000 * a, 4), "b_ms": round(1000 * b, 4), "n_obs": len(self._obs[k])}
+                for k, (a, b) in self._fit.items()
+            }
+
+
+@dataclass
+class LevelOption:
+    name: str
+    point: dict  # thresholds and flops_ratio (service/levels.py)
+    accuracy: float  # calibrated min accuracy across splits: the ordering key
+    predicted_s: float  # predicted time to finish if queued now
+
+
+class CannotMeetDeadline(Exception):
+    def __init__(self, remaining_s: float, options: list[LevelOption]):
+        best = min(options, key=lambda o: o.predicted_s) if options else None
+        detail = f"; fastest level {best.name} needs ~{1000 * best.predicted_s:.1f} ms" if best else ""
+        super().__init__(f"no compute level can answer within the remaining {1000 * remaining_s:.1f} ms{detail}")
+
+
+def choose_level(options: list[LevelOption], remaining_s: float | None, safety: float = 1.2) -> tuple[LevelOption, str]:
+    """The most accurate option predicted to finish within `remaining_s` (with a safety factor
+    for noise); with no deadline, the most accurate. Levels are ordered by compute (full first):
+    each was calibrated as the cheapest point within its allowed accuracy drop, so more FLOPs
+    means at least as accurate (calibration noise can invert tiny differences; that must not
+    put a trimmed level above full). Returns (option, reason)."""
+    ranked = sorted(options, key=lambda o: (-o.point.get("flops_ratio", 1.0), -o.accuracy))
+    if remaining_s is None:
+        return ranked[0], "no_deadline"
+    for opt in ranked:
+        if opt.predicted_s * safety <= remaining_s:
+            return opt, "deadline" if opt is not ranked[0] else "fits"
+    raise CannotMeetDeadline(remaining_s, options)

@@ -1,0 +1,300 @@
+"""The FastAPI app: lifespan (load + warm up models in the background, drain on shutdown),
+request context (id, body limit, JSON log line, request metrics), errors as JSON, auth, CORS."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service import __version__
+from service.errors import ApiError, error_body
+from service.routes import caption, ops, retrieval, vqa
+from service.routes.common import ClientDisconnected
+from service.settings import Settings
+from service.state import AppState
+
+log = logging.getLogger("trimvlm.app")
+access = logging.getLogger("trimvlm.access")
+
+TASK_ENDPOINTS = {"/vqa": "vqa", "/caption": "caption"}
+
+
+def endpoint_of(path: str) -> str | None:
+    if path in TASK_ENDPOINTS:
+        return TASK_ENDPOINTS[path]
+    if path.startswith("/retrieval/"):
+        return "retrieval"
+    return None
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        out.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def configure_logging(settings: Settings) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        JsonFormatter() if settings.log_json else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    root = logging.getLogger("trimvlm")
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level.upper())
+    root.propagate = False
+
+
+class RequestContext:
+    """Pure ASGI (no BaseHTTPMiddleware: it would hide client disconnects from the routes):
+    request id, body-size limit while the body streams in, in-flight gauge, one JSON log line
+    and the request metrics per request."""
+
+    def __init__(self, app, settings: Settings):
+        self.app, self.settings = app, settings
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        headers = dict(scope.get("headers", []))
+        rid = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
+        scope.setdefault("state", {}).update(t0=t0, request_id=rid)
+        limit = self.settings.max_body_bytes
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            return await self._reject(
+                scope, send, rid, t0, 413, "payload_too_large", f"request body of {int(length)} bytes exceeds {limit}"
+            )
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise ApiError(413, "payload_too_large", f"request body exceeds {limit} bytes")
+            return message
+
+        status = 500
+
+        async def send_with_id(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+            await send(message)
+
+        endpoint = endpoint_of(scope["path"])
+        st: AppState = scope["app"].state.trimvlm
+        if endpoint:
+            st.metrics.inflight.labels(endpoint).inc()
+        try:
+            await self.app(scope, limited_receive, send_with_id)
+        finally:
+            seconds = time.perf_counter() - t0
+            state = scope["state"]
+            if endpoint:
+                st.metrics.inflight.labels(endpoint).dec()
+                model, level = state.get("model", "none"), state.get("level", "none")
+                st.metrics.request_duration.labels(endpoint, model, level, str(status)).observe(seconds)
+                st.metrics.requests.labels(endpoint, model, level, str(status)).inc()
+                if status >= 400:
+                    st.metrics.failures.labels(endpoint, state.get("error_code", "http_error")).inc()
+                deadline = state.get("deadline")
+                if deadline is not None and (status == 504 or time.perf_counter() > deadline):
+                    st.metrics.deadline_misses.labels(endpoint, level).inc()
+            fields = {
+                "request_id": rid,
+                "method": scope["method"],
+                "path": scope["path"],
+                "status": status,
+                "ms": round(1000 * seconds, 3),
+            }
+            for key in ("model", "level", "error_code"):
+                if key in state:
+                    fields[key] = state[key]
+            access.info("request", extra={"fields": fields})
+
+    async def _reject(self, scope, send, rid, t0, status, code, message):
+        body = json.dumps(error_body(code, message)).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"x-request-id", rid.encode()),
+        ]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        endpoint = endpoint_of(scope["path"])
+        if endpoint:
+            st: AppState = scope["app"].state.trimvlm
+            st.metrics.failures.labels(endpoint, code).inc()
+            st.metrics.requests.labels(endpoint, "none", "none", str(status)).inc()
+        access.info("request", extra={"fields": {"request_id": rid, "path": scope["path"], "status": status, "error_code": code}})
+
+
+def require_api_key(request: Request) -> None:
+    key = request.app.state.trimvlm.settings.api_key
+    if key is None:
+        return
+    given = request.headers.get("authorization", "")
+    scheme, _, token = given.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), key.get_secret_value().encode()):
+        raise ApiError(
+            401, "unauthorized", "missing or wrong API key (Authorization: Bearer <key>)", {"WWW-Authenticate": "Bearer"}
+        )
+
+
+def _error(request: Request, status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
+    request.state.error_code = code
+    return JSONResponse(error_body(code, message), status_code=status, headers=headers)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    configure_logging(settings)
+    st = AppState.create(settings)
+
+    async def load() -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, st.load_models)
+            for srv in st.servers.values():
+                await srv.start()
+            st.metrics.set_build_info(models=",".join(st.servers), default=st.default or "")
+            log.info("ready: %s (default %s)", sorted(st.servers), st.default)
+        except Exception as e:  # readiness reports it; liveness stays up so the error can be read
+            st.load_error = f"{type(e).__name__}: {e}"
+            log.exception("model loading failed")
+        finally:
+            st.loading = False
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        task = asyncio.create_task(load())
+        yield
+        await task if not task.done() else None
+        for srv in st.servers.values():
+            await srv.stop()  # finishes queued work first (graceful shutdown)
+        st.preprocess_pool.shutdown(wait=True)
+        st.inference_pool.shutdown(wait=True)
+
+    app = FastAPI(
+        title="TrimVLM",
+        version=__version__,
+        summary="Visual question answering, captioning and image-text retrieval with per-request adaptive compute.",
+        lifespan=lifespan,
+    )
+    app.state.trimvlm = st
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        return _error(request, e.status, e.code, e.message, e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        return _error(request, 422, "invalid_request", f"{where}: {first['msg']}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        return _error(request, e.status_code, codes.get(e.status_code, "http_error"), str(e.detail))
+
+    @app.exception_handler(ClientDisconnected)
+    async def disconnected(request: Request, e: ClientDisconnected):
+        request.state.error_code = "client_disconnected"
+        return Response(status_code=499)
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, e: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return _error(request, 500, "internal_error", "internal server error (logged with the request id)")
+
+    auth = [Depends(require_api_key)]
+    app.include_router(ops.router)
+    app.include_router(vqa.router, dependencies=auth)
+    app.include_router(caption.router, dependencies=auth)
+    app.include_router(retrieval.router, dependencies=auth)
+    if settings.demo_page:
+        from service.routes import demo
+
+        app.include_router(demo.router)
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"], allow_headers=["*"]
+        )
+    app.add_middleware(RequestContext, settings=settings)
+    app.openapi = lambda: _openapi(app)
+    return app
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema, plus the request bodies of routes that parse JSON-or-multipart
+    themselves (one item, a batch of items, or a multipart upload)."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+    from pydantic import TypeAdapter
+
+    from service import schemas
+
+    spec = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+    components = spec.setdefault("components", {}).setdefault("schemas", {})
+    for ops_ in spec["paths"].values():
+        for op in ops_.values():
+            extra = op.pop("x-trimvlm-body", None)
+            if not extra:
+                continue
+            single, batch, multipart = extra
+            for name in (single, batch):
+                schema = TypeAdapter(getattr(schemas, name)).json_schema(ref_template="#/components/schemas/{model}")
+                for dname, d in schema.pop("$defs", {}).items():
+                    components.setdefault(dname, d)
+                components[name] = schema
+            content = {
+                "application/json": {
+                    "schema": {"oneOf": [{"$ref": f"#/components/schemas/{single}"}, {"$ref": f"#/components/schemas/{batch}"}]},
+                    "examples": {"one": {"value": getattr(schemas, single).model_config["json_schema_extra"]["examples"][0]}},
+                }
+            }
+            if multipart:
+                props = {k: v for k, v in components[single]["properties"].items() if k != "image"}
+                content["multipart/form-data"] = {
+                    "schema": {
+                        "type": "object",
+                        "properties": {"image": {"type": "string", "format": "binary"}, **props},
+                        "required": ["image"],
+                    }
+                }
+            op["requestBody"] = {"required": True, "content": content}
+            op.setdefault("responses", {})["default"] = {
+                "description": "Error",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+            }
+    components["ErrorResponse"] = TypeAdapter(schemas.ErrorResponse).json_schema(ref_template="#/components/schemas/{model}")
+    for dname, d in components["ErrorResponse"].pop("$defs", {}).items():
+        components.setdefault(dname, d)
+    app.openapi_schema = spec
+    return spec

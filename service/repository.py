@@ -1,0 +1,247 @@
+"""The model repository: `models/<name>/<version>/manifest.json`, the contract between the
+exporter (compression/, the producer) and the service (the consumer, which owns the schema).
+
+A manifest names every graph with its inputs/outputs and files per precision, the
+preprocessing and tokenizer, the compute levels with their calibration, the answer vocabulary,
+measured metrics, reference outputs for verification, the sha256 of every file, and what
+produced it. `verify` re-checks all of it; `list_models` walks a repository (Triton-style).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+MANIFEST = "manifest.json"
+SCHEMA_VERSION = 1
+Precision = Literal["fp32", "fp16", "int8"]
+
+
+class TensorInfo(BaseModel):
+    name: str
+    dtype: str  # numpy dtype name
+    shape: list[int | str]  # names for dynamic axes
+
+
+class GraphInfo(BaseModel):
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    files: dict[str, str]  # precision -> file (relative to the version folder)
+    batch_one: bool = False  # data-dependent shapes baked for batch 1 (trimmed gather graph)
+    parity: dict[str, float] = Field(default_factory=dict)  # precision -> max |ORT - torch| at export
+
+
+class ImagePreprocessing(BaseModel):
+    size: int
+    mean: list[float]
+    std: list[float]
+    resample: str = "bicubic"
+
+
+class Preprocessing(BaseModel):
+    image: ImagePreprocessing
+    max_text_length: int
+    max_answer_length: int = 8
+    max_caption_length: int = 32
+
+
+class Tokens(BaseModel):
+    """Special token ids the service needs to build inputs and stop decoding."""
+
+    pad: int
+    cls: int
+    sep: int
+    bos: int
+
+
+class FileInfo(BaseModel):
+    sha256: str
+    bytes: int
+
+
+class Reference(BaseModel):
+    """Recorded inputs and outputs (reference.npz) per graph and precision; verify reruns them."""
+
+    file: str = "reference.npz"
+    tolerance: dict[str, float] = Field(default_factory=lambda: {"fp32": 1e-4, "fp16": 5e-2, "int8": 1e-3})
+
+
+class Manifest(BaseModel):
+    schema_version: int = SCHEMA_VERSION
+    name: str
+    version: str
+    tasks: list[str]  # vqa, caption, retrieval
+    graphs: dict[str, GraphInfo]
+    default_precision: dict[str, str] = Field(default_factory=lambda: {"cpu": "int8", "cuda": "fp16"})
+    preprocessing: Preprocessing
+    tokenizer: str = "tokenizer.json"
+    tokens: Tokens
+    answers: list[str]
+    itc_temperature: float
+    levels: dict | None = None  # levels.json content (service/levels.py), None if untrimmed
+    metrics: dict = Field(default_factory=dict)  # measured, e.g. {"onnxruntime/int8": {"easy_vqa.accuracy": ...}}
+    reference: Reference = Field(default_factory=Reference)
+    files: dict[str, FileInfo] = Field(default_factory=dict)
+    produced_by: dict = Field(default_factory=dict)  # command, source model, versions, git commit, time
+
+    def graph_file(self, graph: str, precision: str) -> str:
+        info = self.graphs[graph]
+        if precision in info.files:
+            return info.files[precision]
+        return info.files["fp32"] if "fp32" in info.files else next(iter(info.files.values()))
+
+    def precisions(self) -> list[str]:
+        return sorted({p for g in self.graphs.values() for p in g.files})
+
+
+class ManifestError(ValueError):
+    """A model folder that is not a valid, intact model (the message says which file and why)."""
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_table(folder: str | Path) -> dict[str, FileInfo]:
+    """sha256 and size of every file in a version folder except the manifest and dotfiles
+    (pipeline stamps)."""
+    folder = Path(folder)
+    return {
+        p.relative_to(folder).as_posix(): FileInfo(sha256=sha256_file(p), bytes=p.stat().st_size)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
+    }
+
+
+def load_manifest(folder: str | Path) -> Manifest:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise ManifestError(f"{folder}: no {MANIFEST} (not an exported model; run `trimvlm export`)")
+    try:
+        return Manifest.model_validate_json(path.read_text())
+    except ValueError as e:
+        raise ManifestError(f"{path}: invalid manifest: {e}") from e
+
+
+def write_manifest(folder: str | Path, manifest: Manifest) -> Path:
+    """Record every file's checksum, then write manifest.json atomically."""
+    folder = Path(folder)
+    manifest.files = file_table(folder)
+    tmp = folder / (MANIFEST + ".tmp")
+    tmp.write_text(manifest.model_dump_json(indent=2) + "\n")
+    tmp.replace(folder / MANIFEST)
+    return folder / MANIFEST
+
+
+def find_models(root: str | Path) -> list[Path]:
+    """Version folders holding a manifest under a repository root (`<name>/<version>/`), or the
+    root itself if it is one."""
+    root = Path(root)
+    if (root / MANIFEST).is_file():
+        return [root]
+    return sorted(p.parent for p in root.glob(f"*/*/{MANIFEST}"))
+
+
+def check_files(folder: str | Path, manifest: Manifest) -> list[str]:
+    """Problems with the files: missing, altered (sha256) or unlisted graph files."""
+    folder = Path(folder)
+    problems = []
+    for rel, info in manifest.files.items():
+        path = folder / rel
+        if not path.is_file():
+            problems.append(f"{rel}: missing")
+        elif path.stat().st_size != info.bytes or sha256_file(path) != info.sha256:
+            problems.append(f"{rel}: checksum mismatch (the file was altered after export)")
+    for name, graph in manifest.graphs.items():
+        for precision, rel in graph.files.items():
+            if rel not in manifest.files:
+                problems.append(f"graph {name} ({precision}): {rel} is not in the manifest's file table")
+    for rel in (manifest.tokenizer, manifest.reference.file):
+        if rel not in manifest.files:
+            problems.append(f"{rel}: not in the manifest's file table")
+    return problems
+
+
+def reference_key(graph: str, precision: str, tensor: str, kind: str) -> str:
+    """Key of one array in reference.npz: in/<graph>/<tensor> or out/<graph>/<precision>/<tensor>."""
+    return f"in/{graph}/{tensor}" if kind == "in" else f"out/{graph}/{precision}/{tensor}"
+
+
+def check_outputs(folder: str | Path, manifest: Manifest, runtime_factory) -> list[str]:
+    """Rerun every graph and precision on the recorded reference inputs; compare with the
+    recorded outputs within the manifest's tolerance. runtime_factory(graphs) -> loaded Runtime."""
+    folder = Path(folder)
+    ref = np.load(folder / manifest.reference.file)
+    problems = []
+    for precision in manifest.precisions():
+        files = {g: folder / info.files[precision] for g, info in manifest.graphs.items() if precision in info.files}
+        try:
+            runtime = runtime_factory(files)
+        except Exception as e:  # a graph that does not load is a verification failure, not a crash
+            problems.append(f"{precision}: graphs do not load: {e}")
+            continue
+        tol = manifest.reference.tolerance.get(precision, 1e-3)
+        for graph in files:
+            info = manifest.graphs[graph]
+            feeds = {t.name: ref[reference_key(graph, precision, t.name, "in")] for t in info.inputs}
+            got = runtime.run(graph, feeds)
+            for t in info.outputs:
+                key = reference_key(graph, precision, t.name, "out")
+                if key not in ref:
+                    problems.append(f"{graph} ({precision}): no recorded output {t.name}")
+                    continue
+                diff = float(np.max(np.abs(got[t.name].astype(np.float64) - ref[key].astype(np.float64)), initial=0.0))
+                if not diff <= tol:
+                    problems.append(
+                        f"{graph} ({precision}): output {t.name} differs from the recorded one by {diff:.3g} > {tol:g}"
+                    )
+        runtime.close()
+    return problems
+
+
+def verify(folder: str | Path, runtime_factory=None) -> list[str]:
+    """Every problem with an exported model folder (empty list: intact and reproducing)."""
+    try:
+        manifest = load_manifest(folder)
+    except ManifestError as e:
+        return [str(e)]
+    problems = check_files(folder, manifest)
+    if problems:  # outputs of altered files would only repeat the checksum failure
+        return problems
+    if runtime_factory is None:
+        from service.runtime import RuntimeOptions, load_runtime
+
+        def runtime_factory(files):
+            return load_runtime("onnxruntime", files, RuntimeOptions(), fallback=False)
+
+    return check_outputs(folder, manifest, runtime_factory)
+
+
+def summary(folder: str | Path) -> dict:
+    """One line of `trimvlm models list`."""
+    m = load_manifest(folder)
+    size = sum(f.bytes for f in m.files.values())
+    levels = sorted(m.levels["levels"]) if m.levels else ["full"]
+    return {
+        "model": f"{m.name}/{m.version}",
+        "path": str(folder),
+        "tasks": m.tasks,
+        "graphs": sorted(m.graphs),
+        "precisions": m.precisions(),
+        "levels": levels,
+        "size_mb": round(size / 2**20, 2),
+        "metrics": m.metrics,
+    }
+
+
+def dump(obj) -> str:
+    return json.dumps(obj, indent=2)

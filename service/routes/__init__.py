@@ -1,0 +1,1 @@
+"""HTTP routes, one module per resource; thin: parse, hand to the model server, shape the reply."""

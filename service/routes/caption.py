@@ -1,0 +1,48 @@
+"""POST /caption: image -> caption (greedy or beam search)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from fastapi import APIRouter, Request
+
+from service.errors import ApiError
+from service.routes.common import deadline_for, image_payload, ms_since, parse, state, submit
+from service.schemas import CaptionBatch, CaptionBatchResponse, CaptionItem, CaptionResponse, ComputeOut
+
+router = APIRouter(tags=["tasks"])
+
+
+async def caption_one(request: Request, item: CaptionItem, t0: float) -> CaptionResponse:
+    st = state(request)
+    srv = st.server(item.model)
+    request.state.model = srv.id
+    s = st.settings
+    max_length = item.max_length or srv.tasks.manifest.preprocessing.max_caption_length
+    if max_length > s.max_caption_length:
+        raise ApiError(422, "invalid_request", f"max_length {max_length} exceeds the limit of {s.max_caption_length}")
+    if item.num_beams > s.max_beams:
+        raise ApiError(422, "invalid_request", f"num_beams {item.num_beams} exceeds the limit of {s.max_beams}")
+    deadline = deadline_for(request, item.deadline_ms)
+    pixels = await st.run_pre(st.decode_image, image_payload(item), srv, "caption")
+    states, _ = await submit(request, srv.batchers["vision"], pixels, deadline, "caption", srv.id)
+    text = await submit(request, srv.batchers["caption"], (states, max_length, item.num_beams), deadline, "caption", srv.id)
+    st.metrics.generated_tokens.labels("caption").observe(max(1, len(text.split())))
+    info = srv.compute_info("full", None, "requested")
+    return CaptionResponse(caption=text, compute=ComputeOut(**info.__dict__), model=srv.id, latency_ms=ms_since(t0))
+
+
+@router.post(
+    "/caption",
+    response_model=CaptionResponse | CaptionBatchResponse,
+    summary="Caption an image",
+    openapi_extra={"x-trimvlm-body": ("CaptionItem", "CaptionBatch", True)},
+)
+async def caption(request: Request):
+    """JSON (one item or `{"items": [...]}`) or multipart (`image` file; `max_length`, `num_beams` fields)."""
+    st = state(request)
+    t0 = time.perf_counter()
+    items, is_batch = await parse(request, CaptionItem, CaptionBatch, st.settings.max_items)
+    results = await asyncio.gather(*(caption_one(request, it, t0) for it in items))
+    return {"results": results} if is_batch else results[0]

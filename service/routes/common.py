@@ -1,0 +1,190 @@
+"""Shared route plumbing: request parsing (JSON or multipart), deadlines, waiting on the
+batcher while watching for client disconnects, and per-request metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Request
+from pydantic import BaseModel, ValidationError
+
+from service.adaptive import CannotMeetDeadline
+from service.batching import Batcher, DeadlineExceeded, QueueFull
+from service.errors import ApiError
+from service.levels import LevelError
+from service.state import AppState
+
+
+def state(request: Request) -> AppState:
+    return request.app.state.trimvlm
+
+
+def request_start(request: Request) -> float:
+    return getattr(request.state, "t0", time.perf_counter())
+
+
+def deadline_for(request: Request, deadline_ms: float | None) -> float | None:
+    """Absolute deadline (perf_counter seconds) from the body field, else X-Deadline-Ms, else the
+    server default; counted from the request's arrival."""
+    if deadline_ms is None:
+        header = request.headers.get("x-deadline-ms")
+        if header is not None:
+            try:
+                deadline_ms = float(header)
+            except ValueError as e:
+                raise ApiError(422, "invalid_deadline", f"X-Deadline-Ms must be a number of milliseconds, got {header!r}") from e
+            if deadline_ms <= 0:
+                raise ApiError(422, "invalid_deadline", "X-Deadline-Ms must be positive")
+    if deadline_ms is None:
+        deadline_ms = state(request).settings.default_deadline_ms
+    deadline = None if deadline_ms is None else request_start(request) + deadline_ms / 1000
+    if deadline is not None:
+        request.state.deadline = deadline  # the request-metrics middleware counts misses
+    return deadline
+
+
+def remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else deadline - time.perf_counter()
+
+
+async def json_body(request: Request) -> Any:
+    raw = await request.body()
+    if not raw:
+        raise ApiError(400, "empty_body", "request body is empty; send JSON")
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, "invalid_json", f"request body is not valid JSON: {e}") from e
+
+
+def validate(model: type[BaseModel], data: Any) -> BaseModel:
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise ApiError(422, "invalid_request", f"{where}: {first['msg']} ({e.error_count()} problem(s))") from e
+
+
+async def parse(request: Request, single: type[BaseModel], batch: type[BaseModel], max_items: int) -> tuple[list, bool]:
+    """JSON body: one item, or {"items": [...]}. multipart/form-data: one item, the image as the
+    `image` file field, the rest as form fields. Returns (items, is_batch)."""
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("multipart/form-data"):
+        form = await request.form(max_files=1, max_fields=20)
+        data: dict[str, Any] = {}
+        upload_bytes = None
+        for key, value in form.multi_items():
+            if hasattr(value, "read"):
+                if key != "image":
+                    raise ApiError(422, "invalid_request", f"unexpected file field {key!r} (send the image as `image`)")
+                upload_bytes = await value.read()
+            else:
+                data[key] = value
+        if upload_bytes is None:
+            raise ApiError(422, "invalid_request", "multipart request needs a file field `image`")
+        for key in ("top_k", "num_beams", "max_length"):
+            if key in data:
+                data[key] = _int(key, data[key])
+        if "metadata" in data:
+            try:
+                data["metadata"] = json.loads(data["metadata"])
+            except json.JSONDecodeError as e:
+                raise ApiError(422, "invalid_request", "metadata must be a JSON object") from e
+        if "deadline_ms" in data:
+            data["deadline_ms"] = _float("deadline_ms", data["deadline_ms"])
+        data["image"] = "multipart"
+        item = validate(single, data)
+        item._upload = upload_bytes  # raw bytes travel beside the validated fields
+        return [item], False
+    if ctype and not ctype.startswith("application/json"):
+        raise ApiError(415, "unsupported_media_type", f"send application/json or multipart/form-data, not {ctype}")
+    data = await json_body(request)
+    if isinstance(data, dict) and "items" in data:
+        b = validate(batch, data)
+        if len(b.items) > max_items:
+            raise ApiError(413, "too_many_items", f"{len(b.items)} items in one request; the limit is {max_items}")
+        return list(b.items), True
+    return [validate(single, data)], False
+
+
+def _int(key: str, v: str) -> int:
+    try:
+        return int(v)
+    except ValueError as e:
+        raise ApiError(422, "invalid_request", f"{key} must be an integer") from e
+
+
+def _float(key: str, v: str) -> float:
+    try:
+        return float(v)
+    except ValueError as e:
+        raise ApiError(422, "invalid_request", f"{key} must be a number") from e
+
+
+def image_payload(item) -> str | bytes:
+    return getattr(item, "_upload", None) or item.image
+
+
+async def _wait_disconnect(request: Request) -> None:
+    """Returns when the client closes the connection (the body has been read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def submit(request: Request, batcher: Batcher, payload: Any, deadline: float | None, endpoint: str, model: str) -> Any:
+    """Queue one item and wait for it, dropping it if the client disconnects or the deadline
+    passes first. Returns the result; records queue wait."""
+    st = state(request)
+    try:
+        fut = batcher.submit(payload, deadline)
+    except QueueFull as e:
+        st.metrics.rejections.labels(endpoint, "queue_full").inc()
+        raise ApiError(429, "queue_full", str(e), {"Retry-After": str(int(e.retry_after_s))}) from e
+    return await wait(request, fut, deadline, endpoint, model)
+
+
+async def wait(request: Request, fut: asyncio.Future, deadline: float | None, endpoint: str, model: str) -> Any:
+    st = state(request)
+    disconnect = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        timeout = None if deadline is None else max(0.0, deadline - time.perf_counter())
+        done, _ = await asyncio.wait({fut, disconnect}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if fut in done:
+            try:
+                result, queued_s = fut.result()
+            except DeadlineExceeded as e:
+                raise ApiError(504, "deadline_exceeded", str(e)) from e
+            st.metrics.queue_duration.labels(endpoint, model).observe(queued_s)
+            return result
+        fut.cancel()  # the batcher skips cancelled items
+        if disconnect in done:
+            raise ClientDisconnected()
+        raise ApiError(504, "deadline_exceeded", "the deadline passed before the answer was ready")
+    finally:
+        disconnect.cancel()
+
+
+class ClientDisconnected(Exception):
+    """The client went away; nothing to answer (logged as 499)."""
+
+
+@asynccontextmanager
+async def translate_errors():
+    """Model-layer exceptions -> API errors."""
+    try:
+        yield
+    except LevelError as e:
+        raise ApiError(422, "invalid_compute", str(e)) from e
+    except CannotMeetDeadline as e:
+        raise ApiError(503, "deadline_unreachable", str(e), {"Retry-After": "1"}) from e
+
+
+def ms_since(t0: float) -> float:
+    return round(1000 * (time.perf_counter() - t0), 3)

@@ -1,0 +1,60 @@
+"""Health (live / ready, KServe-V2 aliases), the model list, Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.routes.common import state
+from service.schemas import ModelInfo
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz", summary="Liveness: the process serves HTTP")
+@router.get("/v2/health/live", include_in_schema=False)
+async def live():
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="Readiness: every model loaded and a real warm-up inference passed")
+@router.get("/v2/health/ready", include_in_schema=False)
+async def ready(request: Request):
+    st = state(request)
+    models = {mid: srv.ready for mid, srv in st.servers.items()}
+    if st.load_error:
+        return JSONResponse({"status": "unavailable", "models": models, "error": st.load_error}, status_code=503)
+    if st.loading or not models or not all(models.values()):
+        return JSONResponse({"status": "loading", "models": models}, status_code=503)
+    return {"status": "ok", "models": models}
+
+
+@router.get("/v1/models", response_model=list[ModelInfo], summary="Served models, their compute levels and runtime")
+async def models(request: Request):
+    st = state(request)
+    out = []
+    for mid, srv in st.servers.items():
+        out.append(
+            ModelInfo(
+                id=mid,
+                ready=srv.ready,
+                tasks=srv.tasks.manifest.tasks,
+                levels={
+                    name: {"flops_ratio": p["flops_ratio"], "accuracy": p.get("accuracy", {})} for name, p in srv.levels.items()
+                },
+                backend=srv.tasks.runtime.describe(),
+                precision=srv.tasks.precision,
+                default=mid == st.default,
+            )
+        )
+    return out
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics(request: Request):
+    st = state(request)
+    for srv in st.servers.values():
+        for name, b in srv.batchers.items():
+            st.metrics.queue_size.labels(srv.id, name).set(b.depth)
+    return Response(generate_latest(st.metrics.registry), media_type=CONTENT_TYPE_LATEST)

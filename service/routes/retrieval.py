@@ -1,0 +1,144 @@
+"""Retrieval: rank candidates, search the gallery (ITC top-k, ITM re-ranking), manage the gallery."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+from fastapi import APIRouter, Request
+
+from service.errors import ApiError
+from service.routes.common import deadline_for, image_payload, ms_since, parse, state, submit
+from service.schemas import (
+    IndexBatch,
+    IndexBatchResponse,
+    IndexItem,
+    IndexResponse,
+    RankRequest,
+    RankResponse,
+    SearchHit,
+    SearchRequest,
+    SearchResponse,
+)
+from service.server import ModelServer
+
+router = APIRouter(prefix="/retrieval", tags=["retrieval"])
+
+
+async def _images(request: Request, srv: ModelServer, payloads: list, deadline) -> list[tuple[np.ndarray, np.ndarray]]:
+    st = state(request)
+    pixels = await asyncio.gather(*(st.run_pre(st.decode_image, p, srv, "retrieval") for p in payloads))
+    return await asyncio.gather(*(submit(request, srv.batchers["vision"], px, deadline, "retrieval", srv.id) for px in pixels))
+
+
+async def _texts(request: Request, srv: ModelServer, texts: list[str], deadline) -> list[tuple[np.ndarray, np.ndarray]]:
+    st = state(request)
+    tokens = await st.run_pre(st.tokenize, texts, srv, "retrieval")
+    return await asyncio.gather(*(submit(request, srv.batchers["text"], tok, deadline, "retrieval", srv.id) for tok in tokens))
+
+
+async def _itm(request: Request, srv: ModelServer, pairs: list[tuple[np.ndarray, np.ndarray]], deadline) -> list[float]:
+    return list(await asyncio.gather(*(submit(request, srv.batchers["itm"], p, deadline, "retrieval", srv.id) for p in pairs)))
+
+
+@router.post("/rank", response_model=RankResponse, summary="Rank candidate texts for an image, or candidate images for a text")
+async def rank(request: Request, body: RankRequest):
+    st = state(request)
+    t0 = time.perf_counter()
+    srv = st.server(body.model)
+    request.state.model = srv.id
+    deadline = deadline_for(request, body.deadline_ms)
+    image_query = body.image is not None and body.texts is not None
+    text_query = body.text is not None and body.images is not None
+    if image_query == text_query or (body.image is not None and body.text is not None):
+        raise ApiError(422, "invalid_request", 'send either {"image", "texts": [...]} or {"text", "images": [...]}')
+    candidates = body.texts if image_query else body.images
+    if not candidates:
+        raise ApiError(422, "invalid_request", "the candidate list is empty")
+    if len(candidates) > st.settings.max_candidates:
+        raise ApiError(413, "too_many_items", f"{len(candidates)} candidates; the limit is {st.settings.max_candidates}")
+    if image_query:
+        [(img_states, img_emb)] = await _images(request, srv, [body.image], deadline)
+        texts = await _texts(request, srv, candidates, deadline)
+        itc = [float(img_emb @ emb) for _, emb in texts]
+        pairs = [(ts, img_states) for ts, _ in texts]
+    else:
+        [(txt_states, txt_emb)] = await _texts(request, srv, [body.text], deadline)
+        images = await _images(request, srv, candidates, deadline)
+        itc = [float(emb @ txt_emb) for _, emb in images]
+        pairs = [(txt_states, ims) for ims, _ in images]
+    scores = await _itm(request, srv, pairs, deadline) if body.rerank else itc
+    ranking = sorted(range(len(scores)), key=lambda i: -scores[i])
+    return RankResponse(scores=[float(s) for s in scores], itc_scores=itc, ranking=ranking, model=srv.id, latency_ms=ms_since(t0))
+
+
+@router.post("/search", response_model=SearchResponse, summary="Search the gallery with a text or an image")
+async def search(request: Request, body: SearchRequest):
+    st = state(request)
+    t0 = time.perf_counter()
+    srv = st.server(body.model)
+    request.state.model = srv.id
+    if (body.text is None) == (body.image is None):
+        raise ApiError(422, "invalid_request", 'send exactly one of "text" or "image"')
+    if body.top_k > st.settings.max_top_k:
+        raise ApiError(422, "invalid_request", f"top_k {body.top_k} exceeds the limit of {st.settings.max_top_k}")
+    deadline = deadline_for(request, body.deadline_ms)
+    gallery = st.gallery(srv)
+    if body.text is not None:
+        [(query_states, query)] = await _texts(request, srv, [body.text], deadline)
+    else:
+        [(_, query)] = await _images(request, srv, [body.image], deadline)
+    pool = max(body.top_k, st.settings.rerank_top_k) if body.rerank and body.text is not None else body.top_k
+    hits = await asyncio.get_running_loop().run_in_executor(st.preprocess_pool, gallery.search, query, pool)
+    itc = {h[0]: h[1] for h in hits}
+    scores = dict(itc)
+    if body.rerank and body.text is not None and hits:
+        stored = [(h[0], gallery.states(h[0])) for h in hits]
+        rerankable = [(hid, s) for hid, s in stored if s is not None]
+        itm = await _itm(request, srv, [(query_states, s.astype(np.float32)) for _, s in rerankable], deadline)
+        scores.update({hid: float(p) for (hid, _), p in zip(rerankable, itm, strict=True)})
+    meta = {h[0]: h[2] for h in hits}
+    best = sorted(scores, key=lambda k: -scores[k])[: body.top_k]
+    results = [SearchHit(id=k, score=scores[k], itc_score=itc[k], metadata=meta[k]) for k in best]
+    return SearchResponse(results=results, gallery_size=len(gallery), model=srv.id, latency_ms=ms_since(t0))
+
+
+@router.post(
+    "/index",
+    response_model=IndexResponse | IndexBatchResponse,
+    summary="Add an image to the gallery",
+    openapi_extra={"x-trimvlm-body": ("IndexItem", "IndexBatch", True)},
+)
+async def index_add(request: Request):
+    """JSON (one item or `{"items": [...]}` -> `{"results": [...]}`) or multipart (`image` file,
+    `id` and `metadata` (JSON text) fields). Re-using an id replaces that entry."""
+    st = state(request)
+    items, is_batch = await parse(request, IndexItem, IndexBatch, st.settings.max_items)
+
+    async def add(item: IndexItem) -> IndexResponse:
+        srv = st.server(item.model)
+        request.state.model = srv.id
+        gallery = st.gallery(srv)
+        [(states, emb)] = await _images(request, srv, [image_payload(item)], None)
+        metadata = item.metadata
+        new_id = await asyncio.get_running_loop().run_in_executor(
+            st.preprocess_pool, lambda: gallery.add(emb, item.id, metadata, states.astype(np.float16))
+        )
+        return IndexResponse(id=new_id, gallery_size=len(gallery))
+
+    results = []
+    for it in items:  # sequential: ids in a batch may repeat and later ones must win
+        results.append(await add(it))
+    return {"results": results} if is_batch else results[0]
+
+
+@router.delete("/index/{item_id}", summary="Remove an image from the gallery")
+async def index_remove(request: Request, item_id: str, model: str | None = None):
+    st = state(request)
+    srv = st.server(model)
+    gallery = st.gallery(srv)
+    removed = await asyncio.get_running_loop().run_in_executor(st.preprocess_pool, gallery.remove, item_id)
+    if not removed:
+        raise ApiError(404, "unknown_id", f"no gallery item {item_id!r}")
+    return {"id": item_id, "removed": True, "gallery_size": len(gallery)}

@@ -1,0 +1,70 @@
+"""POST /vqa: image + question -> answer, at a per-request compute level."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from fastapi import APIRouter, Request
+
+from service.routes.common import (
+    deadline_for,
+    image_payload,
+    ms_since,
+    parse,
+    remaining,
+    state,
+    submit,
+    translate_errors,
+)
+from service.schemas import AnswerScore, ComputeOut, MaxFlops, VQABatch, VQABatchResponse, VQAItem, VQAResponse
+
+router = APIRouter(tags=["tasks"])
+
+
+async def answer_one(request: Request, item: VQAItem, t0: float) -> VQAResponse:
+    st = state(request)
+    srv = st.server(item.model)
+    request.state.model = srv.id
+    deadline = deadline_for(request, item.deadline_ms)
+    pixels_task = st.run_pre(st.decode_image, image_payload(item), srv, "vqa")
+    text_task = st.run_pre(st.tokenize, [item.question], srv, "vqa")
+    pixels, [(ids, mask)] = await asyncio.gather(pixels_task, text_task)
+    compute = item.compute
+    if compute == "auto" and isinstance(compute, str):
+        compute = st.settings.default_compute if st.settings.default_compute != "auto" else "auto"
+    async with translate_errors():
+        level, reason = srv.pick_level(compute.model_dump() if isinstance(compute, MaxFlops) else compute, remaining(deadline))
+    st.metrics.level_decisions.labels("vqa", level, reason).inc()
+    request.state.level = level
+    logits, kept = await submit(request, srv.batchers[f"vqa/{level}"], (pixels, ids, mask), deadline, "vqa", srv.id)
+    tp = time.perf_counter()
+    top = srv.answers(logits, item.top_k)
+    info = srv.compute_info(level, kept, reason)
+    if kept is not None:
+        st.metrics.kept_token_ratio.labels(srv.id, level).observe(kept / srv.image_tokens)
+    st.metrics.postprocess_duration.labels("vqa").observe(time.perf_counter() - tp)
+    return VQAResponse(
+        answer=top[0][0],
+        score=top[0][1],
+        top_k=[AnswerScore(answer=a, score=s) for a, s in top],
+        compute=ComputeOut(**info.__dict__),
+        model=srv.id,
+        latency_ms=ms_since(t0),
+    )
+
+
+@router.post(
+    "/vqa",
+    response_model=VQAResponse | VQABatchResponse,
+    summary="Answer a question about an image",
+    openapi_extra={"x-trimvlm-body": ("VQAItem", "VQABatch", True)},
+)
+async def vqa(request: Request):
+    """JSON (one item, or `{"items": [...]}` -> `{"results": [...]}`) or multipart (`image` file +
+    `question` form field). `compute`: auto | full | balanced | fast | {"max_flops_ratio": x}."""
+    st = state(request)
+    t0 = time.perf_counter()
+    items, is_batch = await parse(request, VQAItem, VQABatch, st.settings.max_items)
+    results = await asyncio.gather(*(answer_one(request, it, t0) for it in items))
+    return {"results": results} if is_batch else results[0]

@@ -1,0 +1,229 @@
+"""One served model: its TaskModel (graphs in a runtime), a batcher per graph group and compute
+level, the latency model behind `auto`, and warm-up. Async API for the routes; no HTTP here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from service.adaptive import LatencyModel, LevelOption, choose_level
+from service.batching import Batcher
+from service.levels import LevelError
+from service.metrics import Metrics
+from service.runtime import RuntimeOptions
+from service.settings import Settings
+from service.tasks import TaskModel, softmax
+
+log = logging.getLogger("trimvlm.server")
+
+
+@dataclass
+class Compute:
+    """What a request ran at (reported in every response)."""
+
+    level: str
+    flops_ratio: float
+    tokens_kept: int | None = None
+    tokens_total: int | None = None
+    reason: str = "requested"
+
+
+def _pad_stack(rows: list[np.ndarray], pad: int = 0) -> np.ndarray:
+    """Right-pad 1-D int arrays to the longest and stack."""
+    length = max(len(r) for r in rows)
+    out = np.full((len(rows), length), pad, dtype=rows[0].dtype)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
+
+
+def _pad_states(rows: list[np.ndarray]) -> np.ndarray:
+    length = max(r.shape[0] for r in rows)
+    out = np.zeros((len(rows), length, rows[0].shape[1]), dtype=rows[0].dtype)
+    for i, r in enumerate(rows):
+        out[i, : r.shape[0]] = r
+    return out
+
+
+class ModelServer:
+    def __init__(self, folder: Path, settings: Settings, metrics: Metrics, executor: ThreadPoolExecutor):
+        self.settings, self.metrics, self.executor = settings, metrics, executor
+        options = RuntimeOptions(device=settings.device, intra_op_threads=settings.intra_op_threads)
+        t0 = time.perf_counter()
+        self.tasks = TaskModel(folder, settings.backend, settings.precision, options)
+        self.load_s = time.perf_counter() - t0
+        self.id = self.tasks.id
+        self.backend = self.tasks.runtime.name
+        self.latency = LatencyModel()
+        self.ready = False
+        m = self.tasks.manifest
+        self.image_tokens = int(m.graphs["vision"].outputs[0].shape[1])
+        self.levels: dict[str, dict] = {}
+        for name in self.tasks.level_names:
+            self.levels[name] = self.tasks.resolve_level(name)[1]
+        self.batchers: dict[str, Batcher] = {}
+        batch = settings.max_batch_size if settings.batching else 1
+        delay = settings.max_queue_delay_ms / 1000 if settings.batching else 0.0
+        runners = {f"vqa/{lv}": self._vqa_runner(lv) for lv in self.levels}
+        runners |= {"vision": self._run_vision, "text": self._run_text, "itm": self._run_itm, "caption": self._run_caption}
+        for name, fn in runners.items():
+            self.batchers[name] = Batcher(
+                name,
+                fn,
+                executor,
+                self.latency,
+                max_batch=batch,
+                max_delay_s=delay,
+                max_queue=settings.max_queue_size,
+                on_batch=self._on_batch,
+                on_dropped=lambda n, k: self.metrics.cancelled.labels(n).inc(k),
+            )
+
+    # Batch functions (run in the inference thread pool) ------------------------------------------
+    def _vqa_runner(self, level: str):
+        point = self.levels[level]
+
+        def run(items):
+            pixels = np.stack([it[0] for it in items])
+            ids, mask = _pad_stack([it[1] for it in items]), _pad_stack([it[2] for it in items])
+            res = self.tasks.vqa(pixels, ids, mask, level=level, point=point)
+            kept = res.image_tokens_kept
+            return [(res.logits[i], None if kept is None else int(kept[i])) for i in range(len(items))]
+
+        return run
+
+    def _run_vision(self, items):
+        states, embeds = self.tasks.encode_images(np.stack(items))
+        return list(zip(states, embeds, strict=True))
+
+    def _run_text(self, items):
+        ids, mask = _pad_stack([it[0] for it in items]), _pad_stack([it[1] for it in items])
+        states, embeds = self.tasks.encode_texts(ids, mask)
+        return [(states[i, : len(items[i][0])], embeds[i]) for i in range(len(items))]
+
+    def _run_itm(self, items):
+        text = _pad_states([it[0] for it in items])
+        mask = _pad_stack([np.ones(len(it[0]), np.int64) for it in items])
+        image = np.stack([it[1] for it in items])
+        return list(self.tasks.itm_scores(text, mask, image))
+
+    def _run_caption(self, items):
+        # items: (image_states, max_length, num_beams); decode each setting as one batch
+        out: list = [None] * len(items)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (_, length, beams) in enumerate(items):
+            groups.setdefault((length, beams), []).append(i)
+        for (length, beams), idx in groups.items():
+            states = np.stack([items[i][0] for i in idx])
+            for i, text in zip(idx, self.tasks.captions(states, max_length=length, num_beams=beams), strict=True):
+                out[i] = text
+        return out
+
+    def _on_batch(self, name: str, n: int, seconds: float) -> None:
+        component = name.split("/")[0]
+        self.metrics.batch_size.labels(self.id, name).observe(n)
+        self.metrics.batch_executions.labels(self.id, name).inc()
+        self.metrics.inferences.labels(self.id, name).inc(n)
+        self.metrics.inference_duration.labels(component, self.id, self.backend, name).observe(seconds)
+
+    # Lifecycle ----------------------------------------------------------------------------------
+    async def start(self) -> None:
+        for b in self.batchers.values():
+            b.start()
+        if self.settings.warmup:
+            await asyncio.get_running_loop().run_in_executor(self.executor, self.warmup)
+        self.ready = True
+        self.metrics.model_ready.labels(self.id, self.backend).set(1)
+        self.metrics.warmup_duration.labels(self.id, self.backend).set(self.load_s + self.warmup_s)
+
+    warmup_s = 0.0
+
+    def warmup(self) -> None:
+        """A real inference through every graph group and level, at batch 1 and at the largest
+        batch, so readiness means answers come back and `auto` starts with latency estimates."""
+        t0 = time.perf_counter()
+        size = self.tasks.image_spec.size
+        rng = np.random.default_rng(0)
+        images = rng.integers(0, 255, (1, size, size, 3), dtype=np.uint8)
+        pixels = self.tasks.pixels(images)[0]
+        ids, mask = self.tasks.tokenize(["what shape is in the image?"])
+        sizes = sorted({1, min(8, self.batchers["vision"].max_batch), self.batchers["vision"].max_batch})
+        for n in sizes:
+            for level in self.levels:
+                runner = self.batchers[f"vqa/{level}"]
+                if level != "full" and n > 8:  # per-item graph: linear in n, 8 points suffice
+                    continue
+                for _ in range(2):
+                    t = time.perf_counter()
+                    runner.run_batch([(pixels, ids[0], mask[0])] * n)
+                    self.latency.observe(runner.name, n, time.perf_counter() - t)
+            for name, payload in (("vision", pixels), ("text", (ids[0], mask[0]))):
+                t = time.perf_counter()
+                self.batchers[name].run_batch([payload] * n)
+                self.latency.observe(name, n, time.perf_counter() - t)
+        states, _ = self.tasks.encode_images(pixels[None])
+        t = time.perf_counter()
+        caption = self._run_caption([(states[0], 8, 1)])
+        self.latency.observe("caption", 1, time.perf_counter() - t)
+        text_states, _ = self.tasks.encode_texts(ids, mask)
+        score = self._run_itm([(text_states[0], states[0])])[0]
+        if not (isinstance(caption[0], str) and 0.0 <= score <= 1.0):
+            raise RuntimeError(f"warm-up produced invalid outputs (caption {caption!r}, itm {score})")
+        self.warmup_s = time.perf_counter() - t0
+        log.info("warm-up of %s done in %.2fs: %s", self.id, self.warmup_s, self.latency.snapshot())
+
+    async def stop(self) -> None:
+        self.ready = False
+        self.metrics.model_ready.labels(self.id, self.backend).set(0)
+        await asyncio.gather(*(b.stop(self.settings.graceful_shutdown_s) for b in self.batchers.values()))
+        self.tasks.close()
+
+    # Compute levels -----------------------------------------------------------------------------
+    def level_options(self) -> list[LevelOption]:
+        pre = self.latency.predict("preprocess", 1)
+        out = []
+        for name, point in self.levels.items():
+            acc = point.get("min_accuracy", 1.0 if name == "full" else 0.0)
+            out.append(LevelOption(name, point, acc, pre + self.batchers[f"vqa/{name}"].predicted_wait_s()))
+        return out
+
+    def pick_level(self, compute, remaining_s: float | None) -> tuple[str, str]:
+        """compute: 'auto' | level name | {'max_flops_ratio': x}. Returns (level, reason)."""
+        if isinstance(compute, dict):
+            name, point = self.tasks.resolve_level(max_flops_ratio=compute["max_flops_ratio"])
+            # resolve() may return a curve point that is not a named level: run the named level
+            # with the same thresholds if there is one, else the most accurate named one within budget
+            for lv, p in self.levels.items():
+                if p.get("token_threshold") == point.get("token_threshold") and p["flops_ratio"] == point["flops_ratio"]:
+                    return lv, "max_flops_ratio"
+            within = [(lv, p) for lv, p in self.levels.items() if p["flops_ratio"] <= compute["max_flops_ratio"]]
+            if not within:
+                raise LevelError(f"no compute level of {self.id} runs within {compute['max_flops_ratio']:g} of full FLOPs")
+            return max(within, key=lambda kv: kv[1].get("min_accuracy", 0))[0], "max_flops_ratio"
+        if compute == "auto":
+            if remaining_s is None:
+                fallback = self.settings.auto_without_deadline
+                return (fallback if fallback in self.levels else "full"), "no_deadline"
+            opt, reason = choose_level(self.level_options(), remaining_s)
+            return opt.name, reason
+        if compute not in self.levels:
+            raise LevelError(f"unknown compute level {compute!r}; {self.id} has {sorted(self.levels)}")
+        return compute, "requested"
+
+    def compute_info(self, level: str, kept: int | None, reason: str) -> Compute:
+        point = self.levels[level]
+        return Compute(
+            level, float(point["flops_ratio"]), kept if kept is not None else self.image_tokens, self.image_tokens, reason
+        )
+
+    def answers(self, logits: np.ndarray, top_k: int) -> list[tuple[str, float]]:
+        probs = softmax(logits[None].astype(np.float32))[0]
+        order = np.argsort(-probs)[:top_k]
+        return [(self.tasks.manifest.answers[j], float(probs[j])) for j in order]

@@ -1,0 +1,68 @@
+"""Service settings: every limit explicit, with a sane default, overridable by TRIMVLM_* env vars
+(e.g. TRIMVLM_MAX_BATCH_SIZE=16) or a .env file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TRIMVLM_", env_file=".env", extra="ignore")
+
+    # Where and what to serve
+    host: str = "127.0.0.1"
+    port: int = 8000
+    models_dir: Path = Path("models")
+    default_model: str | None = None  # name or name/version; None: the only/first exported model
+    backend: str = "onnxruntime"  # onnxruntime | tensorrt | torch | auto (falls back, logged)
+    device: str = "cpu"  # cpu | cuda | tensorrt (ORT execution provider)
+    precision: str | None = None  # fp32 | int8 | fp16; None: the manifest's default for the device
+    intra_op_threads: int = 0  # 0: one per core
+
+    # Request limits (413 / 422 beyond them)
+    max_body_bytes: int = 16 * 2**20
+    max_image_bytes: int = 10 * 2**20
+    max_pixels: int = 40_000_000  # decompression-bomb guard, checked before decoding
+    image_formats: list[str] = ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"]
+    max_text_chars: int = 512
+    max_items: int = 32  # items in one batch-form request
+    max_candidates: int = 64  # texts or images ranked in one /retrieval/rank request
+    max_top_k: int = 100
+    max_caption_length: int = 64
+    max_beams: int = 5
+
+    # Image URLs: off unless enabled; only allow-listed hosts; never private/loopback targets
+    allow_urls: bool = False
+    url_allowlist: list[str] = []
+    allow_private_urls: bool = False
+    url_timeout_s: float = 5.0
+
+    # Dynamic batching and admission
+    batching: bool = True
+    max_batch_size: int = 32
+    max_queue_delay_ms: float = 2.0
+    max_queue_size: int = 512  # queued items per batcher; beyond it 429 + Retry-After
+    default_deadline_ms: float | None = None  # per-request deadline when the client sends none
+    preprocess_threads: int = 4
+    inference_threads: int = 2
+
+    # Adaptive compute: `auto` picks the most accurate level predicted to meet the deadline
+    default_compute: str = "auto"
+    auto_without_deadline: str = "full"  # what `auto` runs when a request has no deadline
+
+    # Retrieval gallery (persisted)
+    gallery_dir: Path = Path("gallery")
+    rerank_top_k: int = 16  # ITC candidates re-ranked by ITM
+    gallery_max_items: int = 100_000
+
+    # Security and operations
+    api_key: SecretStr | None = None  # Bearer token; None: no auth
+    cors_origins: list[str] = []  # CORS off unless origins are listed
+    log_level: str = "info"
+    log_json: bool = True
+    graceful_shutdown_s: float = 30.0
+    demo_page: bool = True
+    warmup: bool = True

@@ -1,0 +1,132 @@
+"""What the app holds while it runs: settings, metrics, the served models, their galleries and
+the thread pools (decode/tokenise off the event loop; inference)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.errors import ApiError
+from service.metrics import Metrics
+from service.repository import find_models, load_manifest
+from service.server import ModelServer
+from service.settings import Settings
+
+log = logging.getLogger("trimvlm.state")
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    metrics: Metrics
+    preprocess_pool: ThreadPoolExecutor
+    inference_pool: ThreadPoolExecutor
+    servers: dict[str, ModelServer] = field(default_factory=dict)
+    default: str | None = None
+    galleries: dict = field(default_factory=dict)
+    loading: bool = True
+    load_error: str | None = None
+
+    @classmethod
+    def create(cls, settings: Settings) -> AppState:
+        return cls(
+            settings,
+            Metrics(),
+            ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="preprocess"),
+            ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="inference"),
+        )
+
+    def load_models(self) -> None:
+        """Load every exported model under models_dir (the default first)."""
+        folders = find_models(self.settings.models_dir)
+        if not folders:
+            raise RuntimeError(f"no exported models (manifest.json) under {self.settings.models_dir}; run `trimvlm export`")
+        for folder in folders:
+            m = load_manifest(folder)
+            mid = f"{m.name}/{m.version}"
+            self.servers[mid] = ModelServer(folder, self.settings, self.metrics, self.inference_pool)
+            log.info("loaded %s from %s (%s)", mid, folder, self.servers[mid].tasks.runtime.describe())
+        wanted = self.settings.default_model
+        if wanted:
+            matches = [k for k in self.servers if k == wanted or k.split("/")[0] == wanted]
+            if not matches:
+                raise RuntimeError(f"default model {wanted!r} is not among {sorted(self.servers)}")
+            self.default = sorted(matches)[-1]
+        else:
+            self.default = next(iter(self.servers))
+
+    def server(self, model: str | None) -> ModelServer:
+        if model is None:
+            model = self.default
+        if model in self.servers:
+            srv = self.servers[model]
+        else:
+            versions = sorted(k for k in self.servers if k.split("/")[0] == model)
+            if not versions:
+                raise ApiError(404, "unknown_model", f"no model {model!r}; serving {sorted(self.servers)}")
+            srv = self.servers[versions[-1]]
+        if not srv.ready:
+            raise ApiError(503, "model_not_ready", f"{srv.id} is still loading", {"Retry-After": "1"})
+        return srv
+
+    def gallery(self, srv: ModelServer):
+        from service.gallery import Gallery
+
+        if srv.id not in self.galleries:
+            folder = self.settings.gallery_dir / srv.id.replace("/", "-")
+            dim = int(srv.tasks.manifest.graphs["vision"].outputs[1].shape[-1])
+            self.galleries[srv.id] = Gallery.open(folder, dim, srv.id, max_items=self.settings.gallery_max_items)
+        return self.galleries[srv.id]
+
+    async def run_pre(self, fn, *args):
+        """Decode/tokenise in the preprocessing pool, timed into the latency model's preprocess."""
+        t0 = time.perf_counter()
+        out = await asyncio.get_running_loop().run_in_executor(self.preprocess_pool, fn, *args)
+        seconds = time.perf_counter() - t0
+        for srv in self.servers.values():
+            srv.latency.observe("preprocess", 1, seconds)
+        return out
+
+    def image_limits(self):
+        from service.images import ImageLimits
+
+        s = self.settings
+        return ImageLimits(
+            max_image_bytes=s.max_image_bytes,
+            max_pixels=s.max_pixels,
+            formats=set(s.image_formats),
+            allow_urls=s.allow_urls,
+            url_allowlist=list(s.url_allowlist),
+            allow_private_urls=s.allow_private_urls,
+            url_timeout_s=s.url_timeout_s,
+        )
+
+    def decode_image(self, payload: str | bytes, srv: ModelServer, endpoint: str) -> np.ndarray:
+        """Payload -> normalised float32 [3, H, W] for srv's model. Runs in the preprocess pool."""
+        from service.images import ImageError, load_request_image
+
+        t0 = time.perf_counter()
+        try:
+            loaded = load_request_image(payload, self.image_limits(), srv.tasks.image_spec)
+        except ImageError as e:
+            raise ApiError(e.status, e.code, e.message) from e
+        self.metrics.preprocess_duration.labels(endpoint, "image").observe(time.perf_counter() - t0)
+        return srv.tasks.pixels(loaded.array[None])[0]
+
+    def tokenize(self, texts: list[str], srv: ModelServer, endpoint: str) -> list[tuple[np.ndarray, np.ndarray]]:
+        t0 = time.perf_counter()
+        limit = self.settings.max_text_chars
+        for t in texts:
+            if len(t) > limit:
+                raise ApiError(422, "text_too_long", f"text of {len(t)} characters exceeds the limit of {limit}")
+            if not t.strip():
+                raise ApiError(422, "empty_text", "text must not be empty")
+        ids, mask = srv.tasks.tokenize(texts)
+        self.metrics.preprocess_duration.labels(endpoint, "tokenize").observe(time.perf_counter() - t0)
+        lengths = mask.sum(1)
+        return [(ids[i, : lengths[i]], mask[i, : lengths[i]]) for i in range(len(texts))]

@@ -1,0 +1,165 @@
+"""An exported model as tasks: VQA, ITM, ITC embeddings and captioning composed from its named
+graphs on numpy arrays. Used by the service (behind the batcher) and by `trimvlm eval` on an
+exported folder, so the served path and the evaluated path are one code path.
+
+Knows nothing of HTTP or batching; the runtime backend is chosen by settings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from service.levels import LevelError, resolve
+from service.preprocess import ImageSpec, encode_texts, normalize_uint8
+from service.repository import Manifest, load_manifest
+from service.runtime import RuntimeOptions, load_runtime
+from service.runtime.base import Runtime
+
+
+@dataclass
+class VQAResult:
+    logits: np.ndarray  # [B, answers]
+    level: str
+    flops_ratio: float
+    image_tokens_kept: np.ndarray | None  # [B] (trimmed levels)
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+class TaskModel:
+    """Load a `<name>/<version>` folder's graphs in one runtime at one precision."""
+
+    def __init__(
+        self,
+        folder: str | Path,
+        backend: str = "onnxruntime",
+        precision: str | None = None,
+        options: RuntimeOptions | None = None,
+        fallback: bool = True,
+    ):
+        self.folder = Path(folder)
+        self.manifest: Manifest = load_manifest(self.folder)
+        options = options or RuntimeOptions()
+        self.precision = precision or self.manifest.default_precision.get(options.device, "fp32")
+        if self.precision not in self.manifest.precisions():
+            raise ValueError(f"{self.id} has no {self.precision} graphs (it has {self.manifest.precisions()})")
+        files = {g: self.folder / self.manifest.graph_file(g, self.precision) for g in self.manifest.graphs}
+        self.runtime: Runtime = load_runtime(backend, files, options, fallback=fallback, model_dir=self.folder)
+        self.tokenizer = Tokenizer.from_file(str(self.folder / self.manifest.tokenizer))
+        pre = self.manifest.preprocessing
+        self.image_spec = ImageSpec(pre.image.size, tuple(pre.image.mean), tuple(pre.image.std), pre.image.resample)
+        self.levels = self.manifest.levels
+
+    @property
+    def id(self) -> str:
+        return f"{self.manifest.name}/{self.manifest.version}"
+
+    @property
+    def level_names(self) -> list[str]:
+        return sorted(self.levels["levels"]) if self.levels else ["full"]
+
+    def has(self, graph: str) -> bool:
+        return graph in self.manifest.graphs
+
+    # Inputs -------------------------------------------------------------------------------------
+    def pixels(self, images_u8: np.ndarray) -> np.ndarray:
+        """uint8 [B, H, W, 3] at the model's size -> normalised float32 [B, 3, H, W]."""
+        return normalize_uint8(images_u8, self.image_spec)
+
+    def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        return encode_texts(self.tokenizer, texts, self.manifest.preprocessing.max_text_length)
+
+    # Graphs -------------------------------------------------------------------------------------
+    def encode_images(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = self.runtime.run("vision", {"pixel_values": pixels})
+        return out["image_states"], out["image_embeds"]
+
+    def encode_texts(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = self.runtime.run("text", {"input_ids": ids, "attention_mask": mask})
+        return out["text_states"], out["text_embeds"]
+
+    def fuse(self, text_states: np.ndarray, mask: np.ndarray, image_states: np.ndarray) -> dict[str, np.ndarray]:
+        return self.runtime.run("fusion", {"text_states": text_states, "attention_mask": mask, "image_states": image_states})
+
+    # Tasks --------------------------------------------------------------------------------------
+    def resolve_level(self, level: str | None = None, max_flops_ratio: float | None = None) -> tuple[str, dict]:
+        """A level by name or FLOPs budget; an untrimmed model only has `full`."""
+        if self.levels is None or not self.has("vqa_trimmed"):
+            if (level or "full") != "full" and max_flops_ratio is None:
+                raise LevelError(f"{self.id} is not trimmed: its only compute level is 'full'")
+            if max_flops_ratio is not None and max_flops_ratio < 1:
+                raise LevelError(f"{self.id} is not trimmed: it cannot run below the full FLOPs")
+            return "full", {"flops_ratio": 1.0, "token_threshold": None, "head_threshold": None}
+        return resolve(self.levels, level, max_flops_ratio)
+
+    def vqa(
+        self, pixels: np.ndarray, ids: np.ndarray, mask: np.ndarray, level: str = "full", point: dict | None = None
+    ) -> VQAResult:
+        """VQA logits for a batch at one compute level. `full` runs vision, text and fusion
+        batched; a trimmed level runs the batch-1 gather graph per item (data-dependent lengths)."""
+        if point is None:
+            level, point = self.resolve_level(level)
+        if point.get("token_threshold") is None:
+            image_states, _ = self.encode_images(pixels)
+            text_states, _ = self.encode_texts(ids, mask)
+            logits = self.fuse(text_states, mask, image_states)["vqa_logits"]
+            return VQAResult(logits, level, 1.0, None)
+        thresholds = {
+            "token_threshold": np.array(point["token_threshold"], np.float32),
+            "head_threshold": np.array(point["head_threshold"], np.float32),
+        }
+        logits, kept = [], []
+        for i in range(len(pixels)):
+            n = int(mask[i].sum())  # the graph runs unpadded: padding would be trimmed anyway
+            out = self.runtime.run(
+                "vqa_trimmed",
+                {
+                    "pixel_values": pixels[i : i + 1],
+                    "input_ids": ids[i : i + 1, :n],
+                    "attention_mask": mask[i : i + 1, :n],
+                    **thresholds,
+                },
+            )
+            logits.append(out["vqa_logits"])
+            kept.append(np.asarray(out["image_tokens_kept"]).reshape(-1))
+        return VQAResult(np.concatenate(logits), level, float(point["flops_ratio"]), np.concatenate(kept))
+
+    def answers(self, logits: np.ndarray, top_k: int = 1) -> list[list[tuple[str, float]]]:
+        probs = softmax(logits.astype(np.float32))
+        order = np.argsort(-probs, axis=1)[:, :top_k]
+        return [[(self.manifest.answers[j], float(p[j])) for j in row] for p, row in zip(probs, order, strict=True)]
+
+    def itm_scores(self, text_states: np.ndarray, mask: np.ndarray, image_states: np.ndarray) -> np.ndarray:
+        """Probability that each (text, image) pair matches."""
+        return softmax(self.fuse(text_states, mask, image_states)["itm_logits"].astype(np.float32))[:, 1]
+
+    def captions(self, image_states: np.ndarray, max_length: int | None = None, num_beams: int = 1) -> list[str]:
+        from service.generation import beam_search, greedy_decode
+
+        t = self.manifest.tokens
+        max_length = max_length or self.manifest.preprocessing.max_caption_length
+        if num_beams > 1:
+            ids = beam_search(self.runtime.run, image_states, t.bos, t.sep, t.pad, max_length=max_length, num_beams=num_beams)
+        else:
+            ids = greedy_decode(self.runtime.run, image_states, t.bos, t.sep, t.pad, max_length=max_length)
+        return [self.decode(row) for row in np.asarray(ids).tolist()]
+
+    def decode(self, ids: list[int]) -> str:
+        t = self.manifest.tokens
+        out = []
+        for i in ids:
+            if i == t.sep:
+                break
+            if i != t.pad:
+                out.append(i)
+        return self.tokenizer.decode(out, skip_special_tokens=True).strip()
+
+    def close(self) -> None:
+        self.runtime.close()

@@ -1,0 +1,157 @@
+"""The offline pipeline on a tiny model: teacher (trained here) -> trim -> export -> evaluate ->
+report via `trimvlm pipeline run`; then the exported folder: manifest, `models verify` (passes,
+then fails clearly on an altered file), and evaluation through the service runtime equal to
+torch's."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+pytest.importorskip("onnxruntime")
+
+
+def _cli(*args, cwd=None, timeout=900):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "compression.cli", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """Run the whole pipeline once on a tiny teacher (reused by every test here)."""
+    tmp = tmp_path_factory.mktemp("pipeline")
+    tiny = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    teacher_yaml = tmp / "teacher.yaml"
+    teacher_yaml.write_text(yaml.safe_dump(tiny | {"steps": 12, "checkpoint_every": 0}))
+    trim_yaml = tmp / "trim.yaml"
+    trim_yaml.write_text(
+        yaml.safe_dump(
+            {k: v for k, v in tiny.items() if k != "model"}
+            | {"steps": 6, "log_every": 1, "hidden": 8, "thresholds": [0.3, 0.5, 0.7], "calibration_limit": 30, "lr": 1e-4}
+            | {"checkpoint_every": 0}
+        )
+    )
+    config = tmp / "pipeline.yaml"
+    export_dir = tmp / "models" / "tiny-default" / "1"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "name": "tiny-default",
+                "version": "1",
+                "work": str(tmp / "work"),
+                "teacher": {"config": str(teacher_yaml)},
+                "trim": {"config": str(trim_yaml)},
+                "export": {"out": str(export_dir), "precisions": ["int8"]},
+                "evaluate": {"limit": 12, "precision": "fp32", "teacher": False},
+                "report": {},
+            }
+        )
+    )
+    proc = _cli("pipeline", "run", str(config))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {"tmp": tmp, "config": config, "export": export_dir, "trim_yaml": trim_yaml, "first": proc}
+
+
+def test_pipeline_exports_a_complete_model_folder(pipeline):
+    from service.repository import load_manifest
+
+    m = load_manifest(pipeline["export"])
+    assert {"vision", "text", "fusion", "vqa_trimmed", "decoder_cross_kv", "decoder_step", "decoder_nocache"} <= set(m.graphs)
+    for name, graph in m.graphs.items():
+        assert set(graph.files) == {"fp32", "int8"}, name
+        assert graph.parity["fp32"] <= 1e-4, (name, graph.parity)
+    assert m.levels is not None and {"full", "balanced", "fast"} <= set(m.levels["levels"])
+    assert m.metrics["onnxruntime/fp32"]["easy_vqa.accuracy"] >= 0.0
+    assert "trimvlm pipeline run" in (pipeline["export"] / "MODEL_CARD.md").read_text()
+    assert all(rel in m.files for rel in ("MODEL_CARD.md", "tokenizer.json", "reference.npz", "vision.int8.onnx"))
+
+
+def test_pipeline_skips_current_stages_and_reruns_after_a_change(pipeline):
+    proc = _cli("pipeline", "run", str(pipeline["config"]))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for stage in ("teacher", "trim", "export", "evaluate", "report"):
+        assert f"{stage}: up to date" in proc.stdout, proc.stdout
+
+
+def test_exported_fp32_evaluates_like_torch(pipeline):
+    """Exported and torch models go through the same evaluation loops; fp32 ONNX Runtime gives
+    the torch model's metrics."""
+    from compression.evaluate import evaluate
+
+    work = pipeline["tmp"] / "work"
+    exported = evaluate(pipeline["export"], limit=12, precision="fp32", include_scenes=False)
+    torch_res = evaluate(work / "trim" / "model", limit=12, device="cpu", include_scenes=False)
+    assert exported["runtime"]["precision"] == "fp32"
+    assert exported["easy_vqa"]["accuracy"] == torch_res["easy_vqa"]["accuracy"]
+
+
+def test_models_verify_passes_then_fails_clearly_on_an_altered_file(pipeline, tmp_path):
+    import shutil
+
+    proc = _cli("models", "verify", "--models", str(pipeline["export"]))
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout + proc.stderr
+    listing = _cli("models", "list", "--models", str(pipeline["export"].parents[1]))
+    assert listing.returncode == 0 and "tiny-default/1" in listing.stdout
+
+    copy = tmp_path / "m" / "tiny-default" / "1"
+    shutil.copytree(pipeline["export"], copy)
+    graph = copy / "fusion.int8.onnx"
+    data = bytearray(graph.read_bytes())
+    data[-10] ^= 0xFF
+    graph.write_bytes(bytes(data))
+    proc = _cli("models", "verify", "--models", str(copy))
+    assert proc.returncode == 1
+    assert "fusion.int8.onnx: checksum mismatch" in proc.stdout
+
+    (copy / "tokenizer.json").unlink()
+    proc = _cli("models", "verify", "--models", str(copy))
+    assert proc.returncode == 1 and "tokenizer.json: missing" in proc.stdout
+
+
+def test_verify_catches_outputs_that_no_longer_match(pipeline, tmp_path):
+    """A graph replaced by a different one with a re-signed file table still fails: its outputs
+    differ from the recorded reference."""
+    import shutil
+
+    from service.repository import load_manifest, verify, write_manifest
+
+    copy = tmp_path / "tiny-default" / "1"
+    shutil.copytree(pipeline["export"], copy)
+    ref = dict(np.load(copy / "reference.npz"))
+    key = next(k for k in ref if k.startswith("out/fusion/fp32/vqa_logits"))
+    ref[key] = ref[key] + 1.0
+    np.savez_compressed(copy / "reference.npz", **ref)
+    write_manifest(copy, load_manifest(copy))
+    problems = verify(copy)
+    assert any("fusion (fp32): output vqa_logits differs" in p for p in problems), problems
+
+
+def test_manifest_is_the_documented_json(pipeline):
+    data = json.loads((pipeline["export"] / "manifest.json").read_text())
+    assert data["schema_version"] == 1 and data["name"] == "tiny-default" and data["version"] == "1"
+    assert data["preprocessing"]["image"]["size"] > 0 and data["tokens"]["bos"] >= 0
+    for rel, info in data["files"].items():
+        assert len(info["sha256"]) == 64 and (pipeline["export"] / rel).stat().st_size == info["bytes"]
+
+
+def test_trimmed_vqa_runs_per_level_through_the_task_model(pipeline):
+    from service.tasks import TaskModel
+
+    tasks = TaskModel(pipeline["export"], precision="fp32")
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (3, tasks.image_spec.size, tasks.image_spec.size, 3), dtype=np.uint8)
+    ids, mask = tasks.tokenize(["what shape is it?", "what color is the shape?", "is it red?"])
+    full = tasks.vqa(tasks.pixels(images), ids, mask, level="full")
+    fast = tasks.vqa(tasks.pixels(images), ids, mask, level="fast")
+    assert full.logits.shape == fast.logits.shape == (3, len(tasks.manifest.answers))
+    assert fast.image_tokens_kept is not None and fast.flops_ratio < 1.0
+    captions = tasks.captions(tasks.encode_images(tasks.pixels(images))[0], max_length=6)
+    assert len(captions) == 3 and all(isinstance(c, str) for c in captions)
