@@ -20,6 +20,8 @@ models_app = typer.Typer(help="The model repository (models/<name>/<version>/man
 app.add_typer(models_app, name="models")
 pipeline_app = typer.Typer(help="The whole offline pipeline from one YAML.", no_args_is_help=True)
 app.add_typer(pipeline_app, name="pipeline")
+bench_app = typer.Typer(help="Benchmarks that write reports (JSON + Markdown).", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
 register_service_commands(app)  # serve, index build (service/cli.py: no torch on that path)
 
 
@@ -344,6 +346,21 @@ def pipeline_run(
     from compression.pipeline import run_pipeline
 
     run_pipeline(config, force=set(force))
+
+
+@bench_app.command("service")
+def bench_service(
+    models: Annotated[Path, typer.Option(help="Model repository (or one version folder) to serve.")] = Path("models"),
+    out: Annotated[Path, typer.Option(help="Report folder.")] = Path("reports/service"),
+    clients: int = 32,
+    requests: Annotated[int, typer.Option(help="Requests per round and server.")] = 640,
+    rounds: int = 3,
+):
+    """The service on loopback: batching on vs off, HTTP overhead, adaptive compute under a deadline."""
+    from benchmarks.service_bench import run
+
+    run(models, out, clients, requests, rounds)
+    typer.echo((out / "REPORT.md").read_text())
 
 
 def main() -> None:  # console-script entry point

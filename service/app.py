@@ -194,6 +194,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await task if not task.done() else None
         for srv in st.servers.values():
             await srv.stop()  # finishes queued work first (graceful shutdown)
+        for gallery in st.galleries.values():
+            gallery.close()  # saves the index snapshot and releases the folder lock
         st.preprocess_pool.shutdown(wait=True)
         st.inference_pool.shutdown(wait=True)
 
@@ -208,6 +210,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
         return _error(request, e.status, e.code, e.message, e.headers)
+
+    from service.gallery import GalleryError
+    from service.images import ImageError
+
+    @app.exception_handler(GalleryError)
+    async def gallery_error(request: Request, e: GalleryError):
+        return _error(request, e.status, e.code, e.message)
+
+    @app.exception_handler(ImageError)
+    async def image_error(request: Request, e: ImageError):
+        return _error(request, e.status, e.code, e.message)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError):

@@ -48,7 +48,9 @@ def index_build(
     batch: int = 32,
 ):
     """Bulk-index a folder of images into the gallery the server searches."""
-    from service.gallery import Gallery, build_index
+    import numpy as np
+
+    from service.gallery import build_index
     from service.settings import Settings
     from service.state import AppState
 
@@ -57,15 +59,13 @@ def index_build(
     st.load_models()
     srv = st.servers[st.default]
     target = gallery or settings.gallery_dir / srv.id.replace("/", "-")
-    dim = int(srv.tasks.manifest.graphs["vision"].outputs[1].shape[-1])
-    g = Gallery.open(target, dim, srv.id, max_items=settings.gallery_max_items)
 
     def encode(images):
-        states, embeds = srv.tasks.encode_images(srv.tasks.pixels(__import__("numpy").stack(images)))
+        states, embeds = srv.tasks.encode_images(srv.tasks.pixels(np.stack(images)))
         return embeds, states
 
-    n = build_index(folder, target, encode, srv.tasks.image_spec, batch=batch, gallery=g)
-    typer.echo(f"indexed {n} images into {target} ({len(g)} in the gallery) for {srv.id}")
+    n = build_index(folder, target, encode, srv.tasks.image_spec, batch=batch, model_id=srv.id, max_items=settings.gallery_max_items)
+    typer.echo(f"indexed {n} images into {target} for {srv.id} (the server must not have this gallery open meanwhile)")
 
 
 def register(app: typer.Typer) -> None:

@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import http.client
 import ipaddress
 import logging
+import os
 import re
 import socket
 import ssl
@@ -227,6 +229,8 @@ def _decode_rgb(data: bytes, limits: ImageLimits) -> tuple[Image.Image, str]:
             rgb = load_image(img)  # EXIF rotation, alpha onto white, any mode -> RGB
         except Exception as e:  # e.g. a colour mode PIL cannot convert to RGB
             raise ImageError("unsupported_format", f"cannot convert a {img.mode} {fmt} image to RGB: {e}") from None
+        if rgb is img:  # load_image may hand back the object itself, which closing would destroy
+            rgb = img.copy()
     return rgb, fmt
 
 
@@ -378,6 +382,7 @@ def _get_once(target: _Target, addresses: list[str], limits: ImageLimits, deadli
     if sock is None:
         raise ImageError("url_fetch_failed", f"could not connect to {target.host!r}: {error}")
     conn = http.client.HTTPConnection(target.host, target.port)
+    resp: http.client.HTTPResponse | None = None
     try:
         if target.scheme == "https":
             sock.settimeout(_remaining(deadline))
@@ -415,7 +420,13 @@ def _get_once(target: _Target, addresses: list[str], limits: ImageLimits, deadli
                 raise ImageError("image_too_large", f"the image at the URL exceeds {limits.max_image_bytes} bytes")
         return bytes(body)
     finally:
+        if resp is not None:
+            resp.close()
         conn.close()
+        # If getresponse() failed half-way, its unreachable file object still pins the socket (and
+        # the exception's traceback keeps it alive): release the descriptor now.
+        with contextlib.suppress(OSError):
+            os.close(sock.detach())
 
 
 def fetch_url(url: str, limits: ImageLimits, *, resolver: Resolver | None = None, connect: Connector | None = None) -> bytes:

@@ -43,7 +43,9 @@ class Settings(BaseSettings):
     # Dynamic batching and admission
     batching: bool = True
     max_batch_size: int = 32
-    max_queue_delay_ms: float = 2.0
+    # 0: no added wait. Items that arrive while a batch runs form the next batch (no delay at low
+    # load, full batches under load); >0 also holds a batch open this long for more items.
+    max_queue_delay_ms: float = 0.0
     max_queue_size: int = 512  # queued items per batcher; beyond it 429 + Retry-After
     default_deadline_ms: float | None = None  # per-request deadline when the client sends none
     preprocess_threads: int = 4

@@ -278,6 +278,14 @@ def test_exif_orientation_applied():
     assert load_request_image(data, LIMITS, SPEC).original_size == (20, 40)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # PIL warns "Corrupt EXIF data" and carries on
+def test_corrupt_exif_still_decodes():
+    for exif in (b"Exif\x00\x00garbage", b"Exif\x00\x00II*\x00\xff\xff\xff\x00"):
+        out = open_image(encode(Image.new("RGB", (12, 8), RED), "JPEG", exif=exif), LIMITS)
+        assert out.size == (12, 8)
+        assert_close(rgb_at(out, (6, 4)), RED, tol=20)
+
+
 def test_decoding_from_many_threads():
     payloads = [encode(noisy(seed=i), "JPEG") for i in range(8)]
     with ThreadPoolExecutor(4) as pool:
@@ -574,3 +582,53 @@ def test_every_redirect_hop_is_rechecked(server):
     err = error_of(fetch, f"{first}/redirect?to=http://other.test:{port}/ok.png", allow_public_only)
     assert err.code == "url_not_allowed" and "allowlist" in err.message
     assert set(connected) == {fake_public}
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory):
+    """An HTTPS server on 127.0.0.1 whose certificate names only public.test (needs the openssl CLI)."""
+    import shutil
+    import ssl
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl CLI not available")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"]
+        + ["-keyout", str(key), "-out", str(cert), "-subj", "/CN=public.test", "-addext", "subjectAltName=DNS:public.test"],
+        check=True,
+        capture_output=True,
+    )
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    httpd.socket = server_ctx.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    client_ctx = ssl.create_default_context(cafile=str(cert))
+    yield httpd.server_address[1], client_ctx
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_https_verifies_the_host_name_while_connecting_to_the_checked_address(tls_server, monkeypatch):
+    import service.images as images
+
+    port, trusted = tls_server
+    fake_public = "93.184.216.34"
+
+    def fetch(url):
+        return fetch_url(
+            url,
+            URLS_ON,
+            resolver=lambda h, p: [fake_public],
+            connect=lambda ip, p, t: socket.create_connection(("127.0.0.1", port), timeout=t),
+        )
+
+    monkeypatch.setattr(images, "_SSL_CONTEXT", trusted)
+    assert fetch(f"https://public.test:{port}/ok.png") == PNG_BYTES
+    err = error_of(fetch, f"https://other.test:{port}/ok.png")  # certificate names public.test only
+    assert (err.code, err.status) == ("url_fetch_failed", 502) and "TLS" in err.message
+    monkeypatch.setattr(images, "_SSL_CONTEXT", None)  # the system CA store does not know our test CA
+    assert error_of(fetch, f"https://public.test:{port}/ok.png").code == "url_fetch_failed"

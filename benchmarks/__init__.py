@@ -1,0 +1,1 @@
+"""Benchmark harnesses (load generator, service benchmarks) and naive baselines."""

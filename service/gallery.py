@@ -1,0 +1,577 @@
+"""Retrieval gallery: ITC image embeddings in a usearch index, persisted in one folder, surviving restarts.
+
+A gallery folder holds:
+
+    gallery.json    header: format version, dim, model_id, metric, count (rewritten atomically)
+    items.sqlite    the source of truth: id <-> int64 key, embedding, metadata, ITM image states
+                    (WAL journal, synchronous=FULL: a committed mutation survives a crash)
+    index.usearch   snapshot of the vector index (rewritten atomically): a cache of items.sqlite
+    gallery.lock    flock held by the one process that has the gallery open
+
+Durability: every add/remove commits to SQLite before it returns. The index snapshot is rewritten on save(),
+close() and every `flush_every` mutations. On open the snapshot is reconciled with SQLite by key (keys are never
+reused: a replaced item gets a new key), so a stale, missing or corrupt snapshot costs re-adding the difference,
+never data. One process per gallery folder (the lock enforces it): each process keeps the index in memory.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import sqlite3
+import tempfile
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, NamedTuple
+
+import numpy as np
+import usearch
+from usearch.index import Index, MetricKind
+
+from service.preprocess import ImageSpec, image_to_uint8, load_image
+
+log = logging.getLogger(__name__)
+
+FORMAT, FORMAT_VERSION = "trimvlm-gallery", 1
+HEADER, DB, INDEX, LOCK = "gallery.json", "items.sqlite", "index.usearch", "gallery.lock"
+MAX_ID_CHARS = 128
+MAX_METADATA_BYTES = 4096
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+# error code -> HTTP status of the response that reports it
+STATUS = {
+    "invalid_id": 422,
+    "invalid_embedding": 422,
+    "invalid_metadata": 422,
+    "invalid_states": 422,
+    "invalid_top_k": 422,
+    "invalid_batch": 422,
+    "metadata_too_large": 413,
+    "not_found": 404,
+    "gallery_full": 507,
+    # raised on open, i.e. retrieval is unavailable rather than the request being wrong
+    "gallery_mismatch": 503,
+    "gallery_locked": 503,
+    "gallery_corrupt": 503,
+}
+
+
+class GalleryError(ValueError):
+    """A gallery refusal with a machine-readable `code` and the HTTP `status` to answer with."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.status = STATUS.get(code, 400)
+        self.message = message
+
+
+class Hit(NamedTuple):
+    id: str
+    score: float  # inner product of unit vectors (cosine similarity)
+    metadata: dict | None
+
+
+@dataclass(frozen=True)
+class GalleryItem:
+    id: str
+    embedding: np.ndarray  # float32 [D], unit norm
+    metadata: dict | None
+    has_states: bool
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temp file in the same folder, fsync, os.replace, fsync the folder: all or nothing."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # makes the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def check_id(item_id: Any) -> str:
+    if not isinstance(item_id, str) or not 0 < len(item_id) <= MAX_ID_CHARS or not item_id.isprintable():
+        raise GalleryError("invalid_id", f"id must be a printable string of 1..{MAX_ID_CHARS} characters, got {item_id!r:.160}")
+    return item_id
+
+
+def _metadata_json(metadata: Any) -> str | None:
+    if metadata is None:
+        return None
+    if not isinstance(metadata, dict):
+        raise GalleryError("invalid_metadata", f"metadata must be a JSON object, got {type(metadata).__name__}")
+    try:
+        text = json.dumps(metadata, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as e:
+        raise GalleryError("invalid_metadata", f"metadata is not JSON-serialisable: {e}") from None
+    if len(text.encode()) > MAX_METADATA_BYTES:
+        raise GalleryError(
+            "metadata_too_large", f"metadata is {len(text.encode())} bytes as JSON; the limit is {MAX_METADATA_BYTES}"
+        )
+    return text
+
+
+def _states_blob(states: Any) -> tuple[bytes, str] | None:
+    if states is None:
+        return None
+    arr = np.asarray(states)
+    if arr.ndim != 2 or arr.size == 0 or not np.issubdtype(arr.dtype, np.floating):
+        raise GalleryError("invalid_states", f"states must be a float array [N_tokens, width], got {arr.dtype} {arr.shape}")
+    with np.errstate(over="ignore"):  # overflow becomes inf, refused just below
+        arr = np.ascontiguousarray(arr, dtype=np.float16)  # ITM input precision; halves the store
+    if not np.isfinite(arr).all():
+        raise GalleryError("invalid_states", "states hold NaN/inf (or values beyond float16 range)")
+    return arr.tobytes(), json.dumps(list(arr.shape))
+
+
+def _key_array(keys: Sequence[int]) -> np.ndarray:
+    return np.asarray(keys, dtype=np.uint64)
+
+
+class Gallery:
+    """A persistent set of (id -> unit embedding, metadata, optional ITM states), searchable by inner product."""
+
+    def __init__(
+        self,
+        folder: Path,
+        dim: int,
+        model_id: str,
+        *,
+        max_items: int = 100_000,
+        flush_every: int = 1000,
+        exact_below: int = 10_000,
+    ):
+        self.folder, self.dim, self.model_id = Path(folder), int(dim), str(model_id)
+        self.max_items, self.flush_every, self.exact_below = max_items, flush_every, exact_below
+        self._lock = threading.RLock()  # guards the index, the maps and the connection (searches included)
+        self._items: dict[str, tuple[int, str | None]] = {}  # id -> (key, metadata JSON), in insertion order
+        self._id_of: dict[int, str] = {}
+        self._dirty = 0  # mutations not yet in the index snapshot
+        self._conn: sqlite3.Connection | None = None
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._lockfile: IO[str] | None = self._acquire_lock()
+        try:
+            self._check_header()
+            self._conn = self._open_db()
+            for key, item_id, meta in self._conn.execute("SELECT key, id, metadata FROM items ORDER BY key"):
+                self._items[item_id] = (key, meta)
+                self._id_of[key] = item_id
+            self._index = self._load_index()
+            self._reconcile()
+            self._write_header()
+        except BaseException:
+            self._release()
+            raise
+
+    @classmethod
+    def open(
+        cls,
+        folder: Path | str,
+        dim: int,
+        model_id: str,
+        *,
+        max_items: int = 100_000,
+        flush_every: int = 1000,
+        exact_below: int = 10_000,
+    ) -> Gallery:
+        """Create the gallery in `folder`, or load it; raises GalleryError("gallery_mismatch") for another dim/model."""
+        return cls(Path(folder), dim, model_id, max_items=max_items, flush_every=flush_every, exact_below=exact_below)
+
+    # ---- opening -------------------------------------------------------------------------------------
+
+    def _acquire_lock(self) -> IO[str]:
+        f = open(self.folder / LOCK, "a+")  # held open (and locked) for the gallery's lifetime
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise GalleryError("gallery_locked", f"gallery {self.folder} is open elsewhere (one process per gallery)") from None
+        return f
+
+    def _mismatch(self, what: str, found: Any, wanted: Any) -> GalleryError:
+        return GalleryError(
+            "gallery_mismatch",
+            f"gallery {self.folder} holds embeddings with {what}={found!r}, but the model gives {what}={wanted!r}; "
+            "embeddings of another model are meaningless here: use another folder or rebuild the gallery",
+        )
+
+    def _check_header(self) -> None:
+        path = self.folder / HEADER
+        if not path.exists():
+            return
+        try:
+            header = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise GalleryError("gallery_corrupt", f"{path} is unreadable: {e}") from None
+        if header.get("format") != FORMAT or int(header.get("version", 0)) > FORMAT_VERSION:
+            raise GalleryError("gallery_mismatch", f"{path} is not a {FORMAT} v{FORMAT_VERSION} header: {header!r:.200}")
+        if header.get("dim") != self.dim:
+            raise self._mismatch("dim", header.get("dim"), self.dim)
+        if header.get("model_id") != self.model_id:
+            raise self._mismatch("model_id", header.get("model_id"), self.model_id)
+
+    def _open_db(self) -> sqlite3.Connection:
+        path = self.folder / DB
+        try:
+            conn = sqlite3.connect(path, check_same_thread=False)  # shared across threads under self._lock
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")  # WAL + FULL: a returned commit survives power loss
+            with conn:
+                conn.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
+                # AUTOINCREMENT: keys are never reused, which is what lets the snapshot be reconciled by key
+                conn.execute(
+                    "CREATE TABLE IF NOT EXISTS items (key INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE,"
+                    " embedding BLOB NOT NULL, metadata TEXT, states BLOB, states_shape TEXT)"
+                )
+                conn.execute("INSERT OR IGNORE INTO meta VALUES ('dim', ?), ('model_id', ?)", (str(self.dim), self.model_id))
+            meta = dict(conn.execute("SELECT name, value FROM meta"))
+        except sqlite3.DatabaseError as e:
+            raise GalleryError("gallery_corrupt", f"{path}: {e}") from None
+        # the header may be missing (crash during creation); the database decides too
+        if int(meta["dim"]) != self.dim:
+            conn.close()
+            raise self._mismatch("dim", int(meta["dim"]), self.dim)
+        if meta["model_id"] != self.model_id:
+            conn.close()
+            raise self._mismatch("model_id", meta["model_id"], self.model_id)
+        return conn
+
+    def _new_index(self) -> Index:
+        return Index(ndim=self.dim, metric="ip", dtype="f32")
+
+    def _load_index(self) -> Index:
+        path = self.folder / INDEX
+        if not path.exists():
+            return self._new_index()
+        try:
+            index = Index.restore(str(path))
+        except Exception as e:  # a corrupt snapshot is only a cache: rebuild it from the database
+            log.warning("gallery: index snapshot %s unreadable (%s); rebuilding from %s", path, e, DB)
+            return self._new_index()
+        if index is None or index.ndim != self.dim or index.metric_kind != MetricKind.IP:
+            log.warning("gallery: index snapshot %s does not match dim=%d/ip; rebuilding from %s", path, self.dim, DB)
+            return self._new_index()
+        return index
+
+    def _reconcile(self) -> None:
+        """Make the in-memory index hold exactly the database's keys (after a stale snapshot or a failed update)."""
+        have = {int(k) for k in np.asarray(self._index.keys)} if len(self._index) else set()
+        stale, missing = have - self._id_of.keys(), self._id_of.keys() - have
+        if stale:
+            self._index.remove(_key_array(sorted(stale)))
+        if missing:
+            keys, vecs = [], []
+            for key, blob in self._conn.execute("SELECT key, embedding FROM items"):
+                if key in missing:
+                    keys.append(key)
+                    vecs.append(np.frombuffer(blob, dtype=np.float32))
+            self._index.add(_key_array(keys), np.stack(vecs), threads=0)
+        if stale or missing:
+            log.info("gallery: index snapshot reconciled with %s (+%d, -%d)", DB, len(missing), len(stale))
+            self._dirty += len(stale) + len(missing)
+
+    # ---- mutations -----------------------------------------------------------------------------------
+
+    def _unit_rows(self, x: Any, single: bool) -> np.ndarray:
+        arr = np.asarray(x, dtype=np.float32)
+        if single:
+            arr = arr.reshape(1, -1) if arr.size == self.dim else arr
+        if arr.ndim != 2 or arr.shape[1] != self.dim or (single and arr.shape[0] != 1):
+            raise GalleryError(
+                "invalid_embedding", f"expected {'[D]' if single else '[B, D]'} with D={self.dim}, got {arr.shape}"
+            )
+        norms = np.linalg.norm(arr, axis=1, keepdims=True)
+        if not (np.isfinite(arr).all() and (norms > 0).all()):
+            raise GalleryError("invalid_embedding", "embedding holds NaN/inf or is all zeros")
+        return arr / norms  # inner product on unit vectors = cosine, whatever the caller sent
+
+    def add(
+        self, embedding: np.ndarray, id: str | None = None, metadata: dict | None = None, states: np.ndarray | None = None
+    ) -> str:
+        """Store one item (an existing id is replaced); returns its id (uuid4 hex when none was given)."""
+        return self.add_many(np.asarray(embedding, dtype=np.float32).reshape(1, -1), [id], [metadata], [states])[0]
+
+    def add_many(
+        self,
+        embeddings: np.ndarray,
+        ids: Sequence[str | None] | None = None,
+        metadata: Sequence[dict | None] | None = None,
+        states: Sequence[np.ndarray | None] | np.ndarray | None = None,
+    ) -> list[str]:
+        """Store a batch in one transaction: all of it or (on any invalid item) none of it."""
+        vecs = self._unit_rows(embeddings, single=False)
+        n = len(vecs)
+        ids = [None] * n if ids is None else list(ids)
+        metadata = [None] * n if metadata is None else list(metadata)
+        states = [None] * n if states is None else list(states)
+        if not len(ids) == len(metadata) == len(states) == n:
+            raise GalleryError(
+                "invalid_batch",
+                f"batch lengths differ: {n} embeddings, {len(ids)} ids, {len(metadata)} metadata, {len(states)} states",
+            )
+        ids = [uuid.uuid4().hex if i is None else check_id(i) for i in ids]
+        if len(set(ids)) != n:
+            raise GalleryError("invalid_id", "the batch repeats an id")
+        metas = [_metadata_json(m) for m in metadata]
+        blobs = [_states_blob(s) for s in states]
+        with self._lock:
+            self._check_open()
+            new = sum(i not in self._items for i in ids)
+            if len(self._items) + new > self.max_items:
+                raise GalleryError("gallery_full", f"gallery holds {len(self._items)} of at most {self.max_items} items")
+            old_keys, keys = [], []
+            with self._conn:  # one transaction: committed (durable) on exit, rolled back on error
+                for item_id, vec, meta, blob in zip(ids, vecs, metas, blobs, strict=True):
+                    if item_id in self._items:
+                        old_keys.append(self._items[item_id][0])
+                        self._conn.execute("DELETE FROM items WHERE key = ?", (old_keys[-1],))
+                    cur = self._conn.execute(
+                        "INSERT INTO items (id, embedding, metadata, states, states_shape) VALUES (?, ?, ?, ?, ?)",
+                        (item_id, vec.tobytes(), meta, *(blob or (None, None))),
+                    )
+                    keys.append(cur.lastrowid)
+            for item_id, key, meta in zip(ids, keys, metas, strict=True):
+                old = self._items.pop(item_id, None)  # pop first: a replaced id moves to the end of ids()
+                if old is not None:
+                    del self._id_of[old[0]]
+                self._items[item_id] = (key, meta)
+                self._id_of[key] = item_id
+            try:
+                if old_keys:
+                    self._index.remove(_key_array(old_keys))
+                self._index.add(_key_array(keys), vecs, threads=0 if n > 1 else 1)
+            except Exception:
+                log.exception("gallery: index update failed; reconciling with the database")
+                self._reconcile()
+            self._mutated(n)
+        return ids
+
+    def remove(self, id: str) -> bool:
+        """Delete an item; False when the id is unknown (the route answers 404)."""
+        with self._lock:
+            self._check_open()
+            entry = self._items.get(id)
+            if entry is None:
+                return False
+            with self._conn:
+                self._conn.execute("DELETE FROM items WHERE key = ?", (entry[0],))
+            del self._items[id], self._id_of[entry[0]]
+            self._index.remove(entry[0])
+            self._mutated(1)
+            return True
+
+    def _mutated(self, n: int) -> None:
+        self._dirty += n
+        if self.flush_every and self._dirty >= self.flush_every:
+            try:
+                self._save_locked()
+            except OSError:  # the mutation itself is committed; the next save retries the snapshot
+                log.exception("gallery: index snapshot flush failed")
+
+    # ---- queries -------------------------------------------------------------------------------------
+
+    def search(self, query: np.ndarray, top_k: int = 10, exact: bool | None = None) -> list[Hit]:
+        """Top-k items by inner product with the (normalised) query, best first.
+
+        exact=None: brute force while the gallery has at most `exact_below` items (cheap and exact), HNSW above.
+        """
+        q = self._unit_rows(query, single=True)[0]
+        if not isinstance(top_k, int | np.integer) or isinstance(top_k, bool) or top_k < 1:
+            raise GalleryError("invalid_top_k", f"top_k must be a positive integer, got {top_k!r}")
+        with self._lock:
+            self._check_open()
+            n = len(self._items)
+            if n == 0:
+                return []
+            exact = n <= self.exact_below if exact is None else exact
+            found = self._index.search(q, min(int(top_k), n), exact=exact, threads=1)
+            hits = []
+            for key, distance in zip(found.keys, found.distances, strict=True):
+                item_id = self._id_of[int(key)]
+                meta = self._items[item_id][1]
+                hits.append(
+                    Hit(item_id, 1.0 - float(distance), None if meta is None else json.loads(meta))
+                )  # ip distance = 1 - dot
+            return hits
+
+    def states(self, id: str) -> np.ndarray | None:
+        """The stored ITM image states (float16 [N_tokens, width]); None for an unknown id or one stored without states."""
+        with self._lock:
+            self._check_open()
+            entry = self._items.get(id)
+            if entry is None:
+                return None
+            row = self._conn.execute("SELECT states, states_shape FROM items WHERE key = ?", (entry[0],)).fetchone()
+        if row is None or row[0] is None:
+            return None
+        return np.frombuffer(row[0], dtype=np.float16).reshape(json.loads(row[1])).copy()
+
+    def get(self, id: str) -> GalleryItem:
+        with self._lock:
+            self._check_open()
+            entry = self._items.get(id)
+            if entry is None:
+                raise GalleryError("not_found", f"no gallery item with id {id!r:.160}")
+            blob, has_states = self._conn.execute(
+                "SELECT embedding, states IS NOT NULL FROM items WHERE key = ?", (entry[0],)
+            ).fetchone()
+        meta = None if entry[1] is None else json.loads(entry[1])
+        return GalleryItem(id, np.frombuffer(blob, dtype=np.float32).copy(), meta, bool(has_states))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, id: object) -> bool:
+        return id in self._items
+
+    def ids(self) -> list[str]:
+        """Ids in insertion order (a replaced id counts as inserted when replaced)."""
+        with self._lock:
+            return list(self._items)
+
+    # ---- persistence ---------------------------------------------------------------------------------
+
+    def _write_header(self) -> None:
+        header = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "dim": self.dim,
+            "model_id": self.model_id,
+            "metric": "ip",
+            "count": len(self._items),
+            "index": INDEX,
+            "library": f"usearch {usearch.__version__}",
+        }
+        atomic_write(self.folder / HEADER, lambda p: p.write_text(json.dumps(header, indent=2) + "\n"))
+
+    def _save_locked(self) -> None:
+        # index first, header second: a crash between leaves a newer snapshot, which reconciliation accepts
+        atomic_write(self.folder / INDEX, lambda p: self._index.save(str(p)))
+        self._write_header()
+        self._dirty = 0
+
+    def save(self) -> None:
+        """Write the index snapshot and header now (the items themselves are already durable)."""
+        with self._lock:
+            self._check_open()
+            self._save_locked()
+
+    def _check_open(self) -> None:
+        if self._conn is None:
+            raise RuntimeError(f"gallery {self.folder} is closed")
+
+    def _release(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if self._lockfile is not None:
+            self._lockfile.close()  # releases the flock
+            self._lockfile = None
+
+    def close(self) -> None:
+        """Flush the snapshot if it is behind, then release the database and the folder lock."""
+        with self._lock:
+            try:
+                if self._conn is not None and self._dirty:
+                    self._save_locked()
+            finally:
+                self._release()
+
+    def __enter__(self) -> Gallery:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def build_index(
+    folder_of_images: Path,
+    gallery_folder: Path,
+    encode: Callable[[list[np.ndarray]], tuple[np.ndarray, np.ndarray | None]],
+    spec: ImageSpec,
+    batch: int = 32,
+    progress: bool = True,
+    *,
+    model_id: str,
+    store_states: bool = True,
+    max_items: int = 100_000,
+) -> int:
+    """Index every image file under `folder_of_images` (ids = relative POSIX paths); returns how many were stored.
+
+    `encode` gets uint8 [H, W, 3] images resized per `spec` and returns (embeddings [B, D], states [B, N, W] or None).
+    Unreadable files (and paths too long for an id) are skipped and reported, not fatal. Re-running replaces items
+    with the same ids. Every stored batch is durable, so an interrupted build keeps what it indexed.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    root = Path(folder_of_images)
+    files = image_files(root)
+    gallery: Gallery | None = None
+    stored, skipped = 0, []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    try:
+        with Progress(*columns, disable=not progress) as bar:
+            task = bar.add_task(f"indexing {root}", total=len(files))
+            for start in range(0, len(files), batch):
+                chunk = files[start : start + batch]
+                images, ids, metas = [], [], []
+                for path in chunk:
+                    rel = path.relative_to(root).as_posix()
+                    try:
+                        check_id(rel)
+                        img = load_image(path)
+                        images.append(image_to_uint8(img, spec))  # decoding happens here too: errors land below
+                    except Exception as e:  # any undecodable file is skipped, whatever PIL raised
+                        skipped.append(rel)
+                        log.warning("gallery: skipped %s: %s", rel, e)
+                        if progress:
+                            bar.console.print(f"[yellow]skipped[/] {rel}: {e}")
+                        continue
+                    ids.append(rel)
+                    metas.append({"file": rel, "width": img.width, "height": img.height})
+                if images:
+                    embeddings, states = encode(images)
+                    embeddings = np.asarray(embeddings, dtype=np.float32)
+                    if gallery is None:  # the dim is known once the model has encoded something
+                        gallery = Gallery.open(gallery_folder, embeddings.shape[1], model_id, max_items=max_items)
+                    gallery.add_many(embeddings, ids, metas, states if store_states else None)
+                    stored += len(ids)
+                bar.advance(task, len(chunk))
+    finally:
+        if gallery is not None:
+            gallery.close()
+    if skipped:
+        log.warning("gallery: indexed %d image(s), skipped %d unreadable: %s", stored, len(skipped), ", ".join(skipped[:20]))
+    return stored
+
+
+__all__ = [
+    "STATUS",
+    "Gallery",
+    "GalleryError",
+    "GalleryItem",
+    "Hit",
+    "atomic_write",
+    "build_index",
+    "check_id",
+    "image_files",
+]
