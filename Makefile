@@ -1,11 +1,18 @@
 # Set-up and everyday commands. `make run` and `make test` are the README's two commands: each
-# creates the virtualenv it needs (torch pinned to the CPU wheel 2.13.0) before running.
+# creates the virtualenv it needs before running (`run`: the serving dependencies only, no torch;
+# `test`: everything, torch pinned to the CPU wheel 2.13.0).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TEACHER ?= models/trimvlm-teacher/1
 
-.PHONY: run test lint format install install-dev teacher compress compression-report trim trim-report student clean
+.PHONY: run serve export default-model export-report service-report verify test lint format install install-dev teacher compress compression-report trim trim-report student clean
+
+$(VENV)/.serve: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $@
 
 $(VENV)/.train: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,9 +28,26 @@ $(VENV)/.dev: $(VENV)/.train
 install: $(VENV)/.train
 install-dev: $(VENV)/.dev
 
-## The main job on the embedded default: evaluate the committed teacher (the service replaces this).
-run: $(VENV)/.train
-	$(VENV)/bin/trimvlm eval $(TEACHER) --json runs/eval/teacher.json
+## The main job: serve the embedded default (models/trimvlm-default/1) on http://127.0.0.1:8000
+## (TRIMVLM_* settings apply, e.g. TRIMVLM_PORT=9000 make run).
+run: $(VENV)/.serve
+	$(VENV)/bin/trimvlm serve
+serve: run
+
+## Check the model repository: checksums, graphs load, reference outputs reproduce.
+verify: $(VENV)/.serve
+	$(VENV)/bin/trimvlm models verify --models models
+
+## Rebuild the embedded default from the committed models (export, evaluate, model card).
+default-model: $(VENV)/.train
+	$(VENV)/bin/trimvlm pipeline run configs/pipeline-default.yaml
+
+## The exported default vs the torch teacher (reports/export), and the service on loopback (reports/service).
+export-report: $(VENV)/.train
+	$(VENV)/bin/trimvlm export models/trimvlm-student/2 --out runs/export-fp32/trimvlm-default/1 --name trimvlm-default
+	$(VENV)/bin/trimvlm report export models/trimvlm-default/1 --fp32 runs/export-fp32/trimvlm-default/1 --out reports/export
+service-report: $(VENV)/.dev
+	$(VENV)/bin/trimvlm bench service --models models/trimvlm-default/1 --out reports/service
 
 ## Lint and the whole test suite (what CI runs).
 test: $(VENV)/.dev

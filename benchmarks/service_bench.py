@@ -122,7 +122,13 @@ def run(models: Path, out: Path, clients: int = 32, requests: int = 640, rounds:
 
     out.mkdir(parents=True, exist_ok=True)
     items = easy_vqa_requests(256)
-    report: dict = {"machine": _machine(), "models": str(models), "clients": clients, "requests_per_round": requests, "rounds": rounds}
+    report: dict = {
+        "machine": _machine(),
+        "models": str(models),
+        "clients": clients,
+        "requests_per_round": requests,
+        "rounds": rounds,
+    }
 
     # 1. batching on vs off, interleaved
     batched = ServerProcess(models, {"TRIMVLM_BATCHING": "true"})
@@ -137,7 +143,11 @@ def run(models: Path, out: Path, clients: int = 32, requests: int = 640, rounds:
     finally:
         unbatched.stop()
     tput = {k: statistics.median(r["throughput_rps"] for r in v) for k, v in rows.items()}
-    report["batching"] = {"rounds": rows, "median_throughput_rps": tput, "speedup": round(tput["batching"] / tput["no_batching"], 3)}
+    report["batching"] = {
+        "rounds": rows,
+        "median_throughput_rps": tput,
+        "speedup": round(tput["batching"] / tput["no_batching"], 3),
+    }
     report["batching"]["mean_batch_size"] = _mean_batch(batch_metrics, "vqa/full")
 
     # 2. HTTP overhead at batch 1: round trip vs the bare runtime, same inputs, interleaved

@@ -290,15 +290,23 @@ def build_engine_cmd(
 
 
 @models_app.command("list")
-def models_list(models: Annotated[Path, typer.Option(help="Repository root.")] = Path("models")):
+def models_list(
+    models: Annotated[Path, typer.Option(help="Repository root.")] = Path("models"),
+    as_json: Annotated[bool, typer.Option("--json", help="JSON instead of a table.")] = False,
+):
     """Exported models under the repository (name/version, graphs, precisions, levels, size)."""
     from rich.console import Console
     from rich.table import Table
 
     from service.repository import ManifestError, find_models, summary
 
-    table = Table("model", "tasks", "precisions", "levels", "MB", "path")
     found = find_models(models)
+    if as_json:
+        typer.echo(json.dumps([summary(f) for f in found], indent=2))
+        return
+    table = Table("model", "tasks", "precisions", "levels", "MB", "path")
+    for column in table.columns:
+        column.overflow = "fold"  # never cut an id or a path
     for folder in found:
         try:
             s = summary(folder)

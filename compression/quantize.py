@@ -63,8 +63,18 @@ def _check(path: Path) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _scratch():
+    """A temporary directory that is also the working directory meanwhile: ORT's symbolic shape
+    inference, when it cannot finish, dumps sym_shape_infer_temp.onnx and a <uuid>.data file into
+    the working directory (then our pre-processing retries without it); they must not land in the
+    repository. Paths handed to ORT inside are absolute (see _prepare_dst)."""
+    with tempfile.TemporaryDirectory(prefix="trimvlm-quant-") as tmp, contextlib.chdir(tmp):
+        yield Path(tmp)
+
+
 def _prepare_dst(src: str | Path, dst: str | Path) -> tuple[Path, Path]:
-    src, dst = Path(src), Path(dst)
+    src, dst = Path(src).absolute(), Path(dst).absolute()
     if not src.is_file():
         raise FileNotFoundError(f"ONNX graph not found: {src}")
     if src.resolve() == dst.resolve():
@@ -205,8 +215,8 @@ def quantize_dynamic_int8(
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     src, dst = _prepare_dst(src, dst)
-    with tempfile.TemporaryDirectory(prefix="trimvlm-quant-") as tmp:
-        model = _preprocess(src, Path(tmp)) if preprocess else src
+    with _scratch() as tmp:
+        model = _preprocess(src, tmp) if preprocess else src
         exclude = list(nodes_to_exclude) + (_weightless_nodes(model, op_types) if weights_only else [])
         quantize_dynamic(
             model,
@@ -338,8 +348,8 @@ def quantize_static_int8(
         extra |= {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False}
     else:
         activation_type = QuantType.QUInt8
-    with tempfile.TemporaryDirectory(prefix="trimvlm-quant-") as tmp:
-        model = _preprocess(src, Path(tmp)) if preprocess else src
+    with _scratch() as tmp:
+        model = _preprocess(src, tmp) if preprocess else src
         graph = onnx.load(str(model), load_external_data=False).graph
         initializers = {t.name for t in graph.initializer}
         input_names = {i.name for i in graph.input if i.name not in initializers}
@@ -347,7 +357,7 @@ def quantize_static_int8(
         exclude = list(nodes_to_exclude) + (_weightless_nodes(model, op_types) if weights_only else [])
         cache: dict[str, object] = {}
         if method == "entropy":
-            cache = _entropy_ranges(model, Path(tmp), op_types, reader)
+            cache = _entropy_ranges(model, tmp, op_types, reader)
         with _quiet():
             quantize_static(
                 model,
@@ -399,16 +409,20 @@ def to_fp16(
     from onnxruntime.transformers.onnx_model import OnnxModel
 
     src, dst = _prepare_dst(src, dst)
-    # OnnxModel.convert_float_to_float16 wraps float16.convert_float_to_float16: type info from
-    # symbolic shape inference (knows ORT's contrib ops, so ORT-optimised graphs convert too), then
-    # removes the back-to-back Casts the conversion leaves. The converter appends its graph-input
-    # Casts at the end of the node list, so sort before saving (the checker demands it).
+    # OnnxModel.convert_float_to_float16 wraps float16.convert_float_to_float16, then removes the
+    # back-to-back Casts the conversion leaves. The converter appends its graph-input Casts at the
+    # end of the node list, so sort before saving (the checker demands it).
     model = OnnxModel(onnx.load(str(src)))
-    model.convert_float_to_float16(
-        use_symbolic_shape_infer=True,
-        keep_io_types=keep_io_types,
-        op_block_list=sorted(set(DEFAULT_OP_BLOCK_LIST) | set(keep_fp32_ops)),
-    )
+    # The converter needs every tensor's type. ONNX shape inference gives them for standard ops;
+    # ORT's symbolic shape inference also knows its contrib ops (graphs from optimize_graph) but
+    # gives up on some exported graphs (then the converter would run with no types at all).
+    contrib_ops = any(n.domain not in ("", "ai.onnx") for n in model.model.graph.node)
+    with _scratch():
+        model.convert_float_to_float16(
+            use_symbolic_shape_infer=contrib_ops,
+            keep_io_types=keep_io_types,
+            op_block_list=sorted(set(DEFAULT_OP_BLOCK_LIST) | set(keep_fp32_ops)),
+        )
     model.topological_sort()
     model.save_model_to_file(str(dst))
     log.info("FP16 %s -> %s: %s", src.name, dst.name, size_report(src, dst))

@@ -64,7 +64,9 @@ def index_build(
         states, embeds = srv.tasks.encode_images(srv.tasks.pixels(np.stack(images)))
         return embeds, states
 
-    n = build_index(folder, target, encode, srv.tasks.image_spec, batch=batch, model_id=srv.id, max_items=settings.gallery_max_items)
+    n = build_index(
+        folder, target, encode, srv.tasks.image_spec, batch=batch, model_id=srv.id, max_items=settings.gallery_max_items
+    )
     typer.echo(f"indexed {n} images into {target} for {srv.id} (the server must not have this gallery open meanwhile)")
 
 

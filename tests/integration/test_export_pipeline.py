@@ -98,8 +98,8 @@ def test_models_verify_passes_then_fails_clearly_on_an_altered_file(pipeline, tm
 
     proc = _cli("models", "verify", "--models", str(pipeline["export"]))
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout + proc.stderr
-    listing = _cli("models", "list", "--models", str(pipeline["export"].parents[1]))
-    assert listing.returncode == 0 and "tiny-default/1" in listing.stdout
+    listing = _cli("models", "list", "--models", str(pipeline["export"].parents[1]), "--json")
+    assert listing.returncode == 0 and [m["model"] for m in json.loads(listing.stdout)] == ["tiny-default/1"]
 
     copy = tmp_path / "m" / "tiny-default" / "1"
     shutil.copytree(pipeline["export"], copy)
@@ -152,6 +152,8 @@ def test_trimmed_vqa_runs_per_level_through_the_task_model(pipeline):
     full = tasks.vqa(tasks.pixels(images), ids, mask, level="full")
     fast = tasks.vqa(tasks.pixels(images), ids, mask, level="fast")
     assert full.logits.shape == fast.logits.shape == (3, len(tasks.manifest.answers))
-    assert fast.image_tokens_kept is not None and fast.flops_ratio < 1.0
+    n_tokens = tasks.manifest.graphs["vision"].outputs[0].shape[1]
+    assert fast.flops_ratio == tasks.levels["levels"]["fast"]["flops_ratio"] and full.flops_ratio == 1.0
+    assert fast.image_tokens_kept is not None and all(1 <= k <= n_tokens for k in fast.image_tokens_kept)
     captions = tasks.captions(tasks.encode_images(tasks.pixels(images))[0], max_length=6)
     assert len(captions) == 3 and all(isinstance(c, str) for c in captions)
