@@ -51,15 +51,15 @@ service-report: $(VENV)/.dev
 
 ## Lint and the whole test suite (what CI runs).
 test: $(VENV)/.dev
-	$(VENV)/bin/ruff check compression service tests
+	$(VENV)/bin/ruff check compression service tests benchmarks
 	$(VENV)/bin/pytest -q --timeout 900
 
 lint: $(VENV)/.dev
-	$(VENV)/bin/ruff check compression service tests
-	$(VENV)/bin/ruff format --check compression service tests
+	$(VENV)/bin/ruff check compression service tests benchmarks
+	$(VENV)/bin/ruff format --check compression service tests benchmarks
 
 format: $(VENV)/.dev
-	$(VENV)/bin/ruff format compression service tests
+	$(VENV)/bin/ruff format compression service tests benchmarks
 
 ## Retrain the default teacher (a CUDA GPU: ~7 min on one H100; CPU: ~8 s/step, see the model card).
 teacher: $(VENV)/.train

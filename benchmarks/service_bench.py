@@ -209,7 +209,8 @@ def run(models: Path, out: Path, clients: int = 32, requests: int = 640, rounds:
                 "auto_statuses": {str(k): v for k, v in statuses.items()},
                 "auto_miss_rate": round(misses / max(1, sum(statuses.values())), 4),
                 "auto_p50_ms": round(percentile(sorted(auto_lat), 50), 3) if auto_lat else None,
-                "how": "server-side latency_ms (arrival in the app to response) against deadline_ms; misses = late answers + 504s; "
+                "how": "server-side latency_ms (arrival in the app to response) against deadline_ms; "
+                "misses = late answers + 504s; "
                 "503 (refused early) counted separately",
             }
     finally:
@@ -251,11 +252,13 @@ def _machine() -> dict:
 def _markdown(r: dict) -> str:
     b, h = r["batching"], r["http_overhead"]
     checks = "\n".join(
-        f"- {k}: **{v}** (target {'>=' if k == 'batching_speedup' else '<='} {r['targets'][k]}): {'pass' if r['passed'][k] else 'FAIL'}"
+        f"- {k}: **{v}** (target {'>=' if k == 'batching_speedup' else '<='} {r['targets'][k]}): "
+        f"{'pass' if r['passed'][k] else 'FAIL'}"
         for k, v in r["checks"].items()
     )
     rounds = "\n".join(
-        f"| {name} | {i + 1} | {row['throughput_rps']} | {row['p50_ms']} | {row['p95_ms']} | {row['p99_ms']} | {row['statuses']} |"
+        f"| {name} | {i + 1} | {row['throughput_rps']} | {row['p50_ms']} | {row['p95_ms']} | {row['p99_ms']} "
+        f"| {row['statuses']} |"
         for name, rs in b["rounds"].items()
         for i, row in enumerate(rs)
     )
@@ -265,7 +268,8 @@ def _markdown(r: dict) -> str:
         f"""## Adaptive compute under a deadline
 Deadline {a["deadline_ms"]} ms (between `full`'s p50 and the fastest trimmed level's p95, server-side).
 `full` alone misses it on {100 * a["full_miss_rate_at_this_deadline"]:.1f}% of requests. With `compute: auto`:
-levels chosen {a["auto_levels"]}, statuses {a["auto_statuses"]}, miss rate **{100 * a["auto_miss_rate"]:.2f}%**, p50 {a["auto_p50_ms"]} ms.
+levels chosen {a["auto_levels"]}, statuses {a["auto_statuses"]},
+miss rate **{100 * a["auto_miss_rate"]:.2f}%**, p50 {a["auto_p50_ms"]} ms.
 ({a["how"]}.)
 """
         if a
@@ -280,7 +284,8 @@ Load generator and servers share the machine.
 {checks}
 
 ## Dynamic batching: /vqa, {r["clients"]} concurrent clients, {r["requests_per_round"]} requests per round
-Median throughput: batching {b["median_throughput_rps"]["batching"]} req/s, no batching {b["median_throughput_rps"]["no_batching"]} req/s
+Median throughput: batching {b["median_throughput_rps"]["batching"]} req/s,
+no batching {b["median_throughput_rps"]["no_batching"]} req/s
 (**{b["speedup"]}x**); mean executed batch size with batching: {b["mean_batch_size"]}.
 
 | server | round | req/s | p50 ms | p95 ms | p99 ms | statuses |
@@ -288,7 +293,8 @@ Median throughput: batching {b["median_throughput_rps"]["batching"]} req/s, no b
 {rounds}
 
 ## HTTP overhead at batch 1
-Bare runtime p50 {h["bare_runtime_p50_ms"]} ms, HTTP round trip p50 {h["http_round_trip_p50_ms"]} ms: overhead **{h["overhead_p50_ms"]} ms**
+Bare runtime p50 {h["bare_runtime_p50_ms"]} ms, HTTP round trip p50 {h["http_round_trip_p50_ms"]} ms:
+overhead **{h["overhead_p50_ms"]} ms**
 over {h["samples"]} requests. How: {h["how"]}.
 
 ## Server-side latency per level (sequential requests)

@@ -160,12 +160,12 @@ def optimize_graph(
 
 @contextlib.contextmanager
 def _quiet():
-    """ORT's histogram calibrators print progress to stdout; keep it for the debug log."""
+    """ORT's calibrators and fp16 tools print progress to stdout; keep it for the debug log."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         yield
     if out.getvalue().strip():
-        log.debug("onnxruntime calibration: %s", out.getvalue().strip())
+        log.debug("onnxruntime: %s", out.getvalue().strip())
 
 
 def _preprocess(src: Path, work: Path) -> Path:
@@ -417,7 +417,9 @@ def to_fp16(
     # ORT's symbolic shape inference also knows its contrib ops (graphs from optimize_graph) but
     # gives up on some exported graphs (then the converter would run with no types at all).
     contrib_ops = any(n.domain not in ("", "ai.onnx") for n in model.model.graph.node)
-    with _scratch():
+    if not contrib_ops:
+        model.disable_shape_inference()  # also for its Cast clean-up: use the converter's types
+    with _scratch(), _quiet():
         model.convert_float_to_float16(
             use_symbolic_shape_infer=contrib_ops,
             keep_io_types=keep_io_types,
