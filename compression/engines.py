@@ -501,3 +501,85 @@ def build_engine(
     _write_atomic(path.with_suffix(".json"), (json.dumps(meta, indent=2) + "\n").encode())
     log.info("TensorRT engine built in %.1f s: %s", seconds, path)
     return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Every graph of an exported model
+# ------------------------------------------------------------------------------------------------
+
+
+def model_axis_ranges(manifest) -> dict[str, tuple[int, int, int]]:
+    """(min, opt, max) for the named axes of the exported graphs besides "batch" and "text", from
+    the manifest's preprocessing: image tokens up to the vision graph's count (trimmed graphs keep
+    fewer), decoder token axes up to a prompt plus a full caption."""
+    p = manifest.preprocessing
+    tokens = p.max_caption_length + p.max_text_length  # a prompt of up to a question's length, then the caption
+    ranges = {
+        "new_tokens": (1, 8, tokens),
+        "past_tokens": (0, tokens // 2, tokens),
+        "total_tokens": (1, tokens // 2, tokens),
+    }
+    for graph in manifest.graphs.values():
+        for tensor in graph.outputs:
+            if tensor.name == "image_states" and len(tensor.shape) > 1 and isinstance(tensor.shape[1], int):
+                n = tensor.shape[1]
+                ranges["image_tokens"] = (1, n, n)
+    return ranges
+
+
+def build_model_engines(
+    model_dir: str | Path,
+    cache_dir: str | Path,
+    precision: Precision = "fp16",
+    max_batch: int = 32,
+    others: Mapping[str, Sequence[int]] | None = None,
+    workspace_gb: float = 4.0,
+    force: bool = False,
+    device: int = 0,
+) -> dict[str, Path]:
+    """Engines for every graph of an exported model (`trimvlm build-engine`): graph name -> .plan.
+
+    Each engine is built (or reused) in the cache under `cache_dir` (one timing cache per GPU and
+    TensorRT version, shared by all graphs), then copied next to the graph file the service loads
+    for `precision` (`<file>.plan` beside `<file>.onnx`: service/runtime swaps it in for native
+    TensorRT). Profiles: batch 1..max_batch, text 1..max_text_length, the decoder and image-token
+    axes from `model_axis_ranges`, overridable by `others`. fp16 engines are built from the fp32
+    graph; int8 needs a QDQ graph in the manifest (the exporter's int8 graph is ORT dynamic INT8,
+    which TensorRT cannot parse).
+    """
+    from compression.quantize import has_qdq
+    from service.repository import load_manifest
+
+    model_dir = Path(model_dir)
+    manifest = load_manifest(model_dir)
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r} ({' | '.join(PRECISIONS)})")
+    text = manifest.preprocessing.max_text_length
+    ranges = model_axis_ranges(manifest) | dict(others or {})
+    plans: dict[str, tuple[Path, Path, Profile]] = {}
+    for name, graph in manifest.graphs.items():  # check everything before the first (slow) build
+        if precision not in graph.files:
+            raise ValueError(f"graph {name!r} has no {precision} file (has {sorted(graph.files)}): export it with that precision")
+        target = (model_dir / graph.files[precision]).with_suffix(".plan")
+        source = model_dir / graph.files["fp32" if precision == "fp16" and "fp32" in graph.files else precision]
+        if precision == "int8" and not has_qdq(source):
+            raise ValueError(
+                f"graph {name!r}: {source.name} is not a QDQ graph; TensorRT int8 needs one from "
+                "compression.quantize.quantize_static_int8(..., target='tensorrt') (or build_engine(..., calibration=...))"
+            )
+        axes = ranges
+        if name == "decoder_step" and "new_tokens" not in (others or {}):  # one token per step
+            axes = ranges | {"new_tokens": (1, 1, ranges["new_tokens"][2])}
+        profile = default_profiles(source, max_batch, (1, min(16, text), text), others=axes)
+        plans[name] = (source, target, profile)
+    trt, gpu = require_build_environment(device)
+    timing = engine_dir(cache_dir, gpu, trt.__version__) / "timing.cache"
+    built = {}
+    for name, (source, target, profile) in plans.items():
+        log.info("building the %s engine for %s (%s)", precision, name, source.name)
+        engine = build_engine(source, cache_dir, profile, precision, timing, workspace_gb, device=device, force=force)
+        tmp = target.with_name(f".{target.name}.tmp")
+        shutil.copyfile(engine, tmp)
+        os.replace(tmp, target)
+        built[name] = target
+    return built

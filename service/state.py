@@ -63,6 +63,8 @@ class AppState:
     def server(self, model: str | None) -> ModelServer:
         if model is None:
             model = self.default
+            if model is None:  # still loading, or loading failed: not the client's fault (was a 404)
+                raise ApiError(503, "model_not_ready", "no model is ready yet (see /readyz)", {"Retry-After": "1"})
         if model in self.servers:
             srv = self.servers[model]
         else:

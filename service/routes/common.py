@@ -127,7 +127,8 @@ def _float(key: str, v: str) -> float:
 
 
 def image_payload(item) -> str | bytes:
-    return getattr(item, "_upload", None) or item.image
+    upload = getattr(item, "_upload", None)  # b"" (an empty upload) must fail as empty, not as the placeholder text
+    return upload if upload is not None else item.image
 
 
 async def _wait_disconnect(request: Request) -> None:

@@ -1,5 +1,6 @@
 // TrimVLM demo page: plain browser JavaScript, no build step, no third-party code.
-// Every server value is written with textContent (never as HTML).
+// Every server value is written with textContent (never as HTML). API paths are relative to the
+// page, so it also works behind a reverse proxy that serves the API under a path prefix.
 "use strict";
 
 (() => {
@@ -166,7 +167,7 @@
     const info = $("model-info");
     info.textContent = "loading the model list…";
     try {
-      const { data } = await call("GET", "/v1/models");
+      const { data } = await call("GET", "v1/models");
       state.models = Array.isArray(data) ? data : [];
       const previous = select.value;
       select.replaceChildren(el("option", { value: "" }, "(server default)"));
@@ -224,6 +225,9 @@
     state.name = null;
     $("preview-box").hidden = true;
     out.replaceChildren();
+    // answers and captions belong to the previous image (the gallery results stay)
+    $("vqa-out").replaceChildren();
+    $("caption-out").replaceChildren();
     if (!file) return;
     if (file.type && !file.type.startsWith("image/")) {
       showError(out, new ApiCallError("not_an_image", file.name + " is " + file.type + ", not an image", 0, null));
@@ -247,7 +251,7 @@
     const question = $("question").value.trim();
     if (!question) throw new ApiCallError("no_question", "type a question first", 0, null);
     const body = withDeadline(withModel({ image, question, top_k: 3, compute: $("compute").value }));
-    const { data, rtt } = await call("POST", "/vqa", body);
+    const { data, rtt } = await call("POST", "vqa", body);
     const top = el("ol", { class: "topk", "aria-label": "Top answers" });
     for (const a of data.top_k || []) top.append(el("li", {}, a.answer + " ", el("span", { class: "score" }, pct(a.score))));
     return [
@@ -261,7 +265,7 @@
 
   async function caption() {
     const body = withDeadline(withModel({ image: needImage() }));
-    const { data, rtt } = await call("POST", "/caption", body);
+    const { data, rtt } = await call("POST", "caption", body);
     return [
       el("p", { class: "answer caption" }, el("span", { class: "label" }, "Caption: "), el("span", { class: "value" }, data.caption)),
       computeMeta(data.compute, data.latency_ms, rtt),
@@ -272,7 +276,7 @@
   async function addToGallery() {
     const image = needImage();
     const body = withModel({ image, metadata: { name: state.name || "upload", source: "demo page" } });
-    const { data, rtt } = await call("POST", "/retrieval/index", body);
+    const { data, rtt } = await call("POST", "retrieval/index", body);
     state.thumbs.set(data.id, image);
     return [
       el("p", { class: "answer" }, "Added ", el("code", {}, data.id), " · the gallery has " + data.gallery_size + " image(s)."),
@@ -284,7 +288,7 @@
     const text = $("search-text").value.trim();
     if (!text) throw new ApiCallError("no_text", "type a search text first", 0, null);
     const body = withDeadline(withModel({ text, top_k: 5 }));
-    const { data, rtt } = await call("POST", "/retrieval/search", body);
+    const { data, rtt } = await call("POST", "retrieval/search", body);
     const nodes = [];
     if (!data.results.length) {
       nodes.push(el("p", { class: "answer empty" }, "No results: the gallery has " + data.gallery_size + " image(s)."));

@@ -410,6 +410,69 @@ def test_build_validates_before_touching_tensorrt(graph, tmp_path, monkeypatch):
         engines.build_engine(tmp_path / "missing.onnx", tmp_path)
 
 
+def make_model_dir(folder):
+    """An exported-model folder: one graph in fp32, fp16 and (dynamic) int8, and a manifest."""
+    from compression.quantize import quantize_dynamic_int8, to_fp16
+    from service.repository import GraphInfo, Manifest, TensorInfo, write_manifest
+
+    folder.mkdir()
+    fp32 = make_graph(folder / "tiny.onnx")
+    to_fp16(fp32, folder / "tiny.fp16.onnx")
+    quantize_dynamic_int8(fp32, folder / "tiny.int8.onnx")  # ORT dynamic INT8: not for TensorRT
+    (folder / "tokenizer.json").write_text("{}")
+    (folder / "reference.npz").write_bytes(b"")
+    graph = GraphInfo(
+        inputs=[TensorInfo(name="input_ids", dtype="int64", shape=["batch", "text"])],
+        outputs=[TensorInfo(name="image_states", dtype="float32", shape=["batch", 17, 8])],
+        files={"fp32": "tiny.onnx", "fp16": "tiny.fp16.onnx", "int8": "tiny.int8.onnx"},
+    )
+    manifest = Manifest(
+        name="tiny",
+        version="1",
+        tasks=["vqa"],
+        graphs={"tiny": graph},
+        preprocessing={"image": {"size": 8, "mean": [0, 0, 0], "std": [1, 1, 1]}, "max_text_length": 12},
+        tokens={"pad": 0, "cls": 1, "sep": 2, "bos": 3},
+        answers=["yes", "no"],
+        itc_temperature=0.07,
+    )
+    write_manifest(folder, manifest)
+    return folder, manifest
+
+
+def test_model_axis_ranges(tmp_path):
+    _, manifest = make_model_dir(tmp_path / "model")
+    ranges = engines.model_axis_ranges(manifest)
+    assert ranges["image_tokens"] == (1, 17, 17)
+    assert ranges["past_tokens"] == (0, 22, 44)  # 32 caption + 12 prompt tokens
+
+
+def test_build_model_engines_puts_plans_where_the_service_looks(tmp_path, fake_trt):
+    trt = fake_trt()
+    model, _ = make_model_dir(tmp_path / "model")
+    built = engines.build_model_engines(model, tmp_path / "cache", "fp16", max_batch=4)
+    assert built == {"tiny": model / "tiny.fp16.plan"}  # service/runtime swaps tiny.fp16.onnx for it
+    assert trt.calls["parsed"] == [str(model / "tiny.onnx")]  # fp16 engines come from the fp32 graph
+    profile = trt.calls["profiles"][0][0]
+    assert profile["input_ids"] == ((1, 1), (4, 12), (4, 12))
+    assert profile["past"] == ((1, 2, 0, 4), (4, 2, 22, 4), (4, 2, 44, 4))
+    cache = tmp_path / "cache" / "nvidia-h100-80gb-hbm3" / "trt-10.99.1"
+    assert (cache / "timing.cache").is_file() and len(list(cache.glob("tiny-fp16-*.plan"))) == 1
+    assert built["tiny"].read_bytes() == next(cache.glob("tiny-fp16-*.plan")).read_bytes()
+    engines.build_model_engines(model, tmp_path / "cache", "fp16", max_batch=4)
+    assert trt.calls["build"] == 1  # the second run reuses the cached engine
+
+    with pytest.raises(ValueError, match="not a QDQ graph"):
+        engines.build_model_engines(model, tmp_path / "cache", "int8")
+    with pytest.raises(ValueError, match="unknown precision"):
+        engines.build_model_engines(model, tmp_path / "cache", "bf16")
+    manifest = json.loads((model / "manifest.json").read_text())
+    del manifest["graphs"]["tiny"]["files"]["fp16"]
+    (model / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="no fp16 file"):
+        engines.build_model_engines(model, tmp_path / "cache", "fp16")
+
+
 # ------------------------------------------------------------------------------------------------
 # The real thing
 # ------------------------------------------------------------------------------------------------

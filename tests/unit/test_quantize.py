@@ -5,6 +5,7 @@ MLP, classifier), with dynamic batch and text axes, like the exported VLM graphs
 """
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -203,3 +204,29 @@ def test_bad_arguments(graph, tmp_path):
         q.to_fp16(graph, graph)
     with pytest.raises(FileNotFoundError):
         q.quantize_dynamic_int8(tmp_path / "missing.onnx", tmp_path / "x.onnx")
+
+
+def test_failed_symbolic_shape_inference_leaves_no_files_behind(graph, tmp_path, monkeypatch):
+    """ORT's symbolic shape inference dumps sym_shape_infer_temp.onnx (+ a .data file) into the
+    working directory when it gives up; pre-processing then retries without it, in a scratch dir."""
+    import onnxruntime.quantization.shape_inference as shape_inference
+
+    real = shape_inference.quant_pre_process
+    calls = []
+
+    def flaky(src, dst, skip_symbolic_shape=False, **kw):
+        calls.append(skip_symbolic_shape)
+        if not skip_symbolic_shape:
+            Path("sym_shape_infer_temp.onnx").write_bytes(b"dump")
+            raise Exception("Incomplete symbolic shape inference")
+        return real(src, dst, skip_symbolic_shape=True, **kw)
+
+    monkeypatch.setattr(shape_inference, "quant_pre_process", flaky)
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    out = q.quantize_dynamic_int8(graph, "relative.onnx")
+    assert calls == [False, True]
+    assert out == work / "relative.onnx" and out.is_file()
+    assert sorted(p.name for p in work.iterdir()) == ["relative.onnx"]
+    assert rel_err(run(out, feed()), run(graph, feed())) < 0.05
