@@ -283,7 +283,7 @@ def build_engine_cmd(
 
     try:
         built = build_model_engines(model, cache, precision=precision, max_batch=max_batch)
-    except EngineBuildUnavailable as e:
+    except (EngineBuildUnavailable, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from e
     typer.echo(json.dumps({k: str(v) for k, v in built.items()}, indent=2))

@@ -55,7 +55,9 @@ def _pad_states(rows: list[np.ndarray]) -> np.ndarray:
 class ModelServer:
     def __init__(self, folder: Path, settings: Settings, metrics: Metrics, executor: ThreadPoolExecutor):
         self.settings, self.metrics, self.executor = settings, metrics, executor
-        options = RuntimeOptions(device=settings.device, intra_op_threads=settings.intra_op_threads)
+        options = RuntimeOptions(
+            device=settings.device, intra_op_threads=settings.intra_op_threads, extra={"allow_spinning": settings.ort_spinning}
+        )
         t0 = time.perf_counter()
         self.tasks = TaskModel(folder, settings.backend, settings.precision, options)
         self.load_s = time.perf_counter() - t0

@@ -21,6 +21,9 @@ class Settings(BaseSettings):
     device: str = "cpu"  # cpu | cuda | tensorrt (ORT execution provider)
     precision: str | None = None  # fp32 | int8 | fp16; None: the manifest's default for the device
     intra_op_threads: int = 0  # 0: one per core
+    # ORT worker threads spin-wait after each run by default; in a server that also parses HTTP
+    # and decodes images on the same cores, spinning starves the event loop
+    ort_spinning: bool = False
 
     # Request limits (413 / 422 beyond them)
     max_body_bytes: int = 16 * 2**20
