@@ -45,7 +45,8 @@ default-model: $(VENV)/.train
 ## The exported default vs the torch teacher (reports/export), and the service on loopback (reports/service).
 export-report: $(VENV)/.train
 	$(VENV)/bin/trimvlm export models/trimvlm-student/2 --out runs/export-fp32/trimvlm-default/1 --name trimvlm-default
-	$(VENV)/bin/trimvlm report export models/trimvlm-default/1 --fp32 runs/export-fp32/trimvlm-default/1 --out reports/export
+	$(VENV)/bin/trimvlm report export models/trimvlm-default/1 --fp32 runs/export-fp32/trimvlm-default/1 \
+	  --source models/trimvlm-student/2 --out reports/export
 service-report: $(VENV)/.dev
 	$(VENV)/bin/trimvlm bench service --models models/trimvlm-default/1 --out reports/service
 

@@ -146,12 +146,13 @@ def report_export(
     limit: Annotated[Optional[int], typer.Option(help="Evaluate only the first N test questions.")] = None,
     latency_samples: Annotated[int, typer.Option(help="Questions timed at batch 1.")] = 100,
     rounds: int = 3,
+    source: Annotated[Optional[Path], typer.Option(help="Torch model the export came from (metric parity with --fp32).")] = None,
 ):
     """Exported model (ONNX Runtime) vs the torch fp32 teacher: accuracy, batch-1 latency,
     batch-32 throughput, caption decoding with vs without the KV cache."""
     from compression.export_report import write_report
 
-    write_report(model, teacher, out, fp32, limit, latency_samples, rounds)
+    write_report(model, teacher, out, fp32, limit, latency_samples, rounds, source=source)
     typer.echo((out / "REPORT.md").read_text())
 
 

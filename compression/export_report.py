@@ -59,6 +59,7 @@ def write_report(
     latency_samples: int = 100,
     rounds: int = 3,
     caption_images: int = 20,
+    source: str | Path | None = None,
 ) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -113,6 +114,21 @@ def write_report(
 
     caption = _caption_speed(tasks, lm, split, caption_images, rounds)
 
+    parity = None
+    if fp32_model and source:
+        # every task metric of the fp32 export through ONNX Runtime vs its torch source, same code
+        from compression.evaluate import evaluate, flat_metrics
+
+        ort_eval = flat_metrics(evaluate(fp32_model, limit=limit, precision="fp32"))
+        torch_eval = flat_metrics(evaluate(source, limit=limit, device="cpu"))
+        counts = ("n", "vqa_n", "n_images", "n_texts")
+        keys = [k for k in ort_eval if k in torch_eval and k.split(".")[-1] not in counts and "chance" not in k]
+        parity = {
+            "source": str(source),
+            "metrics": {k: {"onnxruntime_fp32": ort_eval[k], "torch_fp32": torch_eval[k]} for k in keys},
+            "max_abs_diff": max(abs(ort_eval[k] - torch_eval[k]) for k in keys),
+        }
+
     teacher_acc = accuracy["teacher (torch fp32)"]
     best_level = "balanced" if "balanced" in levels else "full"
     default_key = f"{tasks.id} {tasks.precision} {best_level}"
@@ -143,6 +159,7 @@ def write_report(
         "batch1_vqa": batch1,
         "batch32_vqa": batch32,
         "caption": caption,
+        "parity": parity,
         "checks": {k: round(v, 4) for k, v in checks.items()},
         "targets": TARGETS,
         "passed": passed,
@@ -207,6 +224,18 @@ def _markdown(r: dict) -> str:
     )
     c = r["caption"]
     m = r["machine"]
+    parity = ""
+    if r.get("parity"):
+        p = r["parity"]
+        rows = "\n".join(f"| {k} | {v['onnxruntime_fp32']:.4f} | {v['torch_fp32']:.4f} |" for k, v in p["metrics"].items())
+        parity = f"""
+## Parity: every task metric, fp32 ONNX Runtime vs torch (`{p["source"]}`)
+Largest absolute difference: **{p["max_abs_diff"]:.2g}**.
+
+| metric | ONNX Runtime fp32 | torch fp32 |
+|---|---:|---:|
+{rows}
+"""
     return f"""# Exported model vs torch teacher
 
 Model `{r["model"]}` on ONNX Runtime ({r["runtime"].get("providers", r["runtime"])}) against the torch fp32 teacher
@@ -242,4 +271,4 @@ Also measured: the `full` level's batch-1 speed-up over the teacher is {r["check
 | teacher, torch fp32 (cached generate) | {c["teacher_torch_p50_ms"]:.2f} |
 
 Mean generated length {c["mean_generated_tokens"]} tokens.
-"""
+{parity}"""

@@ -127,10 +127,12 @@ def send_traffic(base: str) -> dict[str, list[int]]:
             codes["caption"].append(client.post("/caption", json={"image": img, "max_length": 8}).status_code)
             rank = {"image": img, "texts": ["a red circle", "a blue rectangle", "a red triangle"]}
             codes["retrieval"].append(client.post("/retrieval/rank", json=rank).status_code)
+            if rnd % 3 == 0:  # repeated: a counter must rise between scrapes for rate() to see it
+                bad = {"image": "not base64!", "question": "what shape is this?"}
+                codes["bad"].append(client.post("/vqa", json=bad).status_code)
+                late = {"image": img, "question": "what shape is this?", "deadline_ms": 0.01}
+                codes["deadline"].append(client.post("/vqa", json=late).status_code)
             time.sleep(0.6)
-        codes["bad"].append(client.post("/vqa", json={"image": "not base64!", "question": "what shape is this?"}).status_code)
-        body = {"image": images[0], "question": "what shape is this?", "deadline_ms": 0.01}
-        codes["deadline"].append(client.post("/vqa", json=body).status_code)
     return codes
 
 
@@ -203,7 +205,7 @@ def test_traffic_was_served(stack):
     for endpoint in ENDPOINTS:
         assert codes[endpoint] and set(codes[endpoint]) == {200}, (endpoint, codes[endpoint], tail(stack["svc_log"]))
     assert len(codes["vqa"]) >= 36
-    assert codes["bad"][0] in (400, 422) and codes["deadline"][0] in (503, 504)
+    assert set(codes["bad"]) <= {400, 422} and set(codes["deadline"]) <= {503, 504}
 
 
 def test_target_is_up_and_model_ready(stack):
@@ -238,7 +240,7 @@ def test_other_recording_rules(stack):
     batch = api.query("vlm:batch_size:mean_5m")
     assert batch and all(1 <= float(s["value"][1]) <= 32 for s in batch if s["value"][1] != "NaN")
     errors = {s["metric"]["endpoint"]: float(s["value"][1]) for s in api.query("vlm:request_errors:ratio_5m")}
-    assert 0 < errors["vqa"] < 0.2, "one 5xx (the impossible deadline) among ~40 /vqa requests"
+    assert 0 < errors["vqa"] < 0.25, "a few 5xx (impossible deadlines) among ~50 /vqa requests"
     assert errors["caption"] == 0
     assert api.query("vlm:request_queue_duration_seconds:mean_5m")
 
