@@ -56,7 +56,10 @@ class ModelServer:
     def __init__(self, folder: Path, settings: Settings, metrics: Metrics, executor: ThreadPoolExecutor):
         self.settings, self.metrics, self.executor = settings, metrics, executor
         options = RuntimeOptions(
-            device=settings.device, intra_op_threads=settings.intra_op_threads, extra={"allow_spinning": settings.ort_spinning}
+            device=settings.device,
+            intra_op_threads=settings.intra_op_threads,
+            tensorrt_cache_dir=str(settings.tensorrt_cache_dir) if settings.tensorrt_cache_dir else None,
+            extra={"allow_spinning": settings.ort_spinning},
         )
         t0 = time.perf_counter()
         self.tasks = TaskModel(folder, settings.backend, settings.precision, options)
@@ -128,8 +131,11 @@ class ModelServer:
                 out[i] = text
         return out
 
+    # which endpoint a batcher works for (vision and text batches serve caption and retrieval alike)
+    _ENDPOINT = {"vqa": "vqa", "caption": "caption", "itm": "retrieval", "vision": "shared", "text": "shared"}
+
     def _on_batch(self, name: str, n: int, seconds: float) -> None:
-        component = name.split("/")[0]
+        component = self._ENDPOINT.get(name.split("/")[0], "shared")
         self.metrics.batch_size.labels(self.id, name).observe(n)
         self.metrics.batch_executions.labels(self.id, name).inc()
         self.metrics.inferences.labels(self.id, name).inc(n)

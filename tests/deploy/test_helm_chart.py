@@ -15,7 +15,7 @@ import yaml
 
 from tests.deploy.conftest import CHART, DASHBOARD, RULES, find_tool, run
 
-helm = pytest.importorskip("helm_python", reason="helm-python-sdk is not installed (pip install helm-python-sdk, in the dev extra)")
+helm = pytest.importorskip("helm_python", reason="helm-python-sdk is not installed (in the dev extra)")
 kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed (in the dev extra)")
 
 # Oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest schemas we have.
@@ -99,7 +99,8 @@ def test_rendered_manifests_are_valid_kubernetes(chart, name):
             try:
                 kv.validate(doc, version, strict=True)
             except kv.ValidationError as e:
-                pytest.fail(f"{name}: {doc['kind']}/{doc['metadata']['name']} invalid for Kubernetes {version}: {e.message} at {list(e.path)}")
+                where = f"{doc['kind']}/{doc['metadata']['name']}"
+                pytest.fail(f"{name}: {where} invalid for Kubernetes {version}: {e.message} at {list(e.path)}")
 
 
 def test_schema_rejects_bad_values(chart):

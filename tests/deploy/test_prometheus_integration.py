@@ -112,7 +112,8 @@ class Prom:
 def send_traffic(base: str) -> dict[str, list[int]]:
     """A few dozen requests over several scrape intervals (rates need increases between
     scrapes), a few concurrent (so batches form), plus a bad request and an impossible deadline."""
-    images = [png_b64(s, c, i) for i, (s, c) in enumerate([(s, c) for s in ("circle", "rectangle", "triangle") for c in ("red", "blue")])]
+    kinds = [(shape, color) for shape in ("circle", "rectangle", "triangle") for color in ("red", "blue")]
+    images = [png_b64(shape, color, seed) for seed, (shape, color) in enumerate(kinds)]
     codes: dict[str, list[int]] = {e: [] for e in ("vqa", "caption", "retrieval", "bad", "deadline")}
     computes = ["auto", "fast", "balanced"]
     with httpx.Client(base_url=base, timeout=30) as client, ThreadPoolExecutor(4) as pool:
@@ -157,9 +158,7 @@ def stack(tmp_path_factory):
         PYTHONPATH=str(REPO),
     )
     svc_log = tmp / "service.log"
-    svc = subprocess.Popen(
-        [*trimvlm_command(), "serve"], cwd=tmp, env=env, stdout=svc_log.open("w"), stderr=subprocess.STDOUT
-    )
+    svc = subprocess.Popen([*trimvlm_command(), "serve"], cwd=tmp, env=env, stdout=svc_log.open("w"), stderr=subprocess.STDOUT)
     config = {
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(RULES)],

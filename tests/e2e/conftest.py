@@ -119,10 +119,14 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
-                if httpx.get(self.url + "/readyz", timeout=2.0).status_code == 200:
-                    return self
+                r = httpx.get(self.url + "/readyz", timeout=2.0)
             except httpx.HTTPError:
-                pass
+                r = None
+            if r is not None and r.status_code == 200:
+                return self
+            if r is not None and r.json().get("error"):  # loading failed: it will never be ready
+                self.kill()
+                raise RuntimeError(f"server on {self.url} failed to load: {r.json()['error']}\n{self.log_tail()}")
             time.sleep(0.1)
         self.kill()
         raise TimeoutError(f"server on {self.url} not ready after {timeout_s:.0f}s:\n{self.log_tail()}")

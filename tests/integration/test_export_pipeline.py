@@ -157,3 +157,17 @@ def test_trimmed_vqa_runs_per_level_through_the_task_model(pipeline):
     assert fast.image_tokens_kept is not None and all(1 <= k <= n_tokens for k in fast.image_tokens_kept)
     captions = tasks.captions(tasks.encode_images(tasks.pixels(images))[0], max_length=6)
     assert len(captions) == 3 and all(isinstance(c, str) for c in captions)
+
+
+def test_committed_default_verifies_and_matches_its_recorded_metrics():
+    """The embedded default: intact, its graphs reproduce their reference outputs, and its
+    manifest carries the measured metrics and compute levels the service needs."""
+    from service.repository import load_manifest, verify
+
+    default = REPO / "models" / "trimvlm-default" / "1"
+    assert verify(default) == []
+    m = load_manifest(default)
+    assert m.precisions() == ["int8"] and m.levels is not None
+    assert {"full", "balanced", "fast"} <= set(m.levels["levels"])
+    assert m.metrics["onnxruntime/int8"]["easy_vqa.accuracy"] >= 0.97
+    assert "trimvlm pipeline run configs/pipeline-default.yaml" in (default / "MODEL_CARD.md").read_text()
