@@ -225,12 +225,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError):
         first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
+        # Routes with a typed JSON body (retrieval): the same statuses as the routes that parse their own
+        if first.get("type") == "json_invalid":
+            detail = first.get("ctx", {}).get("error", "")
+            return _error(request, 400, "invalid_json", f"request body is not valid JSON: {detail}")
+        ctype = request.headers.get("content-type", "")
+        if ctype and not ctype.startswith("application/json") and tuple(first["loc"])[:1] == ("body",):
+            return _error(request, 415, "unsupported_media_type", f"send application/json, not {ctype}")
         where = ".".join(str(p) for p in first["loc"]) or "body"
         return _error(request, 422, "invalid_request", f"{where}: {first['msg']}")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
-        codes = {404: "not_found", 405: "method_not_allowed"}
+        codes = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}  # 400: unparsable body or multipart
         return _error(request, e.status_code, codes.get(e.status_code, "http_error"), str(e.detail))
 
     @app.exception_handler(ClientDisconnected)

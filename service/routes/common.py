@@ -37,7 +37,7 @@ def deadline_for(request: Request, deadline_ms: float | None) -> float | None:
                 deadline_ms = float(header)
             except ValueError as e:
                 raise ApiError(422, "invalid_deadline", f"X-Deadline-Ms must be a number of milliseconds, got {header!r}") from e
-            if deadline_ms <= 0:
+            if not deadline_ms > 0:  # also NaN, which float() accepts
                 raise ApiError(422, "invalid_deadline", "X-Deadline-Ms must be positive")
     if deadline_ms is None:
         deadline_ms = state(request).settings.default_deadline_ms
@@ -57,7 +57,7 @@ async def json_body(request: Request) -> Any:
         raise ApiError(400, "empty_body", "request body is empty; send JSON")
     try:
         return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: deeply nested
         raise ApiError(400, "invalid_json", f"request body is not valid JSON: {e}") from e
 
 
@@ -93,7 +93,7 @@ async def parse(request: Request, single: type[BaseModel], batch: type[BaseModel
         if "metadata" in data:
             try:
                 data["metadata"] = json.loads(data["metadata"])
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, RecursionError) as e:
                 raise ApiError(422, "invalid_request", "metadata must be a JSON object") from e
         if "deadline_ms" in data:
             data["deadline_ms"] = _float("deadline_ms", data["deadline_ms"])

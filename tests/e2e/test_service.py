@@ -13,11 +13,13 @@ import asyncio
 import base64
 import contextlib
 import io
+import json
 import re
 import signal
 import struct
 import time
 import zlib
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -87,7 +89,7 @@ def assert_error(r: httpx.Response, status: int, code: str) -> dict:
     assert r.status_code == status, r.text
     assert r.headers["content-type"].startswith("application/json"), r.headers
     body = r.json()
-    assert set(body) == {"error"} and set(body["error"]) == ERROR_KEYS, body
+    assert set(body) == {"error"} and ERROR_KEYS <= set(body["error"]), body
     assert body["error"]["code"] == code, body
     assert isinstance(body["error"]["message"], str) and body["error"]["message"], body
     assert r.headers.get("x-request-id")
@@ -126,7 +128,7 @@ def test_vqa_single_answer_and_shape(client):
     r = client.post("/vqa", json={"image": RED_CIRCLE, "question": SHAPE_Q, "top_k": 3})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert set(body) == {"answer", "score", "top_k", "compute", "model", "latency_ms"}
+    assert {"answer", "score", "top_k", "compute", "model", "latency_ms"} <= set(body)  # the API may grow
     assert body["answer"] == "circle" and body["model"] == DEFAULT_MODEL
     assert 0.5 < body["score"] <= 1.0
     top = body["top_k"]
@@ -134,7 +136,7 @@ def test_vqa_single_answer_and_shape(client):
     assert [t["score"] for t in top] == sorted((t["score"] for t in top), reverse=True)
     assert len({t["answer"] for t in top}) == 3 and sum(t["score"] for t in top) <= 1.0 + 1e-6
     c = body["compute"]
-    assert set(c) == {"level", "flops_ratio", "tokens_kept", "tokens_total", "reason"}
+    assert {"level", "flops_ratio", "tokens_kept", "tokens_total", "reason"} <= set(c)
     assert (c["level"], c["flops_ratio"], c["reason"]) == ("full", 1.0, "no_deadline")  # auto, no deadline: full
     assert c["tokens_kept"] == c["tokens_total"] > 0
     assert body["latency_ms"] > 0
@@ -183,7 +185,7 @@ def test_vqa_batch_form(client):
     r = client.post("/vqa", json={"items": items})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert set(body) == {"results"} and len(body["results"]) == 3
+    assert len(body["results"]) == 3
     assert [x["answer"] for x in body["results"]] == ["circle", "blue", "triangle"]  # in request order
     assert [len(x["top_k"]) for x in body["results"]] == [1, 2, 1]
     assert [x["compute"]["level"] for x in body["results"]] == ["full", "full", "balanced"]
@@ -213,7 +215,7 @@ def test_caption_greedy_beam_and_max_length(client):
     greedy = client.post("/caption", json={"image": RED_CIRCLE})
     assert greedy.status_code == 200, greedy.text
     g = greedy.json()
-    assert set(g) == {"caption", "compute", "model", "latency_ms"} and g["model"] == DEFAULT_MODEL
+    assert {"caption", "compute", "model"} <= set(g) and g["model"] == DEFAULT_MODEL
     assert "red" in g["caption"] and "circle" in g["caption"], g["caption"]
     assert g["compute"]["level"] == "full"
     beam = client.post("/caption", json={"image": BLUE_RECTANGLE, "num_beams": 3})
@@ -238,7 +240,7 @@ def test_rank_image_against_texts(client):
     r = client.post("/retrieval/rank", json={"image": RED_CIRCLE, "texts": texts})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert set(body) == {"scores", "itc_scores", "ranking", "model", "latency_ms"}
+    assert {"scores", "itc_scores", "ranking", "model"} <= set(body)
     assert len(body["scores"]) == len(body["itc_scores"]) == 3 and sorted(body["ranking"]) == [0, 1, 2]
     assert body["ranking"][0] == 1, body  # the matching caption first
     assert all(0.0 <= s <= 1.0 for s in body["scores"])  # ITM match probabilities
@@ -281,9 +283,9 @@ def test_gallery_index_search_delete(client):
     r = client.post("/retrieval/search", json={"text": "a red circle", "top_k": 2})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert set(body) == {"results", "gallery_size", "model", "latency_ms"} and body["gallery_size"] == 5
+    assert {"results", "gallery_size", "model"} <= set(body) and body["gallery_size"] == 5
     assert {h["id"] for h in body["results"]} == {"red-circle", generated}, body  # the two red circles
-    assert set(body["results"][0]) == {"id", "score", "itc_score", "metadata"}
+    assert {"id", "score", "metadata"} <= set(body["results"][0])
     image_query = client.post("/retrieval/search", json={"image": BLUE_RECTANGLE, "top_k": 1}).json()
     [hit] = image_query["results"]
     assert hit["id"] == "blue-rectangle" and hit["score"] > 0.99 and hit["metadata"] == {"shape": "blue-rectangle"}
@@ -374,7 +376,7 @@ def test_easy_vqa_test_image_answered_correctly(client, easy_vqa_test):
     assert len(correct) >= 14, list(zip([s.question for s in samples], [s.answer for s in samples], answers, strict=True))
     # One of them again as a single request with the dataset's own PNG file, JSON and multipart.
     sample = correct[0]
-    png = open(easy_vqa.get_test_image_paths()[split.image_ids[sample.image]], "rb").read()
+    png = Path(easy_vqa.get_test_image_paths()[split.image_ids[sample.image]]).read_bytes()
     r = client.post("/vqa", json={"image": b64(png), "question": sample.question, "compute": "full"})
     assert r.status_code == 200 and r.json()["answer"] == sample.answer, (sample, r.text)
     r = client.post("/vqa", files={"image": ("q.png", png, "image/png")}, data={"question": sample.question})
@@ -397,6 +399,9 @@ _NOISY_JPEG = encode(noisy(64), "JPEG")
 _BIG_PNG = encode(noisy(300))  # ~270 KB: over max_image_bytes (192 KiB), under max_body_bytes (512 KiB) as base64
 _ONE_BIT_BOMB = encode(Image.new("1", (3000, 3000)), "PNG")  # 9 MP in about a kilobyte; the limit is 4 MP
 _TEXT = b"this is a plain text file, not an image at all\n" * 4
+
+_JSON = {"content-type": "application/json"}
+_MULTIPART = "multipart/form-data; boundary=xyz"
 
 BAD_INPUTS = {
     # name: (path, request kwargs, status, code)
@@ -493,6 +498,39 @@ BAD_INPUTS = {
         415,
         "unsupported_media_type",
     ),
+    "deeply_nested_json": ("/vqa", {"content": b"[" * 100_000, "headers": _JSON}, 400, "invalid_json"),
+    "not_utf8_json": ("/vqa", {"content": b'\xff\xfe{"image": 1}', "headers": _JSON}, 400, "invalid_json"),
+    "json_not_an_object": ("/vqa", {"json": ["an", "array"]}, 422, "invalid_request"),
+    "batch_without_items": ("/vqa", {"json": {"items": []}}, 422, "invalid_request"),
+    "batch_with_one_bad_item": (
+        "/vqa",
+        {"json": {"items": [{"image": RED_CIRCLE, "question": SHAPE_Q}, {"image": "@@", "question": SHAPE_Q}]}},
+        400,
+        "invalid_base64",
+    ),
+    "multipart_garbage": ("/vqa", {"content": b"garbage\r\n\r\n", "headers": {"content-type": _MULTIPART}}, 400, "bad_request"),
+    "multipart_two_images": (
+        "/vqa",
+        {"files": [("image", ("a.png", RED_CIRCLE_PNG)), ("image", ("b.png", RED_CIRCLE_PNG))], "data": {"question": SHAPE_Q}},
+        400,
+        "bad_request",
+    ),
+    "multipart_nested_metadata": (
+        "/retrieval/index",
+        {"files": {"image": ("a.png", RED_CIRCLE_PNG)}, "data": {"metadata": "[" * 100_000}},
+        422,
+        "invalid_request",
+    ),
+    # The retrieval routes whose JSON body FastAPI parses answer like the others.
+    "rank_bad_json": ("/retrieval/rank", {"content": b'{"text": ', "headers": _JSON}, 400, "invalid_json"),
+    "search_bad_json": ("/retrieval/search", {"content": b'{"text": ', "headers": _JSON}, 400, "invalid_json"),
+    "search_deeply_nested_json": ("/retrieval/search", {"content": b"[" * 100_000, "headers": _JSON}, 400, "bad_request"),
+    "rank_wrong_content_type": (
+        "/retrieval/rank",
+        {"content": b'{"text": "a", "images": ["x"]}', "headers": {"content-type": "text/plain"}},
+        415,
+        "unsupported_media_type",
+    ),
     "unknown_model": (
         "/vqa",
         {"json": {"image": RED_CIRCLE, "question": SHAPE_Q, "model": "no-such-model"}},
@@ -512,6 +550,12 @@ BAD_INPUTS = {
     "deadline_header_not_a_number": (
         "/vqa",
         {"json": {"image": RED_CIRCLE, "question": SHAPE_Q}, "headers": {"x-deadline-ms": "soon"}},
+        422,
+        "invalid_deadline",
+    ),
+    "deadline_header_nan": (
+        "/vqa",
+        {"json": {"image": RED_CIRCLE, "question": SHAPE_Q}, "headers": {"x-deadline-ms": "nan"}},
         422,
         "invalid_deadline",
     ),
@@ -579,10 +623,10 @@ def _rgba_circle() -> bytes:
     return encode(img)
 
 
-def _gray16_circle() -> bytes:
-    """16-bit grayscale: a mid-gray circle survives scaling to 8 bits, and would vanish into the
-    white background if the values were clipped instead."""
-    gray = np.asarray(shape("circle", GRAY).convert("L"), dtype=np.uint16) * 257
+def _gray16_triangle() -> bytes:
+    """16-bit grayscale: a mid-gray triangle survives scaling to 8 bits; clipped instead, the image
+    would be blank white (which the model calls a yellow circle)."""
+    gray = np.asarray(shape("triangle", GRAY).convert("L"), dtype=np.uint16) * 257
     img = Image.fromarray(gray)
     assert img.mode == "I;16"
     return encode(img)
@@ -598,9 +642,10 @@ def _animated_gif() -> bytes:
 
 GOOD_VARIANTS = {
     # name: (bytes, question, expected answer)
-    "cmyk_jpeg": (encode(shape("circle", RED).convert("CMYK"), "JPEG", quality=95), COLOR_Q, "red"),
-    "png_16bit": (_gray16_circle(), SHAPE_Q, "circle"),
-    "rgba_alpha": (_rgba_circle(), SHAPE_Q, "circle"),
+    "cmyk_jpeg": (encode(shape("circle", RED).convert("CMYK"), "JPEG", quality=95), COLOR_Q, "red"),  # inverted: "teal"
+    "png_16bit_shape": (_gray16_triangle(), SHAPE_Q, "triangle"),
+    "png_16bit_color": (_gray16_triangle(), COLOR_Q, "gray"),
+    "rgba_alpha": (_rgba_circle(), SHAPE_Q, "circle"),  # alpha dropped: "rectangle"
     "animated_gif_first_frame_shape": (_animated_gif(), SHAPE_Q, "circle"),
     "animated_gif_first_frame_color": (_animated_gif(), COLOR_Q, "red"),
     "grayscale": (encode(shape("rectangle", (0, 0, 0)).convert("L")), SHAPE_Q, "rectangle"),
@@ -622,6 +667,16 @@ def test_image_variants_decode_and_answer(client, case):
         r = client.post("/vqa", **kwargs)
         assert r.status_code == 200, (case, r.text)
         assert r.json()["answer"] == answer, (case, r.json())
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 3000), (3000, 2)])
+def test_degenerate_image_sizes_are_answered(client, size):
+    """A 1x1 pixel or a 1-pixel-wide strip is an image: answered, not a crash (infinity#609)."""
+    r = client.post("/vqa", json={"image": b64(encode(Image.new("RGB", size, RED))), "question": SHAPE_Q, "top_k": 3})
+    assert r.status_code == 200, r.text
+    answers = set(client.app.state.trimvlm.servers[DEFAULT_MODEL].tasks.manifest.answers)
+    assert r.json()["answer"] in answers and len(r.json()["top_k"]) == 3
+    assert_serves(client)
 
 
 @pytest.fixture(scope="module")
@@ -651,6 +706,16 @@ def test_api_key(auth_client):
         assert auth_client.get(path).status_code == 200, path
 
 
+@contextlib.contextmanager
+def loading_client(settings):
+    """A TestClient with the lifespan running, once loading has finished or failed (no readiness wait)."""
+    with TestClient(create_app(settings)) as c:
+        deadline = time.monotonic() + 30
+        while c.app.state.trimvlm.loading and time.monotonic() < deadline:
+            time.sleep(0.02)
+        yield c
+
+
 def test_no_models_not_ready_and_refuses_with_503(tmp_path):
     """An empty model repository: live, not ready (with the reason), and task requests get 503."""
     empty = tmp_path / "models"
@@ -662,16 +727,6 @@ def test_no_models_not_ready_and_refuses_with_503(tmp_path):
         r = c.post("/vqa", json={"image": RED_CIRCLE, "question": SHAPE_Q})
         assert_error(r, 503, "model_not_ready")
         assert int(r.headers["retry-after"]) >= 1
-
-
-@contextlib.contextmanager
-def loading_client(settings):
-    """A TestClient with the lifespan running, once loading has finished or failed (no readiness wait)."""
-    with TestClient(create_app(settings)) as c:
-        deadline = time.monotonic() + 30
-        while c.app.state.trimvlm.loading and time.monotonic() < deadline:
-            time.sleep(0.02)
-        yield c
 
 
 # ================================================================================ 7. metrics and 9. request ids
@@ -725,8 +780,8 @@ def test_metrics_expose_histograms_counters_and_gauges(client):
     assert delta("vlm_inference_duration_seconds_count", model=m, component="vqa/balanced") == 1
     assert delta("vlm_inference_duration_seconds_count", model=m, component="caption") == 1
     assert delta("vlm_inference_duration_seconds_count", model=m, component="itm") >= 1
-    # the 422 request decoded its image too (decoding and tokenising run side by side)
-    assert delta("vlm_preprocess_duration_seconds_count", endpoint="vqa", stage="image") == 3
+    # 2 or 3: the 422 request may decode its image too (decoding and tokenising run side by side)
+    assert delta("vlm_preprocess_duration_seconds_count", endpoint="vqa", stage="image") in (2, 3)
     assert delta("vlm_preprocess_duration_seconds_count", endpoint="vqa", stage="tokenize") == 2
     assert delta("vlm_batch_size_count", model=m, component="vqa/full") == 1
     assert delta("vlm_batch_size_sum", model=m, component="vqa/full") == 1
@@ -793,10 +848,17 @@ def test_real_server_request_id_and_oversize_body(live_server):
 
 
 def test_batches_form_under_concurrency(live_server):
-    """32 concurrent clients: the vqa/full batcher runs batches of more than one item on average,
-    and every client still gets the answer for its own image (padding and scatter are right)."""
+    """32 concurrent clients: the vqa/full batcher runs batches of more than one item on average
+    (a sequential client, before, gets batches of exactly one), and every client still gets the
+    answer for its own image and question (padding and scatter are right)."""
     questions = [SHAPE_Q, "what is the shape?", "what is the shape in the image?"]  # three lengths: padding
     before = live_server.metrics()
+    with httpx.Client(base_url=live_server.url, timeout=60) as c:
+        for expected, image in SHAPES:
+            r = c.post("/vqa", json={"image": image, "question": SHAPE_Q, "compute": "full"})
+            assert r.status_code == 200 and r.json()["answer"] == expected, r.text
+    sequential = live_server.metrics()
+    assert mean_batch(before, sequential, "vqa/full") == 1.0
 
     async def run():
         async with httpx.AsyncClient(base_url=live_server.url, timeout=120, limits=httpx.Limits(max_connections=64)) as c:
@@ -816,13 +878,12 @@ def test_batches_form_under_concurrency(live_server):
     assert all(status == 200 for status, _, _ in results), results
     assert all(answer == expected for _, answer, expected in results), [x for x in results if x[1] != x[2]]
     after = live_server.metrics()
-    mean = mean_batch(before, after, "vqa/full")
-    print("DEBUG mean batch", mean)
+    mean = mean_batch(sequential, after, "vqa/full")
     assert mean > 1.5, f"mean batch size {mean:.2f}: batches did not form"
-    assert (
-        metric(after, "vlm_inferences_total", component="vqa/full") - metric(before, "vlm_inferences_total", component="vqa/full")
-        == 128
+    ran = metric(after, "vlm_inferences_total", component="vqa/full") - metric(
+        sequential, "vlm_inferences_total", component="vqa/full"
     )
+    assert ran == 128
 
 
 def test_queue_full_gets_429_with_retry_after(start_server):
@@ -832,7 +893,6 @@ def test_queue_full_gets_429_with_retry_after(start_server):
     codes = [r.status_code for r in responses]
     assert set(codes) <= {200, 429}, codes
     rejected = [r for r in responses if r.status_code == 429]
-    print("DEBUG 429", len(rejected), codes.count(200))
     assert rejected and codes.count(200) >= 3, codes  # the queue of 2 plus the running one got through
     for r in rejected:
         assert_error(r, 429, "queue_full")
@@ -859,24 +919,26 @@ async def _raw_post(port: int, path: str, body: bytes) -> tuple[asyncio.StreamRe
 
 
 def test_disconnect_drops_queued_work(start_server):
-    """Batch size 1 and many queued /vqa requests; most clients hang up while queued. The batcher
-    skips their items (vlm_cancelled_items_total), runs only the rest, and the server serves on."""
-    import json
-
+    """Batch size 1 and many queued beam-search /caption requests; most clients hang up while
+    queued. The batchers skip their items (vlm_cancelled_items_total), run only the rest, the
+    clients that stayed get their captions, and the server serves on."""
     srv = start_server(TRIMVLM_MAX_BATCH_SIZE=1)
-    n, keep = 48, 6
+    n, keep = 40, 6
     before = srv.metrics()
+
+    def count(text: str, name: str, component: str) -> float:
+        return metric(text, name, component=component) - metric(before, name, component=component)
 
     async def run():
         conns = []
         for i in range(n):
-            body = json.dumps({"image": SHAPES[i % 3][1], "question": SHAPE_Q, "compute": "full"}).encode()
-            conns.append(await _raw_post(srv.port, "/vqa", body))
+            body = json.dumps({"image": SHAPES[i % 3][1], "num_beams": 5, "max_length": 32}).encode()
+            conns.append(await _raw_post(srv.port, "/caption", body))
         async with httpx.AsyncClient(base_url=srv.url, timeout=30) as c:
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:  # wait until the work is really queued
                 text = (await c.get("/metrics")).text
-                if metric(text, "vlm_queue_size", component="vqa/full") >= n // 2:
+                if metric(text, "vlm_queue_size", component="caption") >= n // 2:
                     break
                 await asyncio.sleep(0.01)
             else:
@@ -885,43 +947,41 @@ def test_disconnect_drops_queued_work(start_server):
             writer.close()
         answers = []
         for reader, writer in conns[:keep]:
-            raw = await asyncio.wait_for(reader.read(), 60)
-            answers.append(raw.split(b"\r\n", 1)[0])
+            answers.append(await asyncio.wait_for(reader.read(), 60))  # Connection: close -> read to EOF
             writer.close()
         return answers
 
-    status_lines = asyncio.run(run())
-    assert all(line.endswith(b" 200 OK") for line in status_lines), status_lines
+    for i, raw in enumerate(asyncio.run(run())):
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 "), raw[:500]
+        assert SHAPES[i % 3][0] in json.loads(body)["caption"], body
     deadline = time.monotonic() + 60
-    while True:  # until the queue has drained
-        after = srv.metrics()
-        done = metric(after, "vlm_inferences_total", component="vqa/full") + metric(
-            after, "vlm_cancelled_items_total", component="vqa/full"
-        )
-        done -= metric(before, "vlm_inferences_total", component="vqa/full") + metric(
-            before, "vlm_cancelled_items_total", component="vqa/full"
-        )
-        if done >= n or time.monotonic() > deadline:
+    while True:  # until every item has left the queues (dropped items are counted when dequeued)
+        text = srv.metrics()
+        vision_ran = count(text, "vlm_inferences_total", "vision")
+        vision_dropped = count(text, "vlm_cancelled_items_total", "vision")
+        if vision_ran + vision_dropped >= n and metric(text, "vlm_queue_size") == 0 or time.monotonic() > deadline:
             break
         time.sleep(0.05)
-    cancelled = metric(after, "vlm_cancelled_items_total", component="vqa/full") - metric(
-        before, "vlm_cancelled_items_total", component="vqa/full"
+    caption_ran = count(text, "vlm_inferences_total", "caption")
+    caption_dropped = count(text, "vlm_cancelled_items_total", "caption")
+    # Each request's image is encoded or dropped exactly once; only encoded ones reach the decoder
+    # (a client that left during its encoding never does), and each of those is decoded or dropped.
+    assert vision_ran + vision_dropped == n, (vision_ran, vision_dropped)
+    assert keep <= caption_ran and caption_ran + caption_dropped <= vision_ran, (caption_ran, caption_dropped, vision_ran)
+    dropped = vision_dropped + caption_dropped
+    assert dropped >= (n - keep) // 2, (
+        f"only {dropped:.0f} of {n - keep} abandoned items were dropped ({caption_ran:.0f} decoded)"
     )
-    ran = metric(after, "vlm_inferences_total", component="vqa/full") - metric(
-        before, "vlm_inferences_total", component="vqa/full"
-    )
-    print("DEBUG disconnect", ran, cancelled)
-    assert ran + cancelled == n, (ran, cancelled)  # every item either ran or was dropped, once
-    assert cancelled >= (n - keep) // 2, f"only {cancelled:.0f} of {n - keep} abandoned items were dropped (ran {ran:.0f})"
-    r = httpx.post(srv.url + "/vqa", json={"image": RED_CIRCLE, "question": SHAPE_Q}, timeout=60)
-    assert r.status_code == 200 and r.json()["answer"] == "circle"
+    r = httpx.post(srv.url + "/caption", json={"image": RED_CIRCLE, "max_length": 8}, timeout=60)
+    assert r.status_code == 200 and r.json()["caption"], r.text
 
 
 def test_sigterm_finishes_in_flight_requests(start_server):
     """SIGTERM while requests are in flight (queued behind batch size 1): each still gets its 200
     and the process exits cleanly."""
     srv = start_server(TRIMVLM_MAX_BATCH_SIZE=1)
-    n = 8
+    n = 12
 
     async def run():
         async with httpx.AsyncClient(base_url=srv.url, timeout=120, limits=httpx.Limits(max_connections=n + 1)) as c:
@@ -949,7 +1009,6 @@ def test_sigterm_finishes_in_flight_requests(start_server):
 
     responses, after_signal = asyncio.run(run())
     assert all(isinstance(r, httpx.Response) and r.status_code == 200 for r in responses), responses
-    print("DEBUG after signal", after_signal)
     assert sum(t > 0 for t in after_signal) >= n // 2, after_signal  # most were answered during the drain
     for (expected, _), r in zip([SHAPES[i % 3] for i in range(n)], responses, strict=True):
         assert expected in r.json()["caption"], r.json()
