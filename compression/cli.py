@@ -251,6 +251,29 @@ def model_card(
     typer.echo(f"wrote {path}")
 
 
+@app.command("levels")
+def levels_cmd(
+    model_dir: Annotated[Path, typer.Argument(help="Trimmed model folder (levels.json with its calibration curve).")],
+    drop: Annotated[list[str], typer.Option(help="NAME=MAX_DROP (absolute accuracy, on every split). Repeatable.")],
+):
+    """Re-choose the named compute levels from the stored calibration curve (no re-measuring)."""
+    from service.levels import LEVELS_FILE, choose_levels, load_levels
+
+    levels = load_levels(model_dir)
+    if levels is None:
+        raise typer.BadParameter(f"{model_dir} has no {LEVELS_FILE} (run `trimvlm trim`)")
+    drops = {}
+    for item in drop:
+        name, _, value = item.partition("=")
+        if not name or name == "full" or not value:
+            raise typer.BadParameter(f"--drop takes NAME=MAX_DROP with NAME other than full, got {item!r}")
+        drops[name] = float(value)
+    levels["levels"] = choose_levels(levels["curve"], levels["levels"]["full"], drops)
+    (model_dir / LEVELS_FILE).write_text(json.dumps(levels, indent=2) + "\n")
+    for name, lv in levels["levels"].items():
+        typer.echo(f"{name}: threshold {lv['token_threshold']}, FLOPs ratio {lv['flops_ratio']}, accuracy {lv['accuracy']}")
+
+
 @app.command("export")
 def export_cmd(
     model_dir: Annotated[Path, typer.Argument(help="Torch model folder (e.g. models/trimvlm-student/1 or runs/trim/model).")],

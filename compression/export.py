@@ -336,7 +336,7 @@ def export_model(
         preprocessing=Preprocessing.model_validate(pre),
         tokens=Tokens(pad=cfg.pad_token_id, cls=cfg.cls_token_id, sep=cfg.sep_token_id, bos=cfg.bos_token_id),
         answers=list(cfg.answers),
-        itc_temperature=float(model.temp.clamp(0.001, 0.5)),
+        itc_temperature=float(model.temp.detach().clamp(0.001, 0.5)),
         levels=load_levels(model_dir) if model.trimmers is not None else None,
         produced_by={
             "command": command or f"trimvlm export {model_dir} --out {out}",
