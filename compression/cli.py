@@ -254,7 +254,8 @@ def model_card(
 @app.command("levels")
 def levels_cmd(
     model_dir: Annotated[Path, typer.Argument(help="Trimmed model folder (levels.json with its calibration curve).")],
-    drop: Annotated[list[str], typer.Option(help="NAME=MAX_DROP (absolute accuracy, on every split). Repeatable.")],
+    drop: Annotated[list[str], typer.Option(help="NAME=MAX_DROP (absolute accuracy). Repeatable.")],
+    split: Annotated[list[str], typer.Option(help="Calibration split the drops apply to (default: all). Repeatable.")] = [],  # noqa: B006
 ):
     """Re-choose the named compute levels from the stored calibration curve (no re-measuring)."""
     from service.levels import LEVELS_FILE, choose_levels, load_levels
@@ -268,7 +269,10 @@ def levels_cmd(
         if not name or name == "full" or not value:
             raise typer.BadParameter(f"--drop takes NAME=MAX_DROP with NAME other than full, got {item!r}")
         drops[name] = float(value)
-    levels["levels"] = choose_levels(levels["curve"], levels["levels"]["full"], drops)
+    levels["levels"] = choose_levels(levels["curve"], levels["levels"]["full"], drops, split or None)
+    splits = split or list(levels["levels"]["full"]["accuracy"])
+    rule = f"cheapest threshold whose accuracy on {', '.join(splits)} is within the level's max_drop of full"
+    levels.setdefault("calibration", {})["rule"] = rule
     (model_dir / LEVELS_FILE).write_text(json.dumps(levels, indent=2) + "\n")
     for name, lv in levels["levels"].items():
         typer.echo(f"{name}: threshold {lv['token_threshold']}, FLOPs ratio {lv['flops_ratio']}, accuracy {lv['accuracy']}")

@@ -110,7 +110,9 @@ def run_pipeline(path: str | Path, force: set[str] | None = None) -> dict[str, P
             console.print(f"[dim]{name}: not in the pipeline[/dim]")
             return
         if st.get("reuse"):
-            outputs[name], stamps[name] = Path(st["reuse"]), _digest({"reuse": st["reuse"]})
+            # a reused folder's stamp follows its contents, so later stages rerun when it changes
+            files = sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in Path(st["reuse"]).rglob("*") if p.is_file())
+            outputs[name], stamps[name] = Path(st["reuse"]), _digest({"reuse": st["reuse"], "files": files})
             console.print(f"[bold]{name}[/bold]: reusing {st['reuse']}")
             return
         stamp = _digest({"settings": st, "yaml": _yaml_text(st), "inputs": [stamps.get(i) for i in inputs]})

@@ -29,16 +29,20 @@ def load_levels(model_dir: str | Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def choose_levels(curve: list[dict], full: dict, max_drop: dict[str, float]) -> dict[str, dict]:
+def choose_levels(curve: list[dict], full: dict, max_drop: dict[str, float], splits: list[str] | None = None) -> dict[str, dict]:
     """Named levels from a calibration curve: `full` is the untrimmed model; every other name
-    takes the cheapest curve point whose accuracy on *every* calibration split is within that
-    name's allowed drop of full's (the promise holds per split, not just on average). A name no
-    point satisfies falls back to the most accurate point that is still trimmed."""
+    takes the cheapest curve point whose accuracy on every split in `splits` (default: every
+    calibration split) is within that name's allowed drop of full's. A name no point satisfies
+    falls back to the most accurate point that is still trimmed."""
     levels = {"full": full}
+    splits = splits or list(full["accuracy"])
+    unknown = set(splits) - set(full["accuracy"])
+    if unknown:
+        raise LevelError(f"no calibration split {sorted(unknown)}; the curve has {sorted(full['accuracy'])}")
     for name, drop in sorted(max_drop.items(), key=lambda kv: kv[1]):
-        ok = [p for p in curve if all(p["accuracy"][s] >= full["accuracy"][s] - drop for s in full["accuracy"])]
+        ok = [p for p in curve if all(p["accuracy"][s] >= full["accuracy"][s] - drop for s in splits)]
         pick = min(ok, key=lambda p: p["flops_ratio"]) if ok else max(curve, key=lambda p: p["min_accuracy"])
-        levels[name] = {**pick, "max_drop": drop}
+        levels[name] = {**pick, "max_drop": drop, "drop_on": splits}
     return levels
 
 
