@@ -237,7 +237,8 @@ def test_p99_is_the_tail(stack):
 def test_other_recording_rules(stack):
     api = stack["api"]
     batch = api.query("vlm:batch_size:mean_5m")
-    assert batch and all(1 <= float(s["value"][1]) <= 32 for s in batch if s["value"][1] != "NaN")
+    # rate(sum) / rate(count) of equal increments can round to 0.999...
+    assert batch and all(1 - 1e-9 <= float(s["value"][1]) <= 32 + 1e-9 for s in batch if s["value"][1] != "NaN")
     errors = {s["metric"]["endpoint"]: float(s["value"][1]) for s in api.query("vlm:request_errors:ratio_5m")}
     assert 0 < errors["vqa"] < 0.25, "a few 5xx (impossible deadlines) among ~50 /vqa requests"
     assert errors["caption"] == 0
