@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 from fastapi import APIRouter, Request
 
 from service.errors import ApiError
-from service.routes.common import deadline_for, image_payload, ms_since, parse, state, submit
+from service.routes.common import deadline_for, gather_items, image_payload, ms_since, parse, state, submit
 from service.schemas import CaptionBatch, CaptionBatchResponse, CaptionItem, CaptionResponse, ComputeOut
 
 router = APIRouter(tags=["tasks"])
@@ -44,5 +43,5 @@ async def caption(request: Request):
     st = state(request)
     t0 = time.perf_counter()
     items, is_batch = await parse(request, CaptionItem, CaptionBatch, st.settings.max_items)
-    results = await asyncio.gather(*(caption_one(request, it, t0) for it in items))
+    results = await gather_items(caption_one(request, it, t0) for it in items)
     return {"results": results} if is_batch else results[0]

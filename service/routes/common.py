@@ -156,7 +156,11 @@ async def wait(request: Request, fut: asyncio.Future, deadline: float | None, en
     disconnect = asyncio.ensure_future(_wait_disconnect(request))
     try:
         timeout = None if deadline is None else max(0.0, deadline - time.perf_counter())
-        done, _ = await asyncio.wait({fut, disconnect}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            done, _ = await asyncio.wait({fut, disconnect}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            fut.cancel()  # this request was cancelled (a sibling item failed): drop its queued work
+            raise
         if fut in done:
             try:
                 result, queued_s = fut.result()
@@ -170,6 +174,18 @@ async def wait(request: Request, fut: asyncio.Future, deadline: float | None, en
         raise ApiError(504, "deadline_exceeded", "the deadline passed before the answer was ready")
     finally:
         disconnect.cancel()
+
+
+async def gather_items(coros) -> list:
+    """Run a request's items together; the first failure cancels the others, so their queued
+    work is dropped rather than computed for an answer nobody gets."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        raise
 
 
 class ClientDisconnected(Exception):

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 from fastapi import APIRouter, Request
 
 from service.routes.common import (
     deadline_for,
+    gather_items,
     image_payload,
     ms_since,
     parse,
@@ -69,5 +69,5 @@ async def vqa(request: Request):
     st = state(request)
     t0 = time.perf_counter()
     items, is_batch = await parse(request, VQAItem, VQABatch, st.settings.max_items)
-    results = await asyncio.gather(*(answer_one(request, it, t0) for it in items))
+    results = await gather_items(answer_one(request, it, t0) for it in items)
     return {"results": results} if is_batch else results[0]
