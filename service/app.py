@@ -151,7 +151,7 @@ class RequestContext:
         access.info("request", extra={"fields": {"request_id": rid, "path": scope["path"], "status": status, "error_code": code}})
 
 
-def require_api_key(request: Request) -> None:
+async def require_api_key(request: Request) -> None:  # async: a sync dependency costs a thread hop
     key = request.app.state.trimvlm.settings.api_key
     if key is None:
         return
