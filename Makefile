@@ -83,13 +83,14 @@ compression-report: $(VENV)/.train
 	  --model teacher=$(TEACHER) --model distilled=runs/distill/model --model scratch=runs/scratch/model \
 	  $(foreach r,$(PRUNE_RUNS),--model pruned-$(r)=runs/prune-$(r)/model)
 
-## Train SmartTrim trimmers on the committed pruned student, calibrate compute levels, and write
-## reports/trim (2 CPU cores: about 30 minutes). Not yet published: see README, Per-instance trimming.
-TRIM_STUDENT ?= models/trimvlm-student/1
+## Train SmartTrim trimmers on the pruned student from `make compress`, calibrate compute levels, and
+## write reports/trim (2 CPU cores: about 30 minutes). The committed result is models/trimvlm-student/2
+## (this run continued by configs/trim-continue.yaml; see its model card).
+TRIM_STUDENT ?= runs/prune-flops-0.55/model
 trim: $(VENV)/.train
 	$(VENV)/bin/trimvlm trim configs/trim.yaml --student $(TRIM_STUDENT)
 	$(MAKE) trim-report
-TRIMMED ?= runs/trim/model
+TRIMMED ?= models/trimvlm-student/2
 trim-report: $(VENV)/.train
 	$(VENV)/bin/trimvlm report trim $(TRIMMED) --out reports/trim
 

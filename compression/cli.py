@@ -280,7 +280,7 @@ def levels_cmd(
 
 @app.command("export")
 def export_cmd(
-    model_dir: Annotated[Path, typer.Argument(help="Torch model folder (e.g. models/trimvlm-student/1 or runs/trim/model).")],
+    model_dir: Annotated[Path, typer.Argument(help="Torch model folder (e.g. models/trimvlm-student/2 or runs/trim/model).")],
     out: Annotated[Path, typer.Option(help="Destination version folder, models/<name>/<version>.")],
     precision: Annotated[list[str], typer.Option(help="Variants beside fp32: int8 (CPU), fp16 (GPU). Repeatable.")] = ["int8"],  # noqa: B006
     name: Annotated[Optional[str], typer.Option(help="Model name in the manifest (default: the config's).")] = None,

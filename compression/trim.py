@@ -412,7 +412,7 @@ from compression.train import TrainConfig  # noqa: E402  (after the model code i
 @dataclass
 class TrimConfig(TrainConfig):
     out: str = "runs/trim"
-    student: str = "models/trimvlm-student/1"
+    student: str = "runs/prune-flops-0.55/model"  # the pruned student `make compress` writes
     hidden: int = 32  # trimmer MLP width (d' ; keeps the trimmers under 2% of the FLOPs)
     target_flops: float = 0.3  # beta: the trimmed / full FLOPs ratio the cost drives towards
     curriculum_fraction: float = 0.3  # beta anneals 1 -> target over this part of training
