@@ -80,7 +80,7 @@ class TorchTasks:
         return [decode_ids(self.tokenizer, row, cfg.sep_token_id, cfg.pad_token_id) for row in gen.tolist()]
 
     @property
-    def answers(self) -> list[str]:
+    def answer_vocab(self) -> list[str]:
         return self.model.config.answers
 
     @property
@@ -98,7 +98,7 @@ def evaluate_vqa(model, split: D.VQASplit, device=None, batch: int = 256, genera
     (torch models only: the exported decoder graphs take image states, not fused question states)."""
     tasks = as_tasks(model, device)
     generative = generative and getattr(tasks, "generative_vqa", False)
-    answers = tasks.answers if isinstance(tasks, TorchTasks) else tasks.manifest.answers
+    answers = tasks.answer_vocab
     scores, gen_scores, by_type = [], [], {}
     for sl in _batches(len(split.samples), batch):
         chunk = split.samples[sl]

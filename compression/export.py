@@ -146,14 +146,7 @@ def graph_modules(model: TrimVLM) -> dict[str, GraphModule]:
         ),
     }
     if model.trimmers is not None:
-        graphs["vqa_trimmed"] = GraphModule(
-            VQAGraph(model, "gather"),
-            ["pixel_values", "input_ids", "attention_mask", "token_threshold", "head_threshold"],
-            ["vqa_logits", "image_tokens_kept"],
-            lambda b, t: (_pixels(cfg, 1), *_text(cfg, 1, t), torch.tensor(0.5), torch.tensor(0.5)),
-            {"input_ids": {1: "text"}, "attention_mask": {1: "text"}},
-            batch_one=True,
-        )
+        graphs["vqa_trimmed"] = vqa_graph_module(model, "gather")
     graphs.update(decoder_graph_modules(model))
     return graphs
 
@@ -183,43 +176,32 @@ def export_graph(graph: GraphModule, path: str | Path, b: int = 2, t: int = 8) -
     return path
 
 
-def export_vqa(model: TrimVLM, path: str | Path, mode: str = "full") -> Path:
-    """Write the VQA graph to `path` (batch and question length dynamic; gather: batch 1)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def vqa_graph_module(model: TrimVLM, mode: str = "gather", logits: str = "vqa_logits") -> GraphModule:
+    """The end-to-end VQA graph (full | mask | gather); trimmed modes take the thresholds as
+    inputs and also return the image tokens kept. Gather is baked for batch 1."""
     cfg = model.config
     graph = VQAGraph(model, mode)
-    b = 1 if mode == "gather" else 2
-    pixels = torch.randn(b, 3, cfg.image_size, cfg.image_size)
-    ids = torch.full((b, 8), 5, dtype=torch.long)
-    ids[:, 0] = cfg.cls_token_id
-    mask = torch.ones(b, 8, dtype=torch.long)
-    inputs = (pixels, ids, mask)
+    b = 1 if mode == "gather" else None
     names = ["pixel_values", "input_ids", "attention_mask"]
-    outputs = ["logits"]
+    outputs = [logits]
     axes = {"input_ids": {1: "text"}, "attention_mask": {1: "text"}}
     if mode != "gather":
-        axes = {k: {0: "batch", **v} for k, v in axes.items()} | {"pixel_values": {0: "batch"}, "logits": {0: "batch"}}
+        axes = {k: {0: "batch", **v} for k, v in axes.items()} | {"pixel_values": {0: "batch"}, logits: {0: "batch"}}
     if mode != "full":
-        inputs += (torch.tensor(0.5), torch.tensor(0.5))
         names += ["token_threshold", "head_threshold"]
         outputs += ["image_tokens_kept"]
-    # The batch-1 gather graph branches on shapes at trace time on purpose (batch 1 is baked in);
-    # the tracer warns about every such branch.
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(
-            graph,
-            inputs,
-            str(path),
-            input_names=names,
-            output_names=outputs,
-            dynamic_axes=axes,
-            opset_version=OPSET,
-            dynamo=False,
-        )
-    return path
+
+    def sample(batch: int, t: int) -> tuple:
+        n = b or batch
+        extra = (torch.tensor(0.5), torch.tensor(0.5)) if mode != "full" else ()
+        return (_pixels(cfg, n), *_text(cfg, n, t), *extra)
+
+    return GraphModule(graph, names, outputs, sample, axes, batch_one=mode == "gather")
+
+
+def export_vqa(model: TrimVLM, path: str | Path, mode: str = "full") -> Path:
+    """Write the VQA graph to `path` (batch and question length dynamic; gather: batch 1)."""
+    return export_graph(vqa_graph_module(model, mode, logits="logits"), path)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,10 +26,19 @@ class LatencyModel:
         self._lock = threading.Lock()
 
     def observe(self, key: str, n: int, seconds: float) -> None:
+        # every batch and request lands here: record only, refit when a prediction needs it
         with self._lock:
-            obs = self._obs.setdefault(key, deque(maxlen=self.window))
-            obs.append((n, seconds))
-            self._fit[key] = self._solve(obs)
+            self._obs.setdefault(key, deque(maxlen=self.window)).append((n, seconds))
+            self._fit.pop(key, None)
+
+    def _line(self, key: str) -> tuple[float, float]:
+        with self._lock:
+            if key not in self._fit:
+                obs = self._obs.get(key)
+                if not obs:
+                    return 0.0, 0.0
+                self._fit[key] = self._solve(obs)
+            return self._fit[key]
 
     @staticmethod
     def _solve(obs) -> tuple[float, float]:
@@ -43,18 +52,15 @@ class LatencyModel:
         return a, b
 
     def predict(self, key: str, n: int) -> float:
-        a, b = self._fit.get(key, (0.0, 0.0))
+        a, b = self._line(key)
         return a * max(n, 0) + b
 
-    def known(self, key: str) -> bool:
-        return key in self._fit
-
     def snapshot(self) -> dict[str, dict]:
-        with self._lock:
-            return {
-                k: {"a_ms_per_item": round(1000 * a, 4), "b_ms": round(1000 * b, 4), "n_obs": len(self._obs[k])}
-                for k, (a, b) in self._fit.items()
-            }
+        out = {}
+        for key in list(self._obs):
+            a, b = self._line(key)
+            out[key] = {"a_ms_per_item": round(1000 * a, 4), "b_ms": round(1000 * b, 4), "n_obs": len(self._obs[key])}
+        return out
 
 
 @dataclass

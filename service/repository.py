@@ -10,7 +10,6 @@ produced it. `verify` re-checks all of it; `list_models` walks a repository (Tri
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Literal
 
@@ -241,7 +240,3 @@ def summary(folder: str | Path) -> dict:
         "size_mb": round(size / 2**20, 2),
         "metrics": m.metrics,
     }
-
-
-def dump(obj) -> str:
-    return json.dumps(obj, indent=2)

@@ -19,7 +19,7 @@ from service.levels import LevelError
 from service.metrics import Metrics
 from service.runtime import RuntimeOptions
 from service.settings import Settings
-from service.tasks import TaskModel, softmax
+from service.tasks import TaskModel
 
 log = logging.getLogger("trimvlm.server")
 
@@ -68,6 +68,7 @@ class ModelServer:
         self.backend = self.tasks.runtime.name
         self.latency = LatencyModel()
         self.ready = False
+        self.warmup_s = 0.0
         m = self.tasks.manifest
         self.image_tokens = int(m.graphs["vision"].outputs[0].shape[1])
         self.levels: dict[str, dict] = {}
@@ -151,8 +152,6 @@ class ModelServer:
         self.metrics.model_ready.labels(self.id, self.backend).set(1)
         self.metrics.warmup_duration.labels(self.id, self.backend).set(self.load_s + self.warmup_s)
 
-    warmup_s = 0.0
-
     def warmup(self) -> None:
         """A real inference through every graph group and level, at batch 1 and at the largest
         batch, so readiness means answers come back and `auto` starts with latency estimates."""
@@ -205,16 +204,12 @@ class ModelServer:
     def pick_level(self, compute, remaining_s: float | None) -> tuple[str, str]:
         """compute: 'auto' | level name | {'max_flops_ratio': x}. Returns (level, reason)."""
         if isinstance(compute, dict):
-            name, point = self.tasks.resolve_level(max_flops_ratio=compute["max_flops_ratio"])
-            # resolve() may return a curve point that is not a named level: run the named level
-            # with the same thresholds if there is one, else the most accurate named one within budget
-            for lv, p in self.levels.items():
-                if p.get("token_threshold") == point.get("token_threshold") and p["flops_ratio"] == point["flops_ratio"]:
-                    return lv, "max_flops_ratio"
-            within = [(lv, p) for lv, p in self.levels.items() if p["flops_ratio"] <= compute["max_flops_ratio"]]
+            # only named levels have batchers: run the most compute-rich one within the budget
+            budget = compute["max_flops_ratio"]
+            within = [lv for lv, p in self.levels.items() if p["flops_ratio"] <= budget]
             if not within:
-                raise LevelError(f"no compute level of {self.id} runs within {compute['max_flops_ratio']:g} of full FLOPs")
-            return max(within, key=lambda kv: kv[1].get("min_accuracy", 0))[0], "max_flops_ratio"
+                raise LevelError(f"no compute level of {self.id} runs within {budget:g} of full FLOPs")
+            return max(within, key=lambda lv: self.levels[lv]["flops_ratio"]), "max_flops_ratio"
         if compute == "auto":
             if remaining_s is None:
                 fallback = self.settings.auto_without_deadline
@@ -232,6 +227,4 @@ class ModelServer:
         )
 
     def answers(self, logits: np.ndarray, top_k: int) -> list[tuple[str, float]]:
-        probs = softmax(logits[None].astype(np.float32))[0]
-        order = np.argsort(-probs)[:top_k]
-        return [(self.tasks.manifest.answers[j], float(probs[j])) for j in order]
+        return self.tasks.answers(logits[None], top_k)[0]

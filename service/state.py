@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.errors import ApiError
+from service.images import ImageError, ImageLimits, load_request_image
 from service.metrics import Metrics
 from service.repository import find_models, load_manifest
 from service.server import ModelServer
@@ -31,14 +32,26 @@ class AppState:
     galleries: dict = field(default_factory=dict)
     loading: bool = True
     load_error: str | None = None
+    image_limits: ImageLimits = field(default_factory=ImageLimits)
 
     @classmethod
     def create(cls, settings: Settings) -> AppState:
+        s = settings
+        limits = ImageLimits(
+            max_image_bytes=s.max_image_bytes,
+            max_pixels=s.max_pixels,
+            formats=set(s.image_formats),
+            allow_urls=s.allow_urls,
+            url_allowlist=list(s.url_allowlist),
+            allow_private_urls=s.allow_private_urls,
+            url_timeout_s=s.url_timeout_s,
+        )
         return cls(
             settings,
             Metrics(),
             ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="preprocess"),
             ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="inference"),
+            image_limits=limits,
         )
 
     def load_models(self) -> None:
@@ -94,27 +107,11 @@ class AppState:
             srv.latency.observe("preprocess", 1, seconds)
         return out
 
-    def image_limits(self):
-        from service.images import ImageLimits
-
-        s = self.settings
-        return ImageLimits(
-            max_image_bytes=s.max_image_bytes,
-            max_pixels=s.max_pixels,
-            formats=set(s.image_formats),
-            allow_urls=s.allow_urls,
-            url_allowlist=list(s.url_allowlist),
-            allow_private_urls=s.allow_private_urls,
-            url_timeout_s=s.url_timeout_s,
-        )
-
     def decode_image(self, payload: str | bytes, srv: ModelServer, endpoint: str) -> np.ndarray:
         """Payload -> normalised float32 [3, H, W] for srv's model. Runs in the preprocess pool."""
-        from service.images import ImageError, load_request_image
-
         t0 = time.perf_counter()
         try:
-            loaded = load_request_image(payload, self.image_limits(), srv.tasks.image_spec)
+            loaded = load_request_image(payload, self.image_limits, srv.tasks.image_spec)
         except ImageError as e:
             raise ApiError(e.status, e.code, e.message) from e
         self.metrics.preprocess_duration.labels(endpoint, "image").observe(time.perf_counter() - t0)

@@ -62,6 +62,10 @@ class TaskModel:
         return f"{self.manifest.name}/{self.manifest.version}"
 
     @property
+    def answer_vocab(self) -> list[str]:
+        return self.manifest.answers
+
+    @property
     def level_names(self) -> list[str]:
         return sorted(self.levels["levels"]) if self.levels else ["full"]
 
