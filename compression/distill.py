@@ -35,6 +35,7 @@ from compression.train import (
     MultiTaskLoss,
     TaskOutputs,
     TrainConfig,
+    adopt_image_spec,
     end_run,
     fit,
     load_data_for,
@@ -102,7 +103,10 @@ class DistillConfig(TrainConfig):
 
 def attention_layer_map(n_teacher: int, n_student: int) -> list[int]:
     """Teacher layer each student layer is initialised from and distilled against:
-    round((i + 1) * n_t / n_s) - 1, i.e. 1, 3, 5, ... when halving."""
+    round((i + 1) * n_t / n_s) - 1, i.e. 1, 3, 5, ... when halving. A stack the teacher lacks
+    (an imported BLIP has no text-only layers) stays empty."""
+    if n_student == n_teacher == 0:
+        return []
     if not 1 <= n_student <= n_teacher:
         raise ValueError(f"student depth {n_student} must be between 1 and the teacher's {n_teacher}")
     return [round((i + 1) * n_teacher / n_student) - 1 for i in range(n_student)]
@@ -110,6 +114,8 @@ def attention_layer_map(n_teacher: int, n_student: int) -> list[int]:
 
 def hidden_state_map(n_teacher: int, n_student: int) -> list[int]:
     """Teacher hidden state for each student state (0 = embeddings): 0, 2, 4, ... when halving."""
+    if n_student == n_teacher == 0:
+        return [0]
     return [round(i * n_teacher / n_student) for i in range(n_student + 1)]
 
 
@@ -119,7 +125,7 @@ def student_layers(teacher_cfg: ModelConfig, requested: dict | None = None) -> d
     if unknown:
         raise ValueError(f"unknown stacks in student_layers: {sorted(unknown)}")
     counts = teacher_cfg.layer_counts
-    return {s: int(requested.get(s, max(1, counts[s] // 2))) for s in STACKS}
+    return {s: int(requested.get(s, max(min(1, counts[s]), counts[s] // 2))) for s in STACKS}
 
 
 def student_config(teacher_cfg: ModelConfig, layers: dict[str, int], name: str, overrides: dict | None = None) -> ModelConfig:
@@ -254,6 +260,8 @@ class Distiller(nn.Module):
         losses[f"{stack}_hidden"] = sum(
             hidden_mse(self._project(stack, s_out.hidden_states[i]), t_out.hidden_states[j], token_mask) for i, j in enumerate(hm)
         ) / len(hm)
+        if not am:  # an empty stack (embeddings only): nothing attends
+            return losses
         losses[f"{stack}_attn"] = sum(
             attention_mse(s_out.attentions[i], t_out.attentions[j], token_mask) for i, j in enumerate(am)
         ) / len(am)
@@ -355,8 +363,7 @@ def distill(cfg: DistillConfig, resume: bool = True) -> Path:
     """Distil a student from cfg.teacher and save it under <out>/model."""
     ctx = start_run(cfg)
     t = load_model_dir(cfg.teacher, ctx.device)
-    if t.preprocessing.image.size != cfg.image_size:
-        raise ValueError(f"teacher expects {t.preprocessing.image.size}px images, config says {cfg.image_size}")
+    adopt_image_spec(ctx, cfg, t.preprocessing.image, "teacher")
     student = build_student(cfg, t.model, t.tokenizer).to(ctx.device)
     objective = Distiller(student, t.model, cfg) if cfg.kd_weight > 0 else MultiTaskLoss(student, cfg.loss_weights)
     data, vqa_val = load_data_for(cfg, ctx, t.tokenizer, student.config.answers, student.config.bos_token_id)

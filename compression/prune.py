@@ -31,7 +31,7 @@ from compression.config import ModelConfig
 from compression.distill import DistillConfig, Distiller
 from compression.flops import TokenCounts, attention_flops, ffn_flops
 from compression.modeling import TrimVLM
-from compression.train import end_run, fit, load_data_for, save_run, start_run
+from compression.train import adopt_image_spec, end_run, fit, load_data_for, save_run, start_run
 
 # (stack, kind) -> the config field with its per-layer sizes
 GROUPS: dict[tuple[str, str], str] = {
@@ -342,6 +342,7 @@ def prune(cfg: PruneConfig, resume: bool = True) -> Path:
     ctx = start_run(cfg)
     t = load_model_dir(cfg.teacher, ctx.device)
     s = load_model_dir(cfg.student, ctx.device)
+    adopt_image_spec(ctx, cfg, t.preprocessing.image, "teacher")
     if s.model.config.vocab_size != t.model.config.vocab_size or s.model.config.answers != t.model.config.answers:
         raise ValueError("student and teacher must share the tokenizer and answer vocabulary")
     student = s.model.train()

@@ -456,6 +456,15 @@ def start_run(cfg: TrainConfig) -> RunContext:
     return RunContext(device, world, rank, local, out, spec, pre)
 
 
+def adopt_image_spec(ctx: RunContext, cfg: TrainConfig, spec: ImageSpec, whose: str) -> None:
+    """Train on the image preprocessing of the model being compressed: the size must be the
+    config's; mean, std and resampling come from the model (an imported BLIP brings its own)."""
+    if spec.size != cfg.image_size:
+        raise ValueError(f"{whose} expects {spec.size}px images, config says {cfg.image_size}")
+    ctx.spec = spec
+    ctx.pre = Preprocessing(spec, cfg.max_text_length, cfg.max_answer_length, cfg.max_caption_length)
+
+
 def end_run(ctx: RunContext) -> None:
     if ctx.world > 1:
         dist.barrier()

@@ -598,13 +598,12 @@ def trim(cfg: TrimConfig, resume: bool = True) -> Path:
 
     from compression.artifacts import load_model_dir
     from compression.modeling import Trimmers
-    from compression.train import end_run, fit, load_data_for, save_run, start_run
+    from compression.train import adopt_image_spec, end_run, fit, load_data_for, save_run, start_run
 
     ctx = start_run(cfg)
     lm = load_model_dir(cfg.student, ctx.device)
     model = lm.model
-    if lm.preprocessing.image.size != cfg.image_size:
-        raise ValueError(f"student expects {lm.preprocessing.image.size}px images, config says {cfg.image_size}")
+    adopt_image_spec(ctx, cfg, lm.preprocessing.image, "student")
     if model.trimmers is not None and not cfg.reinit_trimmers:
         trimmers, model.trimmers = model.trimmers, None  # continue an earlier trimming run
     else:
