@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TEACHER ?= models/trimvlm-teacher/1
 
-.PHONY: run serve export default-model export-report service-report verify test lint format install install-dev teacher compress compression-report trim trim-report student clean
+.PHONY: bench reliability-report run serve export default-model export-report service-report verify test lint format install install-dev teacher compress compression-report trim trim-report student clean
 
 $(VENV)/.serve: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,21 @@ export-report: $(VENV)/.train
 	$(VENV)/bin/trimvlm export models/trimvlm-student/2 --out runs/export-fp32/trimvlm-default/1 --name trimvlm-default
 	$(VENV)/bin/trimvlm report export models/trimvlm-default/1 --fp32 runs/export-fp32/trimvlm-default/1 \
 	  --source models/trimvlm-student/2 --out reports/export
+## Every README figure: the model benchmark, the service benchmark, then docs/BENCHMARKS.md and the README
+## headline block (each run is compared with the previous one: run it twice to see the run-to-run spread).
+bench: $(VENV)/.dev
+	mkdir -p reports/bench-previous
+	if [ -f reports/bench-model/report.json ]; then cp reports/bench-model/report.json reports/bench-previous/model.json; fi
+	if [ -f reports/service/report.json ]; then cp reports/service/report.json reports/bench-previous/service.json; fi
+	$(VENV)/bin/trimvlm bench model --out reports/bench-model
+	$(VENV)/bin/trimvlm bench service --models models/trimvlm-default/1 --out reports/service
+	$(VENV)/bin/trimvlm bench docs
+
+## Overload (60 s at 4x capacity) and soak (5 min per ORT arena setting) -> reports/reliability (docs/RELIABILITY.md).
+reliability-report: $(VENV)/.dev
+	$(VENV)/bin/trimvlm bench overload --models models/trimvlm-default/1 --out reports/reliability/overload
+	$(VENV)/bin/trimvlm bench soak --models models/trimvlm-default/1 --minutes 5 --compare-arena --out reports/reliability/soak
+	$(PY) -m benchmarks.soak combine reports/reliability
 service-report: $(VENV)/.dev
 	$(VENV)/bin/trimvlm bench service --models models/trimvlm-default/1 --out reports/service
 

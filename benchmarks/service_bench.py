@@ -28,9 +28,14 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from benchmarks.loadgen import closed_loop, percentile
+from benchmarks.loadgen import closed_loop, open_loop, percentile
 
 TARGETS = {"batching_speedup": 4.0, "http_overhead_ms": 2.0, "deadline_miss_rate": 0.01}
+# The mixed workload of the sweeps: share of requests per endpoint (a VQA-heavy product).
+MIX = {"vqa": 0.7, "caption": 0.15, "rank": 0.15}
+RANK_TEXTS = ["a red circle", "a blue square", "a green triangle", "a yellow rectangle"]
+CONCURRENCY = (1, 4, 16, 64)
+OPEN_LOOP_FRACTIONS = (0.25, 0.5, 0.75, 1.0)  # of the batching server's closed-loop capacity
 
 
 def free_port() -> int:
@@ -42,18 +47,24 @@ def free_port() -> int:
 class ServerProcess:
     """`trimvlm serve` in a subprocess with TRIMVLM_* overrides; waits for /readyz."""
 
-    def __init__(self, models: Path, env: dict[str, str] | None = None, timeout_s: float = 120.0):
+    def __init__(self, models: Path, env: dict[str, str] | None = None, timeout_s: float = 120.0, naive_baseline: bool = False):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {**os.environ, "TRIMVLM_LOG_JSON": "true", "TRIMVLM_LOG_LEVEL": "warning", **(env or {})}
-        cmd = [sys.executable, "-m", "compression.cli", "serve", "--port", str(self.port), "--models", str(models)]
+        if naive_baseline:  # benchmarks/baselines/naive_app.py: the torch model per request (`models` is its folder)
+            full_env["NAIVE_MODEL"] = str(models)
+            app = "benchmarks.baselines.naive_app:app"
+            cmd = [sys.executable, "-m", "uvicorn", app, "--port", str(self.port), "--log-level", "warning"]
+        else:
+            cmd = [sys.executable, "-m", "compression.cli", "serve", "--port", str(self.port), "--models", str(models)]
+        ready = "/healthz" if naive_baseline else "/readyz"
         self.proc = subprocess.Popen(cmd, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + timeout_s
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited: {self.proc.stderr.read()[-2000:]}")
             try:
-                if httpx.get(self.url + "/readyz", timeout=1.0).status_code == 200:
+                if httpx.get(self.url + ready, timeout=1.0).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
@@ -105,6 +116,87 @@ def _vqa(items, compute="full", deadline_ms=None):
     return make
 
 
+def mixed_requests(items, seed: int = 0):
+    """Request i of the sweeps: /vqa, /caption or /retrieval/rank drawn by MIX (same sequence on
+    every server), each with the server's default compute."""
+    rng = np.random.default_rng(seed)
+    kinds = rng.choice(list(MIX), size=4096, p=list(MIX.values()))
+
+    def make(i):
+        image, question, _ = items[i % len(items)]
+        kind = kinds[i % len(kinds)]
+        if kind == "vqa":
+            return "/vqa", {"image": image, "question": question}, None
+        if kind == "caption":
+            return "/caption", {"image": image, "max_length": 20}, None
+        return "/retrieval/rank", {"image": image, "texts": RANK_TEXTS}, None
+
+    return make
+
+
+def sweep(servers: dict, items, concurrency=CONCURRENCY, fractions=OPEN_LOOP_FRACTIONS, seconds: float = 6.0) -> dict:
+    """The mixed workload on every server: closed-loop clients 1..64, then open-loop Poisson
+    arrivals at fractions of the first server's closed-loop capacity; servers take turns per point."""
+    make = mixed_requests(items)
+    closed: dict[str, dict] = {name: {} for name in servers}
+    for c in concurrency:
+        for name, srv in servers.items():
+            stats = asyncio.run(closed_loop(srv.url, make, c, max(60, 12 * c), warmup=min(c, 8)))
+            closed[name][str(c)] = stats.summary()
+    first = next(iter(servers))
+    capacity = max(row["throughput_rps"] for row in closed[first].values())
+    rates = [round(f * capacity, 1) for f in fractions]
+    opened: dict[str, dict] = {name: {} for name in servers}
+    for rate in rates:
+        for name, srv in servers.items():
+            stats = asyncio.run(open_loop(srv.url, make, rate, seconds, seed=1))
+            row = stats.summary()
+            row["offered_rps"] = rate
+            opened[name][str(rate)] = row
+    return {
+        "mix": MIX,
+        "closed_loop": closed,
+        "open_loop": opened,
+        "capacity_rps": capacity,
+        "open_loop_seconds": seconds,
+        "how": "closed loop: N clients on keep-alive connections, max(60, 12N) requests per point; open loop: Poisson "
+        f"arrivals for {seconds:g} s at fractions {list(fractions)} of the '{first}' server's best closed-loop "
+        "throughput, latency measured until every answer arrived; the same request sequence on every server",
+    }
+
+
+def plot_sweep(sw: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, title in (
+        (axes[0], "closed_loop", "closed loop (clients 1..64)"),
+        (axes[1], "open_loop", "open loop (Poisson)"),
+    ):
+        for i, (name, rows) in enumerate(sw[key].items()):
+            x_key = "offered_rps" if key == "open_loop" else "throughput_rps"
+            pts = [(r[x_key], r["p50_ms"], r["p99_ms"]) for r in rows.values() if r["p50_ms"] is not None]
+            if not pts:
+                continue
+            x, p50, p99 = zip(*pts, strict=True)
+            colour = f"C{i}"
+            ax.plot(x, p50, "o-", color=colour, label=f"{name} p50")
+            ax.plot(x, p99, "s--", color=colour, alpha=0.6, label=f"{name} p99")
+        ax.set_yscale("log")
+        ax.set_xlabel("offered requests / s" if key == "open_loop" else "answered requests / s")
+        ax.set_ylabel("latency (ms, log)")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Mixed /vqa, /caption, /retrieval/rank: latency vs throughput", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _sequential_server_latency(url: str, items, compute: str, n: int) -> list[float]:
     """Server-reported latency_ms of n sequential requests (keep-alive client)."""
     out = []
@@ -117,7 +209,18 @@ def _sequential_server_latency(url: str, items, compute: str, n: int) -> list[fl
     return out
 
 
-def run(models: Path, out: Path, clients: int = 32, requests: int = 640, rounds: int = 3, overhead_samples: int = 200) -> dict:
+def run(
+    models: Path,
+    out: Path,
+    clients: int = 32,
+    requests: int = 640,
+    rounds: int = 3,
+    overhead_samples: int = 200,
+    baseline: Path | None = Path("models/trimvlm-teacher/1"),
+    concurrency: tuple[int, ...] = CONCURRENCY,
+    fractions: tuple[float, ...] = OPEN_LOOP_FRACTIONS,
+    sweep_seconds: float = 6.0,
+) -> dict:
     from service.tasks import TaskModel
 
     out.mkdir(parents=True, exist_ok=True)
@@ -140,8 +243,22 @@ def run(models: Path, out: Path, clients: int = 32, requests: int = 640, rounds:
                 stats = asyncio.run(closed_loop(srv.url, _vqa(items), clients, requests, warmup=clients))
                 rows[name].append(stats.summary())
         batch_metrics = httpx.get(batched.url + "/metrics").text
+        # 1b. the mixed workload: batching, no batching and the naive torch baseline, side by side
+        servers = {"trimvlm": batched, "trimvlm, no batching": unbatched}
+        naive = None
+        if baseline is not None and (Path(baseline) / "config.json").is_file():
+            naive = ServerProcess(Path(baseline), naive_baseline=True)
+            servers[f"naive torch baseline ({Path(baseline).parent.name})"] = naive
+        else:
+            report["baseline_skipped"] = f"{baseline} not found"
+        try:
+            report["sweep"] = sweep(servers, items, concurrency, fractions, sweep_seconds)
+        finally:
+            if naive is not None:
+                naive.stop()
     finally:
         unbatched.stop()
+    plot_sweep(report["sweep"], out / "latency_vs_throughput.png")
     tput = {k: statistics.median(r["throughput_rps"] for r in v) for k, v in rows.items()}
     report["batching"] = {
         "rounds": rows,
@@ -213,11 +330,29 @@ def run(models: Path, out: Path, clients: int = 32, requests: int = 640, rounds:
     if "adaptive" in report:
         checks["deadline_miss_rate"] = report["adaptive"]["auto_miss_rate"]
     report["checks"] = checks
+    report["headline"] = service_headline(report)
     report["passed"] = {k: (v >= TARGETS[k] if k == "batching_speedup" else v <= TARGETS[k]) for k, v in checks.items()}
     report["targets"] = TARGETS
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "REPORT.md").write_text(_markdown(report))
     return report
+
+
+def service_headline(r: dict) -> dict:
+    """The ratios README and docs/BENCHMARKS.md quote."""
+    out = {"batching_vs_none_vqa_throughput": r["batching"]["speedup"]}
+    closed = r.get("sweep", {}).get("closed_loop", {})
+    best = {name: max(row["throughput_rps"] for row in rows.values()) for name, rows in closed.items()}
+    names = list(closed)
+    if len(names) >= 2:
+        out["batching_vs_none_mixed_best_throughput"] = round(best[names[0]] / best[names[1]], 3)
+    if len(names) >= 3:
+        ours, naive = closed[names[0]], closed[names[2]]
+        out["service_vs_naive_best_throughput"] = round(best[names[0]] / best[names[2]], 3)
+        if "1" in ours and ours["1"]["p50_ms"] and naive["1"]["p50_ms"]:
+            out["service_vs_naive_p50_latency_c1"] = round(naive["1"]["p50_ms"] / ours["1"]["p50_ms"], 3)
+    out["http_overhead_p50_ms"] = r["http_overhead"]["overhead_p50_ms"]
+    return out
 
 
 def _overhead(url: str, tasks, items, pre, rounds: int) -> dict:
@@ -300,6 +435,9 @@ Load generator and servers share the machine.
 ## Checks
 {checks}
 
+## Headline ratios
+{chr(10).join(f"- {k}: **{v}**" for k, v in r.get("headline", {}).items())}
+
 ## Dynamic batching: /vqa, {r["clients"]} concurrent clients, {r["requests_per_round"]} requests per round
 Median throughput: batching {b["median_throughput_rps"]["batching"]} req/s,
 no batching {b["median_throughput_rps"]["no_batching"]} req/s
@@ -316,9 +454,34 @@ With `TRIMVLM_ORT_SPINNING=true` (server and bare runtime): bare {hs["bare_runti
 {hs["http_round_trip_p50_ms"]} ms: overhead **{hs["overhead_p50_ms"]} ms**.
 How: {h["how"]}.
 
+{_sweep_markdown(r)}
 ## Server-side latency per level (sequential requests)
 | level | p50 ms | p95 ms |
 |---|---:|---:|
 {lv}
 
 {adaptive}"""
+
+
+def _sweep_markdown(r: dict) -> str:
+    sw = r.get("sweep")
+    if not sw:
+        return r.get("baseline_skipped", "")
+    rows = []
+    for mode, label, unit in (("closed_loop", "closed", "clients"), ("open_loop", "open", "offered req/s")):
+        for name, points in sw[mode].items():
+            for point, row in points.items():
+                rows.append(
+                    f"| {name} | {label}: {point} {unit} | {row['throughput_rps']} | {row['p50_ms']} | {row['p95_ms']} | "
+                    f"{row['p99_ms']} | {row['statuses']} | {row['levels'] or ''} |"
+                )
+    mix = ", ".join(f"{k} {int(100 * v)}%" for k, v in sw["mix"].items())
+    return f"""## Mixed workload: TrimVLM vs no batching vs the naive torch baseline
+Mix: {mix}. {sw["how"]}. Naive baseline: `benchmarks/baselines/naive_app.py` (torch fp32 teacher per request).
+
+![latency vs throughput](latency_vs_throughput.png)
+
+| server | load | answered req/s | p50 ms | p95 ms | p99 ms | statuses | VQA levels |
+|---|---|---:|---:|---:|---:|---|---|
+{chr(10).join(rows)}
+"""

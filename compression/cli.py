@@ -20,6 +20,8 @@ models_app = typer.Typer(help="The model repository (models/<name>/<version>/man
 app.add_typer(models_app, name="models")
 pipeline_app = typer.Typer(help="The whole offline pipeline from one YAML.", no_args_is_help=True)
 app.add_typer(pipeline_app, name="pipeline")
+import_app = typer.Typer(help="Import pretrained checkpoints as TrimVLM model folders.", no_args_is_help=True)
+app.add_typer(import_app, name="import")
 bench_app = typer.Typer(help="Benchmarks that write reports (JSON + Markdown).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 register_service_commands(app)  # serve, index build (service/cli.py: no torch on that path)
@@ -39,6 +41,36 @@ def data_scenes(
 
     summary = generate_scenes(out, seed=seed, n_train=n_train, n_val=n_val, n_test=n_test, image_size=image_size)
     typer.echo(json.dumps(summary, indent=2))
+
+
+@import_app.command("blip")
+def import_blip_cmd(
+    path: Annotated[Path, typer.Argument(help="Local Hugging Face BLIP folder (config.json, weights, tokenizer, preprocessor).")],
+    out: Annotated[Path, typer.Option(help="Model folder to write.")],
+    name: Annotated[Optional[str], typer.Option(help="Model name (default: the source folder's name).")] = None,
+    answers: Annotated[Optional[Path], typer.Option(help="Closed VQA answer vocabulary (JSON list or one a line).")] = None,
+    answers_for: Annotated[
+        Optional[Path], typer.Option(help="Training/distill YAML whose VQA splits give the answer vocabulary.")
+    ] = None,
+    max_text_length: int = 32,
+    max_answer_length: int = 10,
+    max_caption_length: int = 20,
+    dtype: Annotated[str, typer.Option(help="Stored weight dtype: fp32 | fp16 | bf16.")] = "fp32",
+):
+    """Convert a BLIP checkpoint (BlipForQuestionAnswering / ConditionalGeneration / ImageTextRetrieval) without transformers."""
+    from compression.blip_import import BlipImportError, answers_for_config, import_blip, read_answers
+
+    if answers and answers_for:
+        raise typer.BadParameter("give --answers or --answers-for, not both")
+    try:
+        vocab = read_answers(answers) if answers else answers_for_config(answers_for) if answers_for else None
+        report = import_blip(path, out, name, vocab, max_text_length, max_answer_length, max_caption_length, dtype)
+    except (BlipImportError, FileNotFoundError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from e
+    summary = {k: v for k, v in report.to_dict().items() if k not in ("mapping", "fresh")}
+    typer.echo(json.dumps(summary, indent=2))
+    typer.echo(f"model written to {out}")
 
 
 @app.command()
@@ -384,6 +416,63 @@ def pipeline_run(
     run_pipeline(config, force=set(force))
 
 
+@bench_app.command("model")
+def bench_model(
+    out: Annotated[Path, typer.Option(help="Report folder.")] = Path("reports/bench-model"),
+    artifact: Annotated[
+        list[str], typer.Option(help="LABEL=PATH of a torch model folder; repeatable (default: the Makefile chain's).")
+    ] = [],  # noqa: B006
+    exported: Annotated[
+        list[str], typer.Option(help="PATH:BACKEND:PRECISION of an exported model; repeatable (default: the embedded default).")
+    ] = [],  # noqa: B006
+    limit: Annotated[Optional[int], typer.Option(help="Questions for accuracy (default: the whole test split).")] = None,
+    latency_samples: int = 48,
+    throughput_batches: int = 4,
+    rounds: int = 3,
+):
+    """Every artifact on VQA in one interleaved run: latency, throughput, accuracy, FLOPs, FLOP/s vs GEMM."""
+    from benchmarks.model_bench import run
+
+    arts = dict(a.split("=", 1) for a in artifact) or None
+    exp = [tuple(e.rsplit(":", 2)) for e in exported] or None
+    run(out, arts, exp, limit=limit, latency_samples=latency_samples, throughput_batches=throughput_batches, rounds=rounds)
+    typer.echo((out / "REPORT.md").read_text())
+
+
+@bench_app.command("docs")
+def bench_docs(
+    model_dir: Annotated[str, typer.Option(help="`bench model` report folder.")] = "reports/bench-model",
+    service_dir: Annotated[str, typer.Option(help="`bench service` report folder.")] = "reports/service",
+    previous: Annotated[
+        Optional[str], typer.Option(help="Folder with the previous run's model.json/service.json (make bench keeps it).")
+    ] = "reports/bench-previous",
+):
+    """docs/BENCHMARKS.md and the README's headline block, from the benchmark reports."""
+    from benchmarks.bench_docs import write_docs
+
+    repro = write_docs(model_dir, service_dir, previous)
+    typer.echo("wrote docs/BENCHMARKS.md and the README headline block")
+    if repro is not None:
+        typer.echo(f"run-to-run: {'all' if repro['all_within'] else 'NOT all'} timing ratios within ±{repro['tolerance']:.0%}")
+
+
+@bench_app.command("compare")
+def bench_compare(
+    before: Annotated[Path, typer.Argument(help="A benchmark report.json.")],
+    after: Annotated[Path, typer.Argument(help="The same benchmark's report.json from another run.")],
+    tolerance: float = 0.10,
+):
+    """Headline ratios of two runs side by side; exit 1 if a timing ratio moved more than the tolerance."""
+    from benchmarks.bench_docs import DESCRIPTIONS, compare, load
+
+    result = compare(load(before)["headline"], load(after)["headline"], tolerance)
+    for key, row in result["rows"].items():
+        flag = "" if row["within"] is None else ("ok" if row["within"] else "MOVED")
+        typer.echo(f"{row['change']:+8.1%}  {row['before']:>9} -> {row['after']:<9} {flag:5} {DESCRIPTIONS.get(key, key)}")
+    if not result["all_within"]:
+        raise typer.Exit(1)
+
+
 @bench_app.command("service")
 def bench_service(
     models: Annotated[Path, typer.Option(help="Model repository (or one version folder) to serve.")] = Path("models"),
@@ -391,12 +480,51 @@ def bench_service(
     clients: int = 32,
     requests: Annotated[int, typer.Option(help="Requests per round and server.")] = 640,
     rounds: int = 3,
+    baseline: Annotated[
+        Optional[Path], typer.Option(help="Torch model folder for the naive baseline server (benchmarks/baselines/).")
+    ] = Path("models/trimvlm-teacher/1"),
+    sweep_seconds: Annotated[float, typer.Option(help="Seconds per open-loop rate.")] = 6.0,
 ):
-    """The service on loopback: batching on vs off, HTTP overhead, adaptive compute under a deadline."""
+    """The service on loopback: a mixed-endpoint sweep (closed loop 1..64 clients, open-loop Poisson) against
+    no batching and a naive torch baseline; batching on vs off; HTTP overhead; adaptive compute under a deadline."""
     from benchmarks.service_bench import run
 
-    run(models, out, clients, requests, rounds)
+    run(models, out, clients, requests, rounds, baseline=baseline, sweep_seconds=sweep_seconds)
     typer.echo((out / "REPORT.md").read_text())
+
+
+@bench_app.command("overload")
+def bench_overload(
+    models: Annotated[Path, typer.Option(help="Model repository (or one version folder) to serve.")] = Path("models"),
+    out: Annotated[Path, typer.Option(help="Report folder.")] = Path("reports/reliability/overload"),
+    duration: Annotated[float, typer.Option(help="Seconds of overload.")] = 60.0,
+    factor: Annotated[float, typer.Option(help="Offered rate as a multiple of the measured capacity.")] = 4.0,
+    capacity_seconds: Annotated[float, typer.Option(help="Seconds of closed-loop load to measure capacity.")] = 10.0,
+):
+    """Open-loop load at FACTOR x measured capacity: every request answered (200 or 429/503 + Retry-After)."""
+    from benchmarks.overload import run
+
+    report = run(models, out, duration_s=duration, factor=factor, capacity_s=capacity_seconds)
+    typer.echo((out / "REPORT.md").read_text())
+    raise typer.Exit(0 if report["passed"] else 1)
+
+
+@bench_app.command("soak")
+def bench_soak(
+    models: Annotated[Path, typer.Option(help="Model repository (or one version folder) to serve.")] = Path("models"),
+    out: Annotated[Path, typer.Option(help="Report folder.")] = Path("reports/reliability/soak"),
+    minutes: Annotated[float, typer.Option(help="Minutes of load per configuration.")] = 5.0,
+    clients: Annotated[int, typer.Option(help="Closed-loop clients (mixed endpoints).")] = 8,
+    compare_arena: Annotated[
+        bool, typer.Option(help="Also run with ORT's CPU memory arena off, for the RSS comparison.")
+    ] = False,
+):
+    """Mixed-endpoint load for MINUTES: RSS over time (PNG), errors, p99 drift first vs last window."""
+    from benchmarks.soak import run
+
+    report = run(models, out, minutes=minutes, clients=clients, compare_arena=compare_arena)
+    typer.echo((out / "REPORT.md").read_text())
+    raise typer.Exit(0 if report["passed"] else 1)
 
 
 def main() -> None:  # console-script entry point

@@ -171,3 +171,33 @@ def test_committed_default_verifies_and_matches_its_recorded_metrics():
     assert {"full", "balanced", "fast"} <= set(m.levels["levels"])
     assert m.metrics["onnxruntime/int8"]["easy_vqa.accuracy"] >= 0.97
     assert "trimvlm pipeline run configs/pipeline-default.yaml" in (default / "MODEL_CARD.md").read_text()
+
+
+def test_bench_model_report_schema_on_the_tiny_pipeline(pipeline, tmp_path):
+    """`trimvlm bench model` on the tiny chain: every runner measured at every batch size, the
+    headline ratios, the Pareto plot, and missing artifacts/backends listed with a reason."""
+    from benchmarks.model_bench import BATCH_SIZES, run
+
+    work = pipeline["tmp"] / "work"
+    artifacts = {"teacher": work / "teacher" / "model", "trimmed": work / "trim" / "model", "pruned": tmp_path / "absent"}
+    exported = [(pipeline["export"], "onnxruntime", "int8"), (pipeline["export"], "tensorrt", "fp16")]
+    r = run(tmp_path / "bench", artifacts, exported, limit=16, latency_samples=3, throughput_batches=1, rounds=1)
+    levels = set(json.loads((work / "trim" / "model" / "levels.json").read_text())["levels"])
+    names = set(r["runners"])
+    assert "teacher torch fp32" in names
+    assert {f"trimmed torch fp32 {lv}" for lv in levels} <= names
+    assert {f"exported onnxruntime int8 {lv}" for lv in levels} <= names
+    assert "pruned" in r["skipped"] and "exported tensorrt fp16" in r["skipped"]
+    for name, row in r["runners"].items():
+        assert 0.0 <= row["accuracy"] <= 1.0, name
+        assert row["params"] > 0 and row["flops_per_sample"] > 0, name
+        for bs in BATCH_SIZES:
+            b = row[f"batch{bs}"]
+            assert 0 < b["p50_ms"] <= b["p95_ms"] and b["items_per_s"] > 0 and b["flops_fraction_of_gemm"] > 0, (name, bs)
+    trimmed_levels = [row for row in r["runners"].values() if row["artifact"] == "trimmed" and row["level"] != "full"]
+    assert trimmed_levels and all(row["measured_flops_ratio"] > 0 for row in trimmed_levels)  # measured, not copied
+    assert r["headline"]["student_full_vs_teacher_latency_b1"] > 0 and r["gemm_gflops"] > 0
+    saved = json.loads((tmp_path / "bench" / "report.json").read_text())
+    assert saved["headline"] == r["headline"] and saved["machine"]["cpu"]
+    assert (tmp_path / "bench" / "pareto.png").stat().st_size > 1000
+    assert "| teacher torch fp32 |" in (tmp_path / "bench" / "REPORT.md").read_text()
