@@ -23,6 +23,9 @@ class Result:
     status: int
     level: str | None = None
     late: bool = False  # answered after its deadline
+    retry_after: str | None = None  # the Retry-After header of a refusal (429/503)
+    error: str | None = None  # the exception's class name when no response came (status 0)
+    started_s: float = 0.0  # perf_counter when the request was sent
 
 
 @dataclass
@@ -63,14 +66,15 @@ async def _one(client: httpx.AsyncClient, path: str, body: dict, deadline_ms: fl
     t0 = time.perf_counter()
     try:
         r = await client.post(path, json=body)
-    except httpx.HTTPError:
-        return Result(time.perf_counter() - t0, 0)
+    except httpx.HTTPError as e:
+        return Result(time.perf_counter() - t0, 0, error=type(e).__name__, started_s=t0)
     dt = time.perf_counter() - t0
     level = None
     if r.status_code == 200:
         data = r.json()
         level = (data.get("compute") or {}).get("level")
-    return Result(dt, r.status_code, level, late=deadline_ms is not None and r.status_code == 200 and 1000 * dt > deadline_ms)
+    late = deadline_ms is not None and r.status_code == 200 and 1000 * dt > deadline_ms
+    return Result(dt, r.status_code, level, late=late, retry_after=r.headers.get("retry-after"), started_s=t0)
 
 
 async def closed_loop(base_url: str, make: RequestFactory, concurrency: int, requests: int, warmup: int = 0) -> RunStats:

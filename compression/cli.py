@@ -429,13 +429,25 @@ def bench_model(
     latency_samples: int = 48,
     throughput_batches: int = 4,
     rounds: int = 3,
+    reuse_accuracy: Annotated[
+        bool, typer.Option(help="Reuse accuracy measured on identical model files (OUT/accuracy_cache.json).")
+    ] = True,
 ):
     """Every artifact on VQA in one interleaved run: latency, throughput, accuracy, FLOPs, FLOP/s vs GEMM."""
     from benchmarks.model_bench import run
 
     arts = dict(a.split("=", 1) for a in artifact) or None
     exp = [tuple(e.rsplit(":", 2)) for e in exported] or None
-    run(out, arts, exp, limit=limit, latency_samples=latency_samples, throughput_batches=throughput_batches, rounds=rounds)
+    run(
+        out,
+        arts,
+        exp,
+        limit=limit,
+        latency_samples=latency_samples,
+        throughput_batches=throughput_batches,
+        rounds=rounds,
+        reuse_accuracy=reuse_accuracy,
+    )
     typer.echo((out / "REPORT.md").read_text())
 
 

@@ -69,6 +69,7 @@ class RequestContext:
 
     def __init__(self, app, settings: Settings):
         self.app, self.settings = app, settings
+        self.inflight = 0  # task requests in this process (the event loop is single-threaded)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -83,6 +84,15 @@ class RequestContext:
             return await self._reject(
                 scope, send, rid, t0, 413, "payload_too_large", f"request body of {int(length)} bytes exceeds {limit}"
             )
+        endpoint = endpoint_of(scope["path"])
+        limit_inflight = self.settings.max_inflight_requests
+        if endpoint and limit_inflight and self.inflight >= limit_inflight:
+            # Admission before any work: the batchers' queues bound only what reached them, while
+            # decoding (a thread pool) and body reading queue without bound; under overload every
+            # request would wait there (measured: 4x capacity -> 47 s p50, no 429s). Refuse at once.
+            scope["app"].state.trimvlm.metrics.rejections.labels(endpoint, "overloaded").inc()
+            message = f"{self.inflight} requests in flight; the limit is {limit_inflight}"
+            return await self._reject(scope, send, rid, t0, 429, "overloaded", message, retry_after=1)
         seen = 0
 
         async def limited_receive():
@@ -103,16 +113,17 @@ class RequestContext:
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
             await send(message)
 
-        endpoint = endpoint_of(scope["path"])
         st: AppState = scope["app"].state.trimvlm
         if endpoint:
             st.metrics.inflight.labels(endpoint).inc()
+            self.inflight += 1
         try:
             await self.app(scope, limited_receive, send_with_id)
         finally:
             seconds = time.perf_counter() - t0
             state = scope["state"]
             if endpoint:
+                self.inflight -= 1
                 st.metrics.inflight.labels(endpoint).dec()
                 model, level = state.get("model", "none"), state.get("level", "none")
                 st.metrics.request_duration.labels(endpoint, model, level, str(status)).observe(seconds)
@@ -134,13 +145,15 @@ class RequestContext:
                     fields[key] = state[key]
             access.info("request", extra={"fields": fields})
 
-    async def _reject(self, scope, send, rid, t0, status, code, message):
+    async def _reject(self, scope, send, rid, t0, status, code, message, retry_after: int | None = None):
         body = json.dumps(error_body(code, message)).encode()
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
             (b"x-request-id", rid.encode()),
         ]
+        if retry_after is not None:
+            headers.append((b"retry-after", str(retry_after).encode()))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
         endpoint = endpoint_of(scope["path"])
@@ -238,7 +251,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
         codes = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}  # 400: unparsable body or multipart
-        return _error(request, e.status_code, codes.get(e.status_code, "http_error"), str(e.detail))
+        # e.headers: a 405 carries the Allow header RFC 9110 requires (it was dropped here)
+        return _error(request, e.status_code, codes.get(e.status_code, "http_error"), str(e.detail), getattr(e, "headers", None))
 
     @app.exception_handler(ClientDisconnected)
     async def disconnected(request: Request, e: ClientDisconnected):
@@ -309,10 +323,18 @@ def _openapi(app: FastAPI) -> dict:
                     }
                 }
             op["requestBody"] = {"required": True, "content": content}
-            op.setdefault("responses", {})["default"] = {
-                "description": "Error",
-                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
-            }
+    # Every operation answers its errors as ErrorResponse (400/401/404/405/413/415/422/429/503/504), never
+    # FastAPI's HTTPValidationError (the validation handler above rewrites those): declare it so, for every
+    # operation, so schema-driven clients and fuzzers (tests/reliability/test_fuzz.py) see the real shapes.
+    error = {"description": "Error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+    for ops_ in spec["paths"].values():
+        for op in ops_.values():
+            responses = op.setdefault("responses", {})
+            if "HTTPValidationError" in json.dumps(responses.get("422", {})):
+                del responses["422"]
+            responses["default"] = error
+    for unused in ("HTTPValidationError", "ValidationError"):
+        components.pop(unused, None)
     components["ErrorResponse"] = TypeAdapter(schemas.ErrorResponse).json_schema(ref_template="#/components/schemas/{model}")
     for dname, d in components["ErrorResponse"].pop("$defs", {}).items():
         components.setdefault(dname, d)

@@ -16,8 +16,9 @@ status to answer with. The convention:
 
 URL fetching (off unless `allow_urls`) guards against SSRF: http/https only, no credentials in
 the URL, host allowlist, every resolved address must be public (unless `allow_private_urls`),
-redirects followed by hand with every hop re-checked, one deadline for the whole fetch, the
-body streamed and cut off at `max_image_bytes`. DNS rebinding: the host is resolved once, the
+redirects followed by hand with every hop re-checked, one deadline for the whole fetch, a
+Content-Type that is neither image/* nor a generic binary type refused (415), the body streamed
+and cut off at `max_image_bytes`. DNS rebinding: the host is resolved once, the
 addresses are checked, and the TCP connection goes to a checked address (TLS still verifies the
 certificate against the host name), so a second, different DNS answer is never used. Proxy
 environment variables are ignored on purpose (a proxy would connect to wherever it likes).
@@ -245,6 +246,7 @@ Resolver = Callable[[str, int], Sequence[str]]  # (host, port) -> IP address str
 Connector = Callable[[str, int, float], socket.socket]  # (ip, port, timeout) -> connected socket
 
 _REDIRECTS = {301, 302, 303, 307, 308}
+_BINARY_TYPES = {"application/octet-stream", "binary/octet-stream"}  # generic types object stores serve images as
 _MAX_URL_LENGTH = 4096
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 # Addresses that carry an IPv4 address inside (NAT64 well-known prefix): check the IPv4 one too.
@@ -406,6 +408,10 @@ def _get_once(target: _Target, addresses: list[str], limits: ImageLimits, deadli
             return location
         if resp.status != 200:
             raise ImageError("url_fetch_failed", f"the image server answered HTTP {resp.status}")
+        ctype = (resp.getheader("Content-Type") or "").split(";", 1)[0].strip().lower()
+        if ctype and not ctype.startswith("image/") and ctype not in _BINARY_TYPES:
+            # An HTML page, JSON, ...: refused before its body is read (no type at all: the bytes decide)
+            raise ImageError("unsupported_format", f"the URL serves {ctype!r}, not an image")
         length = resp.getheader("Content-Length")
         if length and length.strip().isdigit() and int(length) > limits.max_image_bytes:
             raise _too_large(int(length), limits)

@@ -10,7 +10,8 @@ _IMAGE_DOC = "Base64 image, a data URI (data:image/png;base64,...), or an http(s
 _COMPUTE_DOC = (
     "`auto` (the most accurate level that meets the deadline), a level name (full, balanced, fast), or {max_flops_ratio}."
 )
-_PNG = "data:image/png;base64,iVBORw0KGgo..."
+# A real (2x2 red) PNG, so the documented examples run as they are (they were a truncated, undecodable stub)
+_PNG = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAIAAAD91JpzAAAAFklEQVR42mP8z8DAwMDAxMDAwMDAAAANHQEDaB7T3gAAAABJRU5ErkJggg=="  # noqa: E501
 
 
 class MaxFlops(BaseModel):
@@ -210,6 +211,7 @@ class ModelInfo(BaseModel):
 class Health(BaseModel):
     status: Literal["ok", "loading", "unavailable"]
     models: dict[str, bool] = {}
+    error: str | None = Field(None, description="Why loading failed (status `unavailable`).")
 
 
 class VQABatchResponse(BaseModel):

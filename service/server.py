@@ -58,6 +58,7 @@ class ModelServer:
         options = RuntimeOptions(
             device=settings.device,
             intra_op_threads=settings.intra_op_threads,
+            memory_arena=settings.ort_cpu_mem_arena,
             tensorrt_cache_dir=str(settings.tensorrt_cache_dir) if settings.tensorrt_cache_dir else None,
             extra={"allow_spinning": settings.ort_spinning},
         )

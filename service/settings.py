@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     # ORT worker threads spin-wait after each run by default; in a server that also parses HTTP
     # and decodes images on the same cores, spinning starves the event loop
     ort_spinning: bool = False
+    # ORT's CPU memory arena (see docs/RELIABILITY.md, "Memory"): measured with `trimvlm bench soak`
+    ort_cpu_mem_arena: bool = True
+    verify_checksums: bool = True  # sha256 of every model file against its manifest before loading (ms for MBs)
 
     # Request limits (413 / 422 beyond them)
     max_body_bytes: int = 16 * 2**20
@@ -51,6 +54,9 @@ class Settings(BaseSettings):
     # load, full batches under load); >0 also holds a batch open this long for more items.
     max_queue_delay_ms: float = 0.0
     max_queue_size: int = 512  # queued items per batcher; beyond it 429 + Retry-After
+    # Task requests in flight (reading, decoding, queued, running); beyond it 429 `overloaded` + Retry-After
+    # at once. 0: no limit. Bounds the wait under overload to about this / capacity (docs/RELIABILITY.md).
+    max_inflight_requests: int = 256
     default_deadline_ms: float | None = None  # per-request deadline when the client sends none
     preprocess_threads: int = 4
     inference_threads: int = 2

@@ -14,7 +14,7 @@ import numpy as np
 from service.errors import ApiError
 from service.images import ImageError, ImageLimits, load_request_image
 from service.metrics import Metrics
-from service.repository import find_models, load_manifest
+from service.repository import ManifestError, check_files, find_models, load_manifest
 from service.server import ModelServer
 from service.settings import Settings
 
@@ -62,6 +62,11 @@ class AppState:
         for folder in folders:
             m = load_manifest(folder)
             mid = f"{m.name}/{m.version}"
+            # A damaged or missing file must stop loading with a clear error (readiness shows it), not
+            # surface later as an ORT parse error, or not at all for a file ORT reads without complaint.
+            problems = check_files(folder, m) if self.settings.verify_checksums else []
+            if problems:
+                raise ManifestError(f"{folder}: {'; '.join(problems)} (re-export, or restore the files)")
             self.servers[mid] = ModelServer(folder, self.settings, self.metrics, self.inference_pool)
             log.info("loaded %s from %s (%s)", mid, folder, self.servers[mid].tasks.runtime.describe())
         wanted = self.settings.default_model
@@ -125,6 +130,11 @@ class AppState:
                 raise ApiError(422, "text_too_long", f"text of {len(t)} characters exceeds the limit of {limit}")
             if not t.strip():
                 raise ApiError(422, "empty_text", "text must not be empty")
+            if not t.isascii():
+                try:  # JSON may carry lone surrogates ("\ud800"): valid JSON, not text; the tokenizer raised (500)
+                    t.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ApiError(422, "invalid_text", "text is not valid Unicode (a lone surrogate escape)") from None
         ids, mask = srv.tasks.tokenize(texts)
         self.metrics.preprocess_duration.labels(endpoint, "tokenize").observe(time.perf_counter() - t0)
         lengths = mask.sum(1)

@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.routes.common import state
-from service.schemas import ModelInfo
+from service.schemas import Health, ModelInfo
 
 router = APIRouter(tags=["operations"])
 
@@ -18,7 +18,13 @@ async def live():
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness: every model loaded and a real warm-up inference passed")
+@router.get(
+    "/readyz",
+    summary="Readiness: every model loaded and a real warm-up inference passed",
+    response_model=Health,
+    response_model_exclude_none=True,
+    responses={503: {"model": Health, "description": "Not ready: still loading, or loading failed (`error` says why)"}},
+)
 @router.get("/v2/health/ready", include_in_schema=False)
 async def ready(request: Request):
     st = state(request)
@@ -51,7 +57,12 @@ async def models(request: Request):
     return out
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={200: {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}},
+)
 async def metrics(request: Request):
     st = state(request)
     for srv in st.servers.values():

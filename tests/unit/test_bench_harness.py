@@ -172,3 +172,13 @@ def test_docs_and_readme_block_rendered_from_the_reports(tmp_path, monkeypatch):
 def test_gemm_rate_is_positive_and_finite():
     rate = model_bench.gemm_flops_per_s(n=64, repeats=2)
     assert np.isfinite(rate) and rate > 0
+
+
+def test_folder_digest_changes_with_any_file(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "w.bin").write_bytes(b"\x00" * 10)
+    first = model_bench.folder_digest(tmp_path)
+    assert model_bench.folder_digest(tmp_path) == first
+    (tmp_path / "sub" / "w.bin").write_bytes(b"\x00" * 9 + b"\x01")
+    assert model_bench.folder_digest(tmp_path) != first

@@ -1,0 +1,389 @@
+"""`trimvlm bench overload`: the service on loopback driven far past its capacity.
+
+1. capacity: closed-loop clients (benchmarks/loadgen.py) for `capacity_s`; the answered rate is
+   the capacity C (requests per second);
+2. overload: open-loop Poisson arrivals at `factor` x C for `duration_s` (arrivals do not wait for
+   answers), the server's RSS sampled meanwhile;
+3. then a plain request must still be answered.
+
+What must hold (report.json "checks"): every request gets an answer, 200 or an explicit refusal
+(429/503) carrying Retry-After; no connection errors; the server stays up; RSS growth is reported.
+Writes report.json + REPORT.md into `out` (reports/reliability/overload by default).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import platform
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from benchmarks.loadgen import Result, RunStats, _one, percentile
+from benchmarks.service_bench import ServerProcess
+
+MiB = 2**20
+REFUSALS = (429, 503)
+
+
+# ------------------------------------------------------------------------------ shared with soak.py
+
+
+def shape_images() -> list[tuple[str, str]]:
+    """(base64 PNG, shape) for easy-VQA style pictures: one coloured shape on white."""
+    from PIL import Image, ImageDraw
+
+    out = []
+    for kind, colour in (("circle", (255, 0, 0)), ("rectangle", (0, 0, 255)), ("triangle", (0, 128, 0))):
+        img = Image.new("RGB", (64, 64), (255, 255, 255))
+        draw = ImageDraw.Draw(img)
+        if kind == "circle":
+            draw.ellipse((13, 13, 51, 51), fill=colour)
+        elif kind == "rectangle":
+            draw.rectangle((13, 13, 51, 51), fill=colour)
+        else:
+            draw.polygon([(32, 10), (54, 51), (10, 51)], fill=colour)
+        buf = io.BytesIO()
+        img.save(buf, "PNG")
+        out.append((base64.b64encode(buf.getvalue()).decode(), kind))
+    return out
+
+
+def vqa_factory():
+    images = shape_images()
+
+    def make(i: int):
+        image, _ = images[i % len(images)]
+        return "/vqa", {"image": image, "question": "what shape is in the image?"}, None
+
+    return make
+
+
+def machine() -> dict:
+    import onnxruntime
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "note": "shared with other jobs; client and server on the same cores (loopback)",
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def rss_bytes(pid: int) -> int:
+    import psutil
+
+    return psutil.Process(pid).memory_info().rss
+
+
+@dataclass
+class RssSampler:
+    """Samples a process's RSS every `every_s` seconds while running (an asyncio task)."""
+
+    pid: int
+    every_s: float = 0.5
+    samples: list[tuple[float, int]] = field(default_factory=list)  # (seconds since start, bytes)
+    _task: asyncio.Task | None = None
+    _t0: float = 0.0
+
+    async def _run(self) -> None:
+        while True:
+            self.samples.append((time.perf_counter() - self._t0, rss_bytes(self.pid)))
+            await asyncio.sleep(self.every_s)
+
+    def start(self, t0: float | None = None) -> None:
+        self._t0 = t0 if t0 is not None else time.perf_counter()
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self.samples.append((time.perf_counter() - self._t0, rss_bytes(self.pid)))
+
+    def summary(self) -> dict:
+        values = [b for _, b in self.samples]
+        return {
+            "start_mib": round(values[0] / MiB, 1),
+            "peak_mib": round(max(values) / MiB, 1),
+            "end_mib": round(values[-1] / MiB, 1),
+            "growth_mib": round((values[-1] - values[0]) / MiB, 1),
+            "samples": len(values),
+        }
+
+
+async def closed_loop_for(url: str, make, clients: int, seconds: float) -> RunStats:
+    """`clients` closed-loop clients for `seconds` (time-bounded, unlike loadgen.closed_loop)."""
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    stats = RunStats()
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60.0) as client:
+        counter = iter(range(10**9))
+        stop_at = time.perf_counter() + seconds
+
+        async def worker():
+            for i in counter:
+                if time.perf_counter() >= stop_at:
+                    return
+                path, body, dl = make(i)
+                stats.results.append(await _one(client, path, body, dl))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+def outcome_counts(results: list[Result]) -> dict:
+    statuses = Counter(r.status for r in results)
+    refusals = [r for r in results if r.status in REFUSALS]
+    return {
+        "sent": len(results),
+        "ok": statuses.get(200, 0),
+        "refused": len(refusals),
+        "refused_without_retry_after": sum(1 for r in refusals if not r.retry_after),
+        "connection_errors": statuses.get(0, 0),
+        "connection_error_kinds": dict(Counter(r.error for r in results if r.status == 0)),
+        "other_statuses": {str(k): v for k, v in statuses.items() if k not in (0, 200, *REFUSALS)},
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
+    }
+
+
+def server_latency(before: str, after: str, code: str, endpoint: str = "vqa") -> dict:
+    """p50/p99 of vlm_request_duration_seconds{endpoint, code} between two /metrics scrapes (bucket
+    upper bounds): the time inside the server, without the client's own queueing on a shared CPU."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def buckets(text: str) -> dict[float, float]:
+        out: dict[float, float] = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name == "vlm_request_duration_seconds_bucket" and s.labels.get("endpoint") == endpoint:
+                    if s.labels.get("code") == code:
+                        le = float(s.labels["le"])
+                        out[le] = out.get(le, 0.0) + s.value
+        return out
+
+    b0, b1 = buckets(before), buckets(after)
+    cum = sorted((le, b1[le] - b0.get(le, 0.0)) for le in b1)
+    total = cum[-1][1] if cum else 0.0
+    if not total:
+        return {"count": 0}
+
+    def q(p: float) -> float | None:
+        for le, n in cum:
+            if n >= p * total:
+                return None if le == float("inf") else round(1000 * le, 1)
+        return None
+
+    return {"count": int(total), "p50_ms_at_most": q(0.5), "p99_ms_at_most": q(0.99)}
+
+
+# ------------------------------------------------------------------------------ overload
+
+
+def raw_request(port: int, path: str, body: dict) -> bytes:
+    data = json.dumps(body).encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + data
+
+
+async def raw_one(port: int, request: bytes, timeout_s: float = 120.0) -> Result:
+    """One request on its own connection, bytes prepared in advance: an open-loop client must cost far
+    less CPU than the server it overloads (httpx could not offer 4x here: client and server share 2
+    cores). Reads to EOF (Connection: close); status and Retry-After from the head."""
+    t0 = time.perf_counter()
+    writer = None
+    try:
+        async with asyncio.timeout(timeout_s):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(request)
+            await writer.drain()
+            raw = await reader.read()
+    except (OSError, TimeoutError, asyncio.IncompleteReadError) as e:
+        return Result(time.perf_counter() - t0, 0, error=type(e).__name__, started_s=t0)
+    finally:
+        if writer is not None:
+            writer.close()
+    dt = time.perf_counter() - t0
+    head = raw.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+    try:
+        status = int(head[0].split(" ", 2)[1])
+    except (IndexError, ValueError):
+        return Result(dt, 0, error="NoResponse", started_s=t0)
+    headers = dict(line.split(":", 1) for line in head[1:] if ":" in line)
+    retry = next((v.strip() for k, v in headers.items() if k.strip().lower() == "retry-after"), None)
+    return Result(dt, status, retry_after=retry, started_s=t0)
+
+
+async def open_loop_with_rss(port: int, requests: list[bytes], rate_rps: float, seconds: float, pid: int, seed: int = 0):
+    """Poisson arrivals at `rate_rps` for `seconds`; each request its own task (arrivals never wait)."""
+    rng = random.Random(seed)
+    sampler = RssSampler(pid)
+    tasks = []
+    t0 = time.perf_counter()
+    sampler.start(t0)
+    next_at, i = t0, 0
+    while next_at - t0 < seconds:
+        delay = next_at - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(raw_one(port, requests[i % len(requests)])))
+        i += 1
+        next_at += rng.expovariate(rate_rps)
+    send_s = time.perf_counter() - t0
+    results = list(await asyncio.gather(*tasks))
+    seconds_all = time.perf_counter() - t0
+    await sampler.stop()
+    return results, send_s, seconds_all, sampler
+
+
+async def raw_closed_loop(port: int, requests: list[bytes], clients: int, seconds: float) -> RunStats:
+    """`clients` closed-loop clients (the same cheap raw client) for `seconds`: the capacity."""
+    stats = RunStats()
+    stop_at = time.perf_counter() + seconds
+    counter = iter(range(10**9))
+
+    async def worker():
+        for i in counter:
+            if time.perf_counter() >= stop_at:
+                return
+            stats.results.append(await raw_one(port, requests[i % len(requests)]))
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+def run(
+    models: Path,
+    out: Path,
+    duration_s: float = 60.0,
+    factor: float = 4.0,
+    capacity_s: float = 10.0,
+    clients: int = 32,
+    env: dict[str, str] | None = None,
+) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    make = vqa_factory()
+    server_env = {"TRIMVLM_LOG_LEVEL": "warning", **(env or {})}
+    with ServerProcess(models, server_env) as srv:
+        requests = [raw_request(srv.port, *make(i)[:2]) for i in range(3)]
+        asyncio.run(raw_closed_loop(srv.port, requests, clients, min(2.0, capacity_s)))  # warm-up
+        cap = asyncio.run(raw_closed_loop(srv.port, requests, clients, capacity_s))
+        capacity = cap.summary()["throughput_rps"]
+        rate = factor * capacity
+        before = httpx.get(srv.url + "/metrics", timeout=30).text
+        results, send_s, total_s, sampler = asyncio.run(open_loop_with_rss(srv.port, requests, rate, duration_s, srv.proc.pid))
+        metrics_after = httpx.get(srv.url + "/metrics", timeout=30).text if srv.proc.poll() is None else before
+        alive = srv.proc.poll() is None
+        after = httpx.post(srv.url + "/vqa", json=make(0)[1], timeout=60) if alive else None
+        counts = outcome_counts(results)
+        ok_lat = sorted(1000 * r.latency_s for r in results if r.status == 200)
+        ref_lat = sorted(1000 * r.latency_s for r in results if r.status in REFUSALS)
+        report = {
+            "command": f"trimvlm bench overload --duration {duration_s:g} --factor {factor:g} --capacity-seconds {capacity_s:g}",
+            "machine": machine(),
+            "server": {"models": str(models), "env": server_env, "settings": "defaults otherwise (max_queue_size 512)"},
+            "capacity": {"clients": clients, "seconds": capacity_s, **cap.summary()},
+            "overload": {
+                "factor": factor,
+                "offered_rps": round(rate, 1),
+                "sent_rps": round(len(results) / send_s, 1),
+                "duration_s": round(send_s, 2),
+                "drain_s": round(total_s - send_s, 2),
+                **counts,
+                "ok_rps": round(counts["ok"] / total_s, 1),
+                "ok_p50_ms": round(percentile(ok_lat, 50), 1) if ok_lat else None,
+                "ok_p99_ms": round(percentile(ok_lat, 99), 1) if ok_lat else None,
+                "refusal_p50_ms": round(percentile(ref_lat, 50), 1) if ref_lat else None,
+                "refusal_p99_ms": round(percentile(ref_lat, 99), 1) if ref_lat else None,
+            },
+            "server_side_200": server_latency(before, metrics_after, "200"),
+            "rss": sampler.summary(),
+            "after": {"server_alive": alive, "status": after.status_code if after is not None else None},
+        }
+        o = report["overload"]
+        report["checks"] = {
+            "every_request_answered": o["ok"] + o["refused"] == o["sent"],
+            "refusals_carry_retry_after": o["refused_without_retry_after"] == 0,
+            "no_connection_errors": o["connection_errors"] == 0,
+            "server_alive_and_serving": alive and report["after"]["status"] == 200,
+        }
+        report["passed"] = all(report["checks"].values())
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "REPORT.md").write_text(markdown(report))
+    return report
+
+
+def markdown(r: dict) -> str:
+    # Latencies seen by the client include its own queueing: client and server share the cores here.
+    c, o, m, rss, side = r["capacity"], r["overload"], r["machine"], r["rss"], r["server_side_200"]
+    checks = "\n".join(f"| {k.replace('_', ' ')} | {'yes' if v else '**NO**'} |" for k, v in r["checks"].items())
+    rows = [
+        (
+            f"capacity (closed loop, {c['clients']} clients, {c['seconds']:g} s)",
+            f"{c['throughput_rps']} req/s, p99 {c['p99_ms']} ms",
+        ),
+        (f"offered (open-loop Poisson, {o['factor']:g}x)", f"{o['offered_rps']} req/s; sent {o['sent_rps']} req/s"),
+        ("requests sent", o["sent"]),
+        ("answered 200", f"{o['ok']} ({o['ok_rps']} req/s), p50 {o['ok_p50_ms']} ms, p99 {o['ok_p99_ms']} ms"),
+        (
+            "refused 429/503",
+            f"{o['refused']} ({o['refused_without_retry_after']} without Retry-After), p50 {o['refusal_p50_ms']} ms",
+        ),
+        ("200s inside the server (histogram)", f"p50 <= {side.get('p50_ms_at_most')} ms, p99 <= {side.get('p99_ms_at_most')} ms"),
+        ("connection errors", f"{o['connection_errors']} {o['connection_error_kinds'] or ''}"),
+        ("other statuses", o["other_statuses"] or "none"),
+        (
+            "server RSS (MiB)",
+            f"{rss['start_mib']} at start, peak {rss['peak_mib']}, {rss['end_mib']} at end ({rss['growth_mib']:+})",
+        ),
+        ("after the run", f"alive: {r['after']['server_alive']}, a plain request answered {r['after']['status']}"),
+    ]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    return f"""# Overload: {o["factor"]:g}x capacity for {o["duration_s"]:.0f} s
+
+`{r["command"]}` on {m["cpu"]} ({m["cores"]} cores, {m["note"]}), ONNX Runtime {m["onnxruntime"]}.
+Server: `trimvlm serve` with default settings, POST /vqa (64-px shape images, compute `full`); the
+client opens a connection per request (prepared bytes, cheap enough to offer 4x on shared cores).
+Client-side latencies include the client's own scheduling on the shared cores.
+
+| | |
+|---|---|
+{table}
+
+| check | holds |
+|---|---|
+{checks}
+"""
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(json.dumps(run(Path(sys.argv[1] if len(sys.argv) > 1 else "models"), Path("reports/reliability/overload")), indent=2))
