@@ -271,7 +271,15 @@ def collect_runners(artifacts: dict[str, Path], exported: list[tuple[Path, str, 
     return runners, skipped
 
 
-def run(
+def run(*args, **kwargs) -> dict:
+    """The benchmark (see _run), without gradients; the caller's grad mode is left as it was."""
+    import torch
+
+    with torch.no_grad():
+        return _run(*args, **kwargs)
+
+
+def _run(
     out: Path,
     artifacts: dict[str, Path] | None = None,
     exported: list[tuple[Path, str, str]] | None = None,
@@ -289,7 +297,6 @@ def run(
     from compression.flops import TokenCounts, flops_per_sample
     from service.preprocess import ImageSpec
 
-    torch.set_grad_enabled(False)
     torch.manual_seed(0)
     out.mkdir(parents=True, exist_ok=True)
     artifacts = {k: Path(v) for k, v in (DEFAULT_ARTIFACTS if artifacts is None else artifacts).items()}

@@ -182,6 +182,9 @@ def test_bench_model_report_schema_on_the_tiny_pipeline(pipeline, tmp_path):
     artifacts = {"teacher": work / "teacher" / "model", "trimmed": work / "trim" / "model", "pruned": tmp_path / "absent"}
     exported = [(pipeline["export"], "onnxruntime", "int8"), (pipeline["export"], "tensorrt", "fp16")]
     r = run(tmp_path / "bench", artifacts, exported, limit=16, latency_samples=3, throughput_batches=1, rounds=1)
+    import torch
+
+    assert torch.is_grad_enabled()  # the benchmark must not switch gradients off for the rest of the process
     levels = set(json.loads((work / "trim" / "model" / "levels.json").read_text())["levels"])
     names = set(r["runners"])
     assert "teacher torch fp32" in names
