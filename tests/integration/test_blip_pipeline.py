@@ -87,3 +87,21 @@ def test_imported_blip_distils_prunes_trims_exports_and_serves(tmp_path):
     assert fused["vqa_logits"].shape == (2, len(m.answers)) and np.isfinite(fused["itm_logits"]).all()
     assert len(tasks.captions(image_states, max_length=4)) == 2
     assert (tmp_path / "work" / "evaluate" / "teacher.json").is_file()
+
+    # and over HTTP: the real app serving the exported student of the imported BLIP
+    import base64
+    import io
+
+    from PIL import Image
+
+    from tests.e2e.conftest import ready_client, settings_for
+
+    buf = io.BytesIO()
+    Image.fromarray(images[0]).save(buf, "PNG")
+    png = base64.b64encode(buf.getvalue()).decode()
+    with ready_client(settings_for(tmp_path, models_dir=tmp_path / "models")) as client:
+        r = client.post("/vqa", json={"image": png, "question": "what color is the circle"})
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == "tiny-blip/1" and r.json()["answer"] in m.answers
+        r = client.post("/caption", json={"image": png, "max_length": 4})
+        assert r.status_code == 200, r.text
