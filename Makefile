@@ -54,7 +54,7 @@ bench: $(VENV)/.dev
 	if [ -f reports/bench-model/report.json ]; then cp reports/bench-model/report.json reports/bench-previous/model.json; fi
 	if [ -f reports/service/report.json ]; then cp reports/service/report.json reports/bench-previous/service.json; fi
 	$(VENV)/bin/trimvlm bench model --out reports/bench-model
-	$(VENV)/bin/trimvlm bench service --models models/trimvlm-default/1 --out reports/service
+	$(VENV)/bin/trimvlm bench service --models models/trimvlm-default/1 --out reports/service --rounds 5
 	$(VENV)/bin/trimvlm bench docs
 
 ## Overload (60 s at 4x capacity) and soak (5 min per ORT arena setting) -> reports/reliability (docs/RELIABILITY.md).

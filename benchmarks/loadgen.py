@@ -48,6 +48,7 @@ class RunStats:
             "p99_ms": round(percentile(lat, 99), 3) if lat else None,
             "mean_ms": round(statistics.fmean(lat), 3) if lat else None,
             "statuses": {str(k): v for k, v in sorted(statuses.items())},
+            "connection_errors": dict(Counter(r.error for r in self.results if r.error)),  # status 0, by exception
             "levels": dict(Counter(r.level for r in ok if r.level)),
             "deadline_misses": with_deadline_misses,
             "deadline_miss_rate": round(with_deadline_misses / len(self.results), 4) if self.results else 0.0,

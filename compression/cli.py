@@ -427,7 +427,7 @@ def bench_model(
     ] = [],  # noqa: B006
     limit: Annotated[Optional[int], typer.Option(help="Questions for accuracy (default: the whole test split).")] = None,
     latency_samples: int = 48,
-    throughput_batches: int = 4,
+    throughput_batches: int = 6,
     rounds: int = 3,
     reuse_accuracy: Annotated[
         bool, typer.Option(help="Reuse accuracy measured on identical model files (OUT/accuracy_cache.json).")
