@@ -4,8 +4,9 @@
   (two servers on the same models, driven one at a time, rounds interleaved A B A B);
 - HTTP overhead at batch 1: p50 of sequential POST /vqa round trips minus p50 of the bare
   runtime (TaskModel.vqa on the same inputs in this process), interleaved in rounds;
-- adaptive compute: each level's server-side latency at concurrency 1, then `auto` under a
-  deadline between `full`'s and the fastest trimmed level's: the level mix and the miss rate.
+- adaptive compute: each level's server-side latency at concurrency 1, then `auto` under
+  `balanced`'s p99 as the deadline (the issue's case) and a sweep of deadlines: level mix,
+  answered, refused early and missed shares.
 
 Writes JSON + Markdown (reports/service by default).
 """
@@ -197,15 +198,71 @@ def plot_sweep(sw: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _sequential_server_latency(url: str, items, compute: str, n: int) -> list[float]:
-    """Server-reported latency_ms of n sequential requests (keep-alive client)."""
-    out = []
+def _level_latencies(url: str, items, levels: list[str], n: int) -> dict[str, list[float]]:
+    """Server-reported latency_ms of n sequential requests per level, levels alternated request
+    by request so machine noise lands on all of them alike."""
+    out: dict[str, list[float]] = {lv: [] for lv in levels}
     with httpx.Client(base_url=url, timeout=30.0) as c:
         for i in range(n):
             image, question, _ = items[i % len(items)]
-            r = c.post("/vqa", json={"image": image, "question": question, "compute": compute})
-            r.raise_for_status()
-            out.append(r.json()["latency_ms"])
+            for lv in levels:
+                r = c.post("/vqa", json={"image": image, "question": question, "compute": lv})
+                r.raise_for_status()
+                out[lv].append(r.json()["latency_ms"])
+    return out
+
+
+def _auto_under_deadline(url: str, items, deadline_ms: float, n: int) -> dict:
+    """n sequential `compute: auto` requests with this deadline: level mix, answered / refused
+    (503, early) / missed (late answers + 504) shares, all out of n."""
+    levels, statuses, late, lat = {}, {}, 0, []
+    with httpx.Client(base_url=url, timeout=30.0) as c:
+        for i in range(n):
+            image, question, _ = items[i % len(items)]
+            r = c.post("/vqa", json={"image": image, "question": question, "compute": "auto", "deadline_ms": deadline_ms})
+            statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+            if r.status_code == 200:
+                data = r.json()
+                lat.append(data["latency_ms"])
+                late += data["latency_ms"] > deadline_ms
+                levels[data["compute"]["level"]] = levels.get(data["compute"]["level"], 0) + 1
+    return {
+        "deadline_ms": round(deadline_ms, 3),
+        "levels": levels,
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "answered_rate": round(statuses.get(200, 0) / n, 4),
+        "refused_rate": round(statuses.get(503, 0) / n, 4),
+        "miss_rate": round((late + statuses.get(504, 0)) / n, 4),
+        "p50_ms": round(percentile(sorted(lat), 50), 3) if lat else None,
+    }
+
+
+def _adaptive(url: str, items, level_names: list[str], n_levels: int = 200, n_auto: int = 300) -> dict:
+    """The issue's case: a deadline `balanced` meets (its p99) that `full` misses (when full's p50
+    is above it), plus a sweep of deadlines from the fastest level's p50 to full's p99, each
+    with the miss rate `full` alone would have (from the same level latencies)."""
+    lat = _level_latencies(url, items, level_names, n_levels)
+    levels = {lv: {f"p{q}_ms": round(percentile(sorted(v), q), 3) for q in (50, 95, 99)} for lv, v in lat.items()}
+    out: dict = {"levels_server_latency": levels}
+    if "balanced" not in levels:
+        return out
+    target = levels["balanced"]["p99_ms"]
+    low = min(v["p50_ms"] for v in levels.values())
+    grid = sorted({round(float(x), 3) for x in np.linspace(low, levels["full"]["p99_ms"], 5)} | {target})
+    sweep = []
+    for d in grid:
+        row = _auto_under_deadline(url, items, d, n_auto)
+        row["full_only_miss_rate"] = round(float(np.mean([x > d for x in lat["full"]])), 4)
+        sweep.append(row)
+    case = next(r for r in sweep if r["deadline_ms"] == target)
+    out["adaptive"] = {
+        **case,
+        "full_cannot_meet": levels["full"]["p50_ms"] > target,
+        "sweep": sweep,
+        "how": "server-side latency_ms (arrival in the app to response) against deadline_ms, sequential requests; "
+        "misses = late answers + 504s; refused = 503 deadline_unreachable (answered at once, not queued); "
+        "rates out of all requests",
+    }
     return out
 
 
@@ -220,6 +277,7 @@ def run(
     concurrency: tuple[int, ...] = CONCURRENCY,
     fractions: tuple[float, ...] = OPEN_LOOP_FRACTIONS,
     sweep_seconds: float = 6.0,
+    adaptive_requests: tuple[int, int] = (200, 300),
 ) -> dict:
     from service.tasks import TaskModel
 
@@ -290,45 +348,14 @@ def run(
         with ServerProcess(models, {"TRIMVLM_ORT_SPINNING": "true"}) as spinning:
             report["http_overhead_spinning"] = _overhead(spinning.url, spin_tasks, items[:overhead_samples], pre, rounds)
 
-        # 3. adaptive compute under a deadline full cannot meet
-        levels = {}
-        for level in tasks.level_names:
-            lat = sorted(_sequential_server_latency(batched.url, items, level, 150))
-            levels[level] = {"p50_ms": round(percentile(lat, 50), 3), "p95_ms": round(percentile(lat, 95), 3)}
-        report["levels_server_latency"] = levels
-        trimmed = {k: v for k, v in levels.items() if k != "full"}
-        if trimmed:
-            fastest = min(trimmed, key=lambda k: trimmed[k]["p95_ms"])
-            deadline = round((levels["full"]["p50_ms"] + trimmed[fastest]["p95_ms"]) / 2, 3)
-            full_miss = float(np.mean([x > deadline for x in _sequential_server_latency(batched.url, items, "full", 200)]))
-            auto_lat, auto_levels, statuses = [], {}, {}
-            with httpx.Client(base_url=batched.url, timeout=30.0) as c:
-                for i in range(400):
-                    image, question, _ = items[i % len(items)]
-                    r = c.post("/vqa", json={"image": image, "question": question, "compute": "auto", "deadline_ms": deadline})
-                    statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
-                    if r.status_code == 200:
-                        data = r.json()
-                        auto_lat.append(data["latency_ms"])
-                        auto_levels[data["compute"]["level"]] = auto_levels.get(data["compute"]["level"], 0) + 1
-            misses = sum(x > deadline for x in auto_lat) + statuses.get(504, 0)
-            report["adaptive"] = {
-                "deadline_ms": deadline,
-                "full_miss_rate_at_this_deadline": round(full_miss, 4),
-                "auto_levels": auto_levels,
-                "auto_statuses": {str(k): v for k, v in statuses.items()},
-                "auto_miss_rate": round(misses / max(1, sum(statuses.values())), 4),
-                "auto_p50_ms": round(percentile(sorted(auto_lat), 50), 3) if auto_lat else None,
-                "how": "server-side latency_ms (arrival in the app to response) against deadline_ms; "
-                "misses = late answers + 504s; "
-                "503 (refused early) counted separately",
-            }
+        # 3. adaptive compute: each level's latency, then `auto` under a sweep of deadlines
+        report |= _adaptive(batched.url, items, tasks.level_names, *adaptive_requests)
     finally:
         batched.stop()
 
     checks = {"batching_speedup": report["batching"]["speedup"], "http_overhead_ms": report["http_overhead"]["overhead_p50_ms"]}
     if "adaptive" in report:
-        checks["deadline_miss_rate"] = report["adaptive"]["auto_miss_rate"]
+        checks["deadline_miss_rate"] = report["adaptive"]["miss_rate"]
     report["checks"] = checks
     report["headline"] = service_headline(report)
     report["passed"] = {k: (v >= TARGETS[k] if k == "batching_speedup" else v <= TARGETS[k]) for k, v in checks.items()}
@@ -414,19 +441,36 @@ def _markdown(r: dict) -> str:
         for name, rs in b["rounds"].items()
         for i, row in enumerate(rs)
     )
-    lv = "\n".join(f"| {k} | {v['p50_ms']} | {v['p95_ms']} |" for k, v in r.get("levels_server_latency", {}).items())
-    a = r.get("adaptive")
-    adaptive = (
-        f"""## Adaptive compute under a deadline
-Deadline {a["deadline_ms"]} ms (between `full`'s p50 and the fastest trimmed level's p95, server-side).
-`full` alone misses it on {100 * a["full_miss_rate_at_this_deadline"]:.1f}% of requests. With `compute: auto`:
-levels chosen {a["auto_levels"]}, statuses {a["auto_statuses"]},
-miss rate **{100 * a["auto_miss_rate"]:.2f}%**, p50 {a["auto_p50_ms"]} ms.
-({a["how"]}.)
-"""
-        if a
-        else "No trimmed levels in this model: the adaptive check needs one.\n"
+    lv = "\n".join(
+        f"| {k} | {v['p50_ms']} | {v['p95_ms']} | {v.get('p99_ms', '')} |" for k, v in r.get("levels_server_latency", {}).items()
     )
+    a = r.get("adaptive")
+    if a:
+        sweep = "\n".join(
+            f"| {row['deadline_ms']}{' (case)' if row['deadline_ms'] == a['deadline_ms'] else ''} "
+            f"| {100 * row['full_only_miss_rate']:.1f}% | {row['levels']} | {100 * row['answered_rate']:.1f}% "
+            f"| {100 * row['refused_rate']:.1f}% | {100 * row['miss_rate']:.2f}% |"
+            for row in a["sweep"]
+        )
+        exists = (
+            "`full`'s p50 is above it, so `full` alone misses most requests"
+            if a["full_cannot_meet"]
+            else "**`full`'s p50 is not above it on this run**: the levels' latencies are too close here for a deadline "
+            "that `balanced` meets and `full` does not"
+        )
+        adaptive = f"""## Adaptive compute under deadlines
+The issue's case: deadline {a["deadline_ms"]} ms = `balanced`'s server-side p99; {exists}.
+With `compute: auto`: levels chosen {a["levels"]}, statuses {a["statuses"]}: answered **{100 * a["answered_rate"]:.1f}%**,
+refused early {100 * a["refused_rate"]:.1f}%, deadline-miss rate **{100 * a["miss_rate"]:.2f}%**.
+
+Sweep ({a["how"]}):
+
+| deadline ms | `full` alone misses | `auto` levels | answered | refused (503) | missed |
+|---:|---:|---|---:|---:|---:|
+{sweep}
+"""
+    else:
+        adaptive = "No `balanced` level in this model: the adaptive check needs one.\n"
     return f"""# Service benchmark
 
 `trimvlm bench service --models {r["models"]}` on {r["machine"]["cpu"]} ({r["machine"]["cores"]} cores), loopback, one run.
@@ -455,9 +499,9 @@ With `TRIMVLM_ORT_SPINNING=true` (server and bare runtime): bare {hs["bare_runti
 How: {h["how"]}.
 
 {_sweep_markdown(r)}
-## Server-side latency per level (sequential requests)
-| level | p50 ms | p95 ms |
-|---|---:|---:|
+## Server-side latency per level (sequential requests, levels alternated)
+| level | p50 ms | p95 ms | p99 ms |
+|---|---:|---:|---:|
 {lv}
 
 {adaptive}"""

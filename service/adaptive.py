@@ -2,9 +2,11 @@
 
 Latency per (batcher, batch size) is fitted online as t(n) = a*n + b by least squares over the
 most recent batches (BentoML's CorkDispatcher fits the same line), seeded at warm-up so the first
-request already has a prediction. `auto` takes the most accurate level whose predicted
-completion (queue ahead + its own batch + preprocessing) fits the remaining deadline; when none
-does, the request is refused at once (503) instead of being queued to fail.
+request already has a prediction. `auto` runs after preprocessing and takes the most accurate
+level whose predicted completion (queue ahead + its own batch), times a safety factor, fits the
+remaining deadline; when none does, the request is refused at once (503) instead of being
+queued to fail. Each level's safety factor is calibrated online (PredictionErrors): a high
+quantile of actual/predicted over its recent requests, so it is as tight as its predictions.
 """
 
 from __future__ import annotations
@@ -63,24 +65,61 @@ class LatencyModel:
         return out
 
 
+class PredictionErrors:
+    """Recent actual/predicted time ratios; `factor()` is their `quantile` (a split-conformal
+    bound: a new request exceeds factor * prediction with probability ~1 - quantile), clipped to
+    [1, max_factor], and `default` until `min_samples` ratios are in."""
+
+    def __init__(
+        self, quantile: float = 0.99, window: int = 512, min_samples: int = 50, default: float = 1.2, max_factor: float = 4.0
+    ):
+        self.quantile, self.min_samples, self.default, self.max_factor = quantile, min_samples, default, max_factor
+        self._ratios: deque = deque(maxlen=window)
+        self._factor: float | None = None
+        self._lock = threading.Lock()
+
+    def observe(self, predicted_s: float, actual_s: float) -> None:
+        if predicted_s > 0 and actual_s >= 0:
+            with self._lock:
+                self._ratios.append(actual_s / predicted_s)
+                self._factor = None
+
+    def factor(self) -> float:
+        with self._lock:
+            if len(self._ratios) < self.min_samples:
+                return self.default
+            if self._factor is None:
+                q = float(np.quantile(np.fromiter(self._ratios, float), self.quantile))
+                self._factor = min(max(q, 1.0), self.max_factor)
+            return self._factor
+
+    def __len__(self) -> int:
+        return len(self._ratios)
+
+
 @dataclass
 class LevelOption:
     name: str
     point: dict  # thresholds and flops_ratio (service/levels.py)
     accuracy: float  # calibrated min accuracy across splits: the ordering key
     predicted_s: float  # predicted time to finish if queued now
+    safety: float = 1.2  # margin on predicted_s (PredictionErrors.factor of this level)
+
+    @property
+    def needs_s(self) -> float:
+        return self.predicted_s * self.safety
 
 
 class CannotMeetDeadline(Exception):
     def __init__(self, remaining_s: float, options: list[LevelOption]):
-        best = min(options, key=lambda o: o.predicted_s) if options else None
-        detail = f"; fastest level {best.name} needs ~{1000 * best.predicted_s:.1f} ms" if best else ""
+        best = min(options, key=lambda o: o.needs_s) if options else None
+        detail = f"; fastest level {best.name} needs ~{1000 * best.predicted_s:.1f} ms x{best.safety:.2f} margin" if best else ""
         super().__init__(f"no compute level can answer within the remaining {1000 * remaining_s:.1f} ms{detail}")
 
 
-def choose_level(options: list[LevelOption], remaining_s: float | None, safety: float = 1.2) -> tuple[LevelOption, str]:
-    """The most accurate option predicted to finish within `remaining_s` (with a safety factor
-    for noise); with no deadline, the most accurate. Levels are ordered by compute (full first):
+def choose_level(options: list[LevelOption], remaining_s: float | None) -> tuple[LevelOption, str]:
+    """The most accurate option predicted to finish within `remaining_s` (times its safety factor
+    for prediction error, see PredictionErrors); with no deadline, the most accurate. Levels are ordered by compute (full first):
     each was calibrated as the cheapest point within its allowed accuracy drop, so more FLOPs
     means at least as accurate (calibration noise can invert tiny differences; that must not
     put a trimmed level above full). Returns (option, reason)."""
@@ -88,6 +127,6 @@ def choose_level(options: list[LevelOption], remaining_s: float | None, safety: 
     if remaining_s is None:
         return ranked[0], "no_deadline"
     for opt in ranked:
-        if opt.predicted_s * safety <= remaining_s:
+        if opt.needs_s <= remaining_s:
             return opt, "deadline" if opt is not ranked[0] else "fits"
     raise CannotMeetDeadline(remaining_s, options)

@@ -104,6 +104,12 @@ class Metrics:
         )
         self.inflight = Gauge("vlm_inflight_requests", "Requests being served.", ["endpoint"], registry=r)
         self.queue_size = Gauge("vlm_queue_size", "Items waiting in the batchers.", ["model", "component"], registry=r)
+        self.auto_safety_factor = Gauge(
+            "vlm_auto_safety_factor",
+            "Margin `auto` puts on a level's predicted latency: recent p99 of actual/predicted.",
+            ["model", "level"],
+            registry=r,
+        )
         self.model_ready = Gauge("vlm_model_ready", "1 once loaded and warmed up.", ["model", "backend"], registry=r)
         self.warmup_duration = Gauge("vlm_warmup_duration_seconds", "Load + warm-up time.", ["model", "backend"], registry=r)
         self.build_info = Info("vlm_build", "Build and runtime versions.", registry=r)

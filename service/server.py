@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.adaptive import LatencyModel, LevelOption, choose_level
+from service.adaptive import LatencyModel, LevelOption, PredictionErrors, choose_level
 from service.batching import Batcher
 from service.levels import LevelError
 from service.metrics import Metrics
@@ -75,6 +75,10 @@ class ModelServer:
         self.levels: dict[str, dict] = {}
         for name in self.tasks.level_names:
             self.levels[name] = self.tasks.resolve_level(name)[1]
+        # per level: how far off its latency predictions run (auto's margin), read by /metrics on scrape
+        self.prediction_errors = {lv: PredictionErrors() for lv in self.levels}
+        for lv, errors in self.prediction_errors.items():
+            metrics.auto_safety_factor.labels(self.id, lv).set_function(errors.factor)
         self.batchers: dict[str, Batcher] = {}
         batch = settings.max_batch_size if settings.batching else 1
         delay = settings.max_queue_delay_ms / 1000 if settings.batching else 0.0
@@ -195,12 +199,21 @@ class ModelServer:
 
     # Compute levels -----------------------------------------------------------------------------
     def level_options(self) -> list[LevelOption]:
-        pre = self.latency.predict("preprocess", 1)
+        """Each level with its predicted time from now (preprocessing is already done when
+        `auto` picks) until its answer is ready: the queue ahead plus its own batch."""
         out = []
         for name, point in self.levels.items():
             acc = point.get("min_accuracy", 1.0 if name == "full" else 0.0)
-            out.append(LevelOption(name, point, acc, pre + self.batchers[f"vqa/{name}"].predicted_wait_s()))
+            out.append(LevelOption(name, point, acc, self.predicted_s(name), self.prediction_errors[name].factor()))
         return out
+
+    def predicted_s(self, level: str) -> float:
+        return self.batchers[f"vqa/{level}"].predicted_wait_s()
+
+    def record_outcome(self, level: str, predicted_s: float, actual_s: float) -> None:
+        """A VQA request's predicted vs actual time from level choice to answer: calibrates
+        `auto`'s safety factor for that level (requests naming the level count too: same predictor)."""
+        self.prediction_errors[level].observe(predicted_s, actual_s)
 
     def pick_level(self, compute, remaining_s: float | None) -> tuple[str, str]:
         """compute: 'auto' | level name | {'max_flops_ratio': x}. Returns (level, reason)."""

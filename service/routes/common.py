@@ -155,12 +155,17 @@ async def wait(request: Request, fut: asyncio.Future, deadline: float | None, en
     st = state(request)
     disconnect = asyncio.ensure_future(_wait_disconnect(request))
     try:
-        timeout = None if deadline is None else max(0.0, deadline - time.perf_counter())
-        try:
-            done, _ = await asyncio.wait({fut, disconnect}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
-            fut.cancel()  # this request was cancelled (a sibling item failed): drop its queued work
-            raise
+        while True:
+            timeout = None if deadline is None else max(0.0, deadline - time.perf_counter())
+            try:
+                done, _ = await asyncio.wait({fut, disconnect}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                fut.cancel()  # this request was cancelled (a sibling item failed): drop its queued work
+                raise
+            # uvloop's timers count from the loop's cached clock (libuv's uv_now, taken at the start
+            # of the loop iteration), so a timeout can fire a millisecond or more early: check ours
+            if done or deadline is None or time.perf_counter() >= deadline:
+                break
         if fut in done:
             try:
                 result, queued_s = fut.result()

@@ -6,6 +6,7 @@ import time
 
 from fastapi import APIRouter, Request
 
+from service.errors import ApiError
 from service.routes.common import (
     deadline_for,
     gather_items,
@@ -40,9 +41,16 @@ async def answer_one(request: Request, item: VQAItem, t0: float) -> VQAResponse:
         level, reason = srv.pick_level(compute.model_dump() if isinstance(compute, MaxFlops) else compute, remaining(deadline))
     st.metrics.level_decisions.labels("vqa", level, reason).inc()
     request.state.level = level
-    logits, kept = await submit(request, srv.batchers[f"vqa/{level}"], (pixels, ids, mask), deadline, "vqa", srv.id)
+    picked_at, predicted = time.perf_counter(), srv.predicted_s(level)
+    try:
+        logits, kept = await submit(request, srv.batchers[f"vqa/{level}"], (pixels, ids, mask), deadline, "vqa", srv.id)
+    except ApiError as e:
+        if e.status == 504:  # late ones count too (at least this long), or the margin learns only from successes
+            srv.record_outcome(level, predicted, time.perf_counter() - picked_at)
+        raise
     tp = time.perf_counter()
     top = srv.answers(logits, item.top_k)
+    srv.record_outcome(level, predicted, time.perf_counter() - picked_at)
     info = srv.compute_info(level, kept, reason)
     if kept is not None:
         st.metrics.kept_token_ratio.labels(srv.id, level).observe(kept / srv.image_tokens)

@@ -1,0 +1,146 @@
+"""`auto`'s level choice: per-level safety margins calibrated from prediction errors, and the
+request wait that must not time out before its deadline (uvloop's timers can fire early)."""
+
+import asyncio
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from service.adaptive import CannotMeetDeadline, LevelOption, PredictionErrors, choose_level
+from service.errors import ApiError
+from service.routes.common import wait
+
+
+def test_prediction_errors_default_until_enough_samples():
+    errors = PredictionErrors(min_samples=50, default=1.2)
+    for _ in range(49):
+        errors.observe(0.001, 0.003)
+    assert errors.factor() == 1.2
+    errors.observe(0.001, 0.003)
+    assert errors.factor() == pytest.approx(3.0)
+
+
+def test_prediction_errors_is_a_high_quantile_clipped():
+    rng = np.random.default_rng(0)
+    ratios = rng.uniform(0.5, 2.0, size=512)
+    errors = PredictionErrors(quantile=0.99)
+    for r in ratios:
+        errors.observe(0.002, 0.002 * r)
+    assert errors.factor() == pytest.approx(np.quantile(ratios, 0.99))
+    # faster than predicted never shrinks the margin below 1
+    fast = PredictionErrors(min_samples=1)
+    fast.observe(0.010, 0.001)
+    assert fast.factor() == 1.0
+    # one wild outlier stream is capped, so auto never refuses everything because of noise
+    wild = PredictionErrors(min_samples=1, max_factor=4.0)
+    wild.observe(0.001, 1.0)
+    assert wild.factor() == 4.0
+    # the window forgets old errors
+    recent = PredictionErrors(window=100, min_samples=1)
+    for _ in range(100):
+        recent.observe(0.001, 0.003)
+    for _ in range(100):
+        recent.observe(0.001, 0.0011)
+    assert recent.factor() == pytest.approx(1.1)
+    # nonsense observations are ignored
+    recent.observe(0.0, 1.0)
+    recent.observe(0.001, -1.0)
+    assert len(recent) == 100
+
+
+def _options(full_s, full_safety, balanced_s, balanced_safety):
+    return [
+        LevelOption("balanced", {}, 0.99, balanced_s, balanced_safety),
+        LevelOption("full", {}, 1.0, full_s, full_safety),
+    ]
+
+
+def test_choose_level_uses_each_levels_own_margin():
+    # full is predicted to fit (4 ms < 5 ms) but its predictions run 1.5x late: balanced it is
+    opt, reason = choose_level(_options(0.004, 1.5, 0.002, 1.1), 0.005)
+    assert (opt.name, reason) == ("balanced", "deadline")
+    # with tight predictions full fits
+    opt, reason = choose_level(_options(0.004, 1.1, 0.002, 1.1), 0.005)
+    assert (opt.name, reason) == ("full", "fits")
+    # no deadline: the most accurate
+    assert choose_level(_options(1.0, 4.0, 1.0, 4.0), None)[0].name == "full"
+
+
+def test_choose_level_refuses_when_no_margin_fits():
+    with pytest.raises(CannotMeetDeadline) as e:
+        choose_level(_options(0.004, 1.1, 0.002, 2.0), 0.0035)
+    # the message names the level that needs least, with its margin
+    assert "balanced needs ~2.0 ms x2.00 margin" in str(e.value)
+    assert "3.5 ms" in str(e.value)
+
+
+def test_server_level_options_do_not_count_preprocessing(monkeypatch):
+    """`auto` picks after preprocessing: its prediction is the queue plus its own batch only."""
+    from service.server import ModelServer
+
+    srv = ModelServer.__new__(ModelServer)
+    srv.levels = {"full": {"flops_ratio": 1.0}, "balanced": {"flops_ratio": 0.4, "min_accuracy": 0.99}}
+    srv.prediction_errors = {"full": PredictionErrors(), "balanced": PredictionErrors(min_samples=1)}
+    srv.prediction_errors["balanced"].observe(0.001, 0.0015)
+    srv.batchers = {
+        "vqa/full": SimpleNamespace(predicted_wait_s=lambda: 0.004),
+        "vqa/balanced": SimpleNamespace(predicted_wait_s=lambda: 0.002),
+    }
+    srv.latency = SimpleNamespace(predict=lambda key, n: 1.0)  # a large preprocess prediction must not be added
+    opts = {o.name: o for o in srv.level_options()}
+    assert opts["full"].predicted_s == 0.004 and opts["full"].safety == 1.2
+    assert opts["balanced"].predicted_s == 0.002 and opts["balanced"].safety == pytest.approx(1.5)
+    srv.record_outcome("full", 0.004, 0.008)
+    assert len(srv.prediction_errors["full"]) == 1
+
+
+def _fake_request():
+    async def receive():  # a client that stays connected
+        await asyncio.sleep(3600)
+
+    metrics = SimpleNamespace(queue_duration=SimpleNamespace(labels=lambda *a: SimpleNamespace(observe=lambda s: None)))
+    app = SimpleNamespace(state=SimpleNamespace(trimvlm=SimpleNamespace(metrics=metrics)))
+    return SimpleNamespace(app=app, receive=receive)
+
+
+@pytest.mark.parametrize("loop_factory", ["asyncio", "uvloop"])
+def test_wait_never_times_out_before_the_deadline(loop_factory):
+    if loop_factory == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        new_loop = uvloop.new_event_loop
+    else:
+        new_loop = asyncio.new_event_loop
+
+    async def one(delay_s):
+        fut = asyncio.get_running_loop().create_future()  # never completed: only the deadline ends it
+        deadline = time.perf_counter() + delay_s
+        # a busy loop iteration before the wait makes the cached loop clock stale (the uvloop case)
+        t = time.perf_counter()
+        while time.perf_counter() - t < 0.002:
+            pass
+        with pytest.raises(ApiError) as e:
+            await wait(_fake_request(), fut, deadline, "vqa", "m")
+        assert e.value.status == 504
+        assert fut.cancelled()
+        return time.perf_counter() - deadline
+
+    async def many():
+        return [await one(d) for d in (0.003, 0.005, 0.0035) * 10]
+
+    loop = new_loop()
+    try:
+        late = loop.run_until_complete(many())
+    finally:
+        loop.close()
+    assert min(late) >= 0.0, f"timed out {-1000 * min(late):.3f} ms before the deadline"
+
+
+def test_wait_returns_result_before_deadline():
+    async def go():
+        fut = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_later(0.001, fut.set_result, ("answer", 0.0))
+        return await wait(_fake_request(), fut, time.perf_counter() + 1.0, "vqa", "m")
+
+    assert asyncio.run(go()) == "answer"
