@@ -105,22 +105,63 @@ def headline_table(h: dict, keys=None) -> str:
     return "| measured ratio | value |\n|---|---:|\n" + "\n".join(rows)
 
 
-def _repro_section(result: dict | None) -> str:
+def _machine_name(report: dict | None) -> str:
+    m = (report or {}).get("machine", {})
+    return f"{m.get('cpu', '?')} ({m.get('cores', '?')} cores)"
+
+
+def compare_runs(before: dict | None, after: dict | None, tolerance: float = TOLERANCE) -> dict | None:
+    """compare() on two runs of one benchmark, with their machines: a reproducibility check only
+    counts on the same machine."""
+    if not before or not after:
+        return None
+    result = compare(before.get("headline", {}), after.get("headline", {}), tolerance)
+    machines = (_machine_name(before), _machine_name(after))
+    return {**result, "machines": machines, "same_machine": machines[0] == machines[1]}
+
+
+def _repro_one(name: str, result: dict | None) -> str:
     if not result:
-        return "No previous run to compare with yet: run `make bench` again to measure run-to-run spread.\n"
+        return f"**{name}:** no previous run to compare with yet: run `make bench` again to measure run-to-run spread.\n"
     rows = "\n".join(
         f"| {DESCRIPTIONS.get(k, k)} | {_value(k, r['before'])} | {_value(k, r['after'])} | {100 * r['change']:+.1f}% | "
         f"{'—' if r['within'] is None else ('yes' if r['within'] else '**no**')} |"
         for k, r in result["rows"].items()
     )
+    tol = f"±{100 * result['tolerance']:.0f}%"
     verdict = "all within" if result["all_within"] else "**not all within**"
-    return f"""The previous `make bench` run against this one, same machine: {verdict} ±{100 * result["tolerance"]:.0f}%
+    if result["same_machine"]:
+        where = f"same machine ({result['machines'][1]})"
+    else:
+        where = (
+            f"**different machines** (previous: {result['machines'][0]}, this: {result['machines'][1]}), "
+            "so this is not a reproducibility check"
+        )
+    return f"""**{name}:** the previous run against this one, {where}: {verdict} {tol}
 on the {result["gated"]} timing ratios (accuracy, FLOPs and absolute milliseconds are listed, not gated).
 
-| ratio | previous run | this run | change | within ±{100 * result["tolerance"]:.0f}% |
+| ratio | previous run | this run | change | within {tol} |
 |---|---:|---:|---:|---|
 {rows}
 """
+
+
+def _repro_section(repro: dict | None) -> str:
+    repro = repro or {}
+    parts = (("model", "Model benchmark"), ("service", "Service benchmark"))
+    return "\n".join(_repro_one(name, repro.get(key)) for key, name in parts)
+
+
+def _where(model: dict | None, service: dict | None) -> str:
+    line = _machines_line(model, service).replace("**", "")
+    return f"({line})" if "benchmark on" in line else f"on {line}"
+
+
+def _machines_line(model: dict | None, service: dict | None) -> str:
+    names = {_machine_name(r) for r in (model, service) if r}
+    if len(names) <= 1:
+        return f"**{next(iter(names), '?')}**"
+    return f"the model benchmark on **{_machine_name(model)}**, the service benchmark on **{_machine_name(service)}**"
 
 
 def render(model: dict | None, service: dict | None, repro: dict | None, model_dir: str, service_dir: str) -> str:
@@ -141,7 +182,7 @@ trimvlm bench service --out {service_dir} --rounds 5  # the service on loopback 
 trimvlm bench docs                                # this page + the README block, from the two report.json
 ```
 
-Machine: **{m.get("cpu", "?")}**, {m.get("cores", "?")} cores, no GPU; {versions}. The machine is shared and
+Machine: {_machines_line(model, service)}, no GPU; {versions}. The machine is shared and
 noisy: the model runners are interleaved input by input and the service's servers take turns per load
 point, so ratios hold where absolute times drift. Absolute times are this CPU's only. No GPU was available
 when these were measured; `trimvlm bench model` adds TensorRT runners when an fp16 export and TensorRT exist.
@@ -167,9 +208,8 @@ How to read these:
 
 
 def readme_block(model: dict | None, service: dict | None, model_dir: str) -> str:
-    m = (model or service or {}).get("machine", {})
     return f"""{README_BEGIN}
-Measured by `make bench` on {m.get("cpu", "?")} ({m.get("cores", "?")} cores, no GPU); details, machine
+Measured by `make bench` {_where(model, service)}, no GPU; details, machines
 and the exact commands in [docs/BENCHMARKS.md](docs/BENCHMARKS.md).
 
 {headline_table(headline(model, service), README_KEYS)}
@@ -189,9 +229,10 @@ def write_docs(
     service = load(Path(service_dir) / "report.json")
     repro = None
     if previous:
-        before = headline(load(Path(previous) / "model.json"), load(Path(previous) / "service.json"))
-        if before:
-            repro = compare(before, headline(model, service))
+        repro = {
+            "model": compare_runs(load(Path(previous) / "model.json"), model),
+            "service": compare_runs(load(Path(previous) / "service.json"), service),
+        }
     docs.parent.mkdir(parents=True, exist_ok=True)
     docs.write_text(render(model, service, repro, model_dir, service_dir))
     if readme.is_file():

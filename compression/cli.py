@@ -464,8 +464,11 @@ def bench_docs(
 
     repro = write_docs(model_dir, service_dir, previous)
     typer.echo("wrote docs/BENCHMARKS.md and the README headline block")
-    if repro is not None:
-        typer.echo(f"run-to-run: {'all' if repro['all_within'] else 'NOT all'} timing ratios within ±{repro['tolerance']:.0%}")
+    for name, r in (repro or {}).items():
+        if r is not None:
+            where = "same machine" if r["same_machine"] else "DIFFERENT machines, not a reproducibility check"
+            verdict = "all" if r["all_within"] else "NOT all"
+            typer.echo(f"{name} run-to-run ({where}): {verdict} timing ratios within ±{r['tolerance']:.0%}")
 
 
 @bench_app.command("compare")

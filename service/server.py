@@ -76,7 +76,7 @@ class ModelServer:
         for name in self.tasks.level_names:
             self.levels[name] = self.tasks.resolve_level(name)[1]
         # per level: how far off its latency predictions run (auto's margin), read by /metrics on scrape
-        self.prediction_errors = {lv: PredictionErrors() for lv in self.levels}
+        self.prediction_errors = {lv: PredictionErrors(settings.auto_margin_quantile) for lv in self.levels}
         for lv, errors in self.prediction_errors.items():
             metrics.auto_safety_factor.labels(self.id, lv).set_function(errors.factor)
         self.batchers: dict[str, Batcher] = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import SecretStr
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     # Adaptive compute: `auto` picks the most accurate level predicted to meet the deadline
     default_compute: str = "auto"
     auto_without_deadline: str = "full"  # what `auto` runs when a request has no deadline
+    # `auto`'s margin per level = this quantile of recent actual/predicted times (service/adaptive.py):
+    # higher = fewer deadline misses, more early refusals (503)
+    auto_margin_quantile: float = Field(0.99, ge=0.5, le=1.0)
 
     # Retrieval gallery (persisted)
     gallery_dir: Path = Path("gallery")

@@ -144,3 +144,16 @@ def test_wait_returns_result_before_deadline():
         return await wait(_fake_request(), fut, time.perf_counter() + 1.0, "vqa", "m")
 
     assert asyncio.run(go()) == "answer"
+
+
+def test_margin_quantile_is_a_validated_setting(monkeypatch):
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    monkeypatch.setenv("TRIMVLM_AUTO_MARGIN_QUANTILE", "0.999")
+    assert Settings().auto_margin_quantile == 0.999
+    for bad in ("0.3", "1.5", "high"):
+        monkeypatch.setenv("TRIMVLM_AUTO_MARGIN_QUANTILE", bad)
+        with pytest.raises(ValidationError):
+            Settings()

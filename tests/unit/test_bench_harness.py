@@ -156,17 +156,24 @@ def test_docs_and_readme_block_rendered_from_the_reports(tmp_path, monkeypatch):
     (tmp_path / "s" / "report.json").write_text(json.dumps({"machine": machine, "headline": {"http_overhead_p50_ms": 3.25}}))
     (tmp_path / "s" / "REPORT.md").write_text("# Service\nbody\n")
     (tmp_path / "prev").mkdir()
-    (tmp_path / "prev" / "model.json").write_text(json.dumps({"headline": {"level_balanced_latency_speedup_b1": 1.4}}))
+    (tmp_path / "prev" / "model.json").write_text(
+        json.dumps({"machine": machine, "headline": {"level_balanced_latency_speedup_b1": 1.4}})
+    )
+    other = {"cpu": "Other CPU", "cores": 2}  # a previous service run elsewhere: shown, but not called reproducibility
+    (tmp_path / "prev" / "service.json").write_text(json.dumps({"machine": other, "headline": {"http_overhead_p50_ms": 3.0}}))
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{bench_docs.README_BEGIN}\nstale figures\n{bench_docs.README_END}\noutro\n")
     repro = bench_docs.write_docs("m", "s", "prev", docs=tmp_path / "docs" / "BENCHMARKS.md", readme=readme)
-    assert repro["rows"]["level_balanced_latency_speedup_b1"]["change"] == pytest.approx(0.0714, abs=1e-4)
+    assert repro["model"]["rows"]["level_balanced_latency_speedup_b1"]["change"] == pytest.approx(0.0714, abs=1e-4)
+    assert repro["model"]["same_machine"] and not repro["service"]["same_machine"]
     text = readme.read_text()
     assert "stale figures" not in text and text.startswith("intro\n") and text.endswith("outro\n")
     assert "1.50x" in text and "Test CPU" in text
     docs = (tmp_path / "docs" / "BENCHMARKS.md").read_text()
     assert "3.25 ms" in docs and "### Table" in docs and "](../m/pareto.png)" in docs
     assert "+7.1%" in docs
+    assert "**Model benchmark:** the previous run against this one, same machine (Test CPU (2 cores))" in docs
+    assert "**different machines** (previous: Other CPU (2 cores)" in docs
 
 
 def test_gemm_runner_multiplies():
