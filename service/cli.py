@@ -36,6 +36,7 @@ def serve(
         access_log=False,  # the app logs one JSON line per request itself
         timeout_graceful_shutdown=int(settings.graceful_shutdown_s),
         log_level=settings.log_level,
+        backlog=settings.listen_backlog,
     )
 
 

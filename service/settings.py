@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     # Task requests in flight (reading, decoding, queued, running); beyond it 429 `overloaded` + Retry-After
     # at once. 0: no limit. Bounds the wait under overload to about this / capacity (docs/RELIABILITY.md).
     max_inflight_requests: int = 256
+    # Connections waiting to be accepted (listen backlog; the kernel caps it at net.core.somaxconn).
+    # Under a connection storm, connections beyond it are reset before the app can refuse them (429).
+    listen_backlog: int = Field(4096, ge=64)
     default_deadline_ms: float | None = None  # per-request deadline when the client sends none
     preprocess_threads: int = 4
     inference_threads: int = 2
