@@ -27,7 +27,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.loadgen import Result, RunStats, _one, percentile
+from benchmarks.loadgen import RawClient, Result, RunStats, _one, percentile
 from benchmarks.service_bench import ServerProcess
 
 MiB = 2**20
@@ -135,9 +135,8 @@ class RssSampler:
 
 async def closed_loop_for(url: str, make, clients: int, seconds: float) -> RunStats:
     """`clients` closed-loop clients for `seconds` (time-bounded, unlike loadgen.closed_loop)."""
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     stats = RunStats()
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60.0) as client:
+    async with RawClient(url) as client:
         counter = iter(range(10**9))
         stop_at = time.perf_counter() + seconds
 

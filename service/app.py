@@ -9,6 +9,7 @@ import json
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
@@ -21,7 +22,7 @@ from service.errors import ApiError, error_body
 from service.routes import caption, ops, retrieval, vqa
 from service.routes.common import ClientDisconnected
 from service.settings import Settings
-from service.state import AppState
+from service.state import AppState, lower_priority
 
 log = logging.getLogger("trimvlm.app")
 access = logging.getLogger("trimvlm.access")
@@ -189,7 +190,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def load() -> None:
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(None, st.load_models)
+            # its own thread, at worker priority: ONNX Runtime's thread pools inherit it
+            with ThreadPoolExecutor(1, "load", initializer=lower_priority, initargs=(settings.worker_nice,)) as loader:
+                await loop.run_in_executor(loader, st.load_models)
             for srv in st.servers.values():
                 await srv.start()
             st.metrics.set_build_info(models=",".join(st.servers), default=st.default or "")

@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     default_deadline_ms: float | None = None  # per-request deadline when the client sends none
     preprocess_threads: int = 4
     inference_threads: int = 2
+    # nice increment for the preprocessing and inference threads (and ONNX Runtime's pools), so the
+    # event loop keeps the CPU it needs to accept and refuse under overload (service/state.py)
+    worker_nice: int = Field(5, ge=0, le=19)
 
     # Adaptive compute: `auto` picks the most accurate level predicted to meet the deadline
     default_compute: str = "auto"

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,6 +21,20 @@ from service.server import ModelServer
 from service.settings import Settings
 
 log = logging.getLogger("trimvlm.state")
+
+
+def lower_priority(increment: int) -> None:
+    """Run the calling thread, and the threads it creates later (ONNX Runtime's pools are made when
+    a session is), `increment` nice levels lower. Under overload the event loop must keep the CPU
+    to accept connections and refuse them with 429: at equal priority the model threads took most
+    of it and connections overflowed the accept queue (reset) instead. Linux: nice is per thread."""
+    if increment <= 0 or not hasattr(os, "setpriority"):
+        return
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + increment))
+    except OSError as e:  # not fatal: a platform without per-thread priorities
+        log.warning("could not lower worker thread priority: %s", e)
 
 
 @dataclass
@@ -46,11 +62,12 @@ class AppState:
             allow_private_urls=s.allow_private_urls,
             url_timeout_s=s.url_timeout_s,
         )
+        nice = (settings.worker_nice,)
         return cls(
             settings,
             Metrics(),
-            ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="preprocess"),
-            ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="inference"),
+            ThreadPoolExecutor(settings.preprocess_threads, "preprocess", initializer=lower_priority, initargs=nice),
+            ThreadPoolExecutor(settings.inference_threads, "inference", initializer=lower_priority, initargs=nice),
             image_limits=limits,
         )
 

@@ -189,3 +189,61 @@ def test_folder_digest_changes_with_any_file(tmp_path):
     assert model_bench.folder_digest(tmp_path) == first
     (tmp_path / "sub" / "w.bin").write_bytes(b"\x00" * 9 + b"\x01")
     assert model_bench.folder_digest(tmp_path) != first
+
+
+def test_raw_client_keeps_connections_alive_and_reads_every_response_kind():
+    """The load generator's HTTP/1.1 client against a scripted server on loopback: keep-alive reuse,
+    `Connection: close`, a server that drops an idle connection (resent once on a new one), and a
+    response it cannot read (a status-0 result, not an exception)."""
+    import asyncio
+
+    from benchmarks.loadgen import RawClient, _one, closed_loop
+
+    connections = []
+
+    async def handle(reader, writer):
+        connections.append(writer)
+        while True:
+            try:
+                head = (await reader.readuntil(b"\r\n\r\n")).decode()
+            except asyncio.IncompleteReadError:
+                break
+            length = int(next(h for h in head.split("\r\n") if h.lower().startswith("content-length")).split(":")[1])
+            body = json.loads(await reader.readexactly(length))
+            if body.get("kind") == "chunked":  # no Content-Length: unreadable for this client
+                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+                continue
+            out = json.dumps({"compute": {"level": "fast"}, "echo": body}).encode()
+            close = body.get("kind") == "close"
+            extra = b"Connection: close\r\n" if close else b"Retry-After: 3\r\n"
+            status = b"429 Too Many Requests" if body.get("kind") == "refuse" else b"200 OK"
+            writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Length: %d\r\n" % len(out) + extra + b"\r\n" + out)
+            await writer.drain()
+            if close or body.get("kind") == "drop-after":  # drop-after: closes without saying so
+                break
+        writer.close()
+
+    async def go():
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        async with RawClient(url, timeout_s=5) as c:
+            r1 = await _one(c, "/vqa", {"i": 1}, deadline_ms=None)
+            r2 = await _one(c, "/vqa", {"i": 2}, deadline_ms=0.0)  # answered, but after its deadline
+            assert (r1.status, r1.level, r2.late) == (200, "fast", True)
+            assert len(connections) == 1  # kept alive
+            refused = await _one(c, "/vqa", {"kind": "refuse"}, None)
+            assert (refused.status, refused.retry_after) == (429, "3")
+            await _one(c, "/vqa", {"kind": "close"}, None)  # the server closes after this answer
+            assert (await _one(c, "/vqa", {"i": 3}, None)).status == 200 and len(connections) == 2
+            await _one(c, "/vqa", {"kind": "drop-after"}, None)  # then the server drops the idle connection
+            await asyncio.sleep(0.05)
+            assert (await _one(c, "/vqa", {"i": 4}, None)).status == 200  # resent on a new connection
+            assert len(connections) == 3
+            bad = await _one(c, "/vqa", {"kind": "chunked"}, None)
+            assert (bad.status, bad.error) == (0, "ProtocolError")
+        stats = await closed_loop(url, lambda i: ("/vqa", {"i": i}, None), concurrency=4, requests=40)
+        server.close()
+        return stats.summary()
+
+    summary = asyncio.run(go())
+    assert summary["statuses"] == {"200": 40} and summary["levels"] == {"fast": 40}
