@@ -198,6 +198,10 @@ How to read these:
 - FLOP/s ÷ GEMM compares against an **fp32** GEMM; INT8 graphs can exceed 100% of it.
 - Trimmed levels in ONNX Runtime run a batch item by item through the batch-1 gather graph (as the
   service does), so their batch-32 throughput is below `full`'s batched graphs.
+- The service benchmark's load generator shares the 2 cores with the servers, so it is a minimal
+  keep-alive HTTP/1.1 client (`benchmarks/loadgen.py`, ~0.03 core at 500 req/s). Reports before
+  2026-12-03 used httpx, which took a full core at ~140 req/s with 64 clients: their high-concurrency
+  figures (batching "slower than none", p99 of seconds) measured the client's own queueing.
 
 ## Reproducibility
 {_repro_section(repro)}
