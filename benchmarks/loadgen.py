@@ -146,17 +146,28 @@ async def _one(client: RawClient, path: str, body: dict, deadline_ms: float | No
     return Result(dt, status, level, late=late, retry_after=headers.get("retry-after"), started_s=t0)
 
 
-async def closed_loop(base_url: str, make: RequestFactory, concurrency: int, requests: int, warmup: int = 0) -> RunStats:
-    """`concurrency` clients share `requests` requests; each waits for its answer before the next."""
+async def closed_loop(
+    base_url: str,
+    make: RequestFactory,
+    concurrency: int,
+    requests: int | None = None,
+    warmup: int = 0,
+    seconds: float | None = None,
+) -> RunStats:
+    """`concurrency` clients share `requests` requests (or send until `seconds` have passed); each
+    waits for its answer before the next."""
     async with RawClient(base_url) as client:
         for i in range(warmup):
             path, body, dl = make(i)
             await _one(client, path, body, dl)
         stats = RunStats()
-        counter = iter(range(requests))
+        counter = iter(range(requests if requests is not None else 10**12))
+        stop_at = None if seconds is None else time.perf_counter() + seconds
 
         async def worker():
             for i in counter:
+                if stop_at is not None and time.perf_counter() >= stop_at:
+                    return
                 path, body, dl = make(i)
                 stats.results.append(await _one(client, path, body, dl))
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.loadgen import RawClient, Result, RunStats, _one, percentile
+from benchmarks.loadgen import Result, RunStats, percentile
 from benchmarks.service_bench import ServerProcess
 
 MiB = 2**20
@@ -131,26 +131,6 @@ class RssSampler:
             "growth_mib": round((values[-1] - values[0]) / MiB, 1),
             "samples": len(values),
         }
-
-
-async def closed_loop_for(url: str, make, clients: int, seconds: float) -> RunStats:
-    """`clients` closed-loop clients for `seconds` (time-bounded, unlike loadgen.closed_loop)."""
-    stats = RunStats()
-    async with RawClient(url) as client:
-        counter = iter(range(10**9))
-        stop_at = time.perf_counter() + seconds
-
-        async def worker():
-            for i in counter:
-                if time.perf_counter() >= stop_at:
-                    return
-                path, body, dl = make(i)
-                stats.results.append(await _one(client, path, body, dl))
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(clients)))
-        stats.seconds = time.perf_counter() - t0
-    return stats
 
 
 def outcome_counts(results: list[Result]) -> dict:

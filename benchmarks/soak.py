@@ -20,8 +20,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from benchmarks.loadgen import RunStats, percentile
-from benchmarks.overload import MiB, RssSampler, closed_loop_for, machine, shape_images
+from benchmarks.loadgen import RunStats, closed_loop, percentile
+from benchmarks.overload import MiB, RssSampler, machine, shape_images
 from benchmarks.service_bench import ServerProcess
 
 WINDOWS = 5
@@ -75,11 +75,11 @@ def soak_once(models: Path, seconds: float, clients: int, env: dict[str, str]) -
     with ServerProcess(models, {"TRIMVLM_LOG_LEVEL": "warning", **env}) as srv:
 
         async def go():
-            await closed_loop_for(srv.url, make, clients, min(5.0, seconds / 10))  # warm-up: every shape once
+            await closed_loop(srv.url, make, clients, seconds=min(5.0, seconds / 10))  # warm-up: every shape once
             sampler = RssSampler(srv.proc.pid, every_s=1.0)
             t0 = time.perf_counter()
             sampler.start(t0)
-            stats = await closed_loop_for(srv.url, make, clients, seconds)
+            stats = await closed_loop(srv.url, make, clients, seconds=seconds)
             await sampler.stop()
             return stats, sampler, t0
 
