@@ -152,16 +152,18 @@ def _repro_section(repro: dict | None) -> str:
     return "\n".join(_repro_one(name, repro.get(key)) for key, name in parts)
 
 
-def _where(model: dict | None, service: dict | None) -> str:
-    line = _machines_line(model, service).replace("**", "")
-    return f"({line})" if "benchmark on" in line else f"on {line}"
-
-
-def _machines_line(model: dict | None, service: dict | None) -> str:
+def _machines_line(model: dict | None, service: dict | None, bold: str = "**") -> str:
     names = {_machine_name(r) for r in (model, service) if r}
     if len(names) <= 1:
-        return f"**{next(iter(names), '?')}**"
-    return f"the model benchmark on **{_machine_name(model)}**, the service benchmark on **{_machine_name(service)}**"
+        return f"{bold}{next(iter(names), '?')}{bold}"
+    model_on, service_on = (f"{bold}{_machine_name(r)}{bold}" for r in (model, service))
+    return f"the model benchmark on {model_on}, the service benchmark on {service_on}"
+
+
+def _where(model: dict | None, service: dict | None) -> str:
+    same = len({_machine_name(r) for r in (model, service) if r}) <= 1
+    line = _machines_line(model, service, bold="")
+    return f"on {line}" if same else f"({line})"
 
 
 def render(model: dict | None, service: dict | None, repro: dict | None, model_dir: str, service_dir: str) -> str:

@@ -73,6 +73,25 @@ class ProtocolError(Exception):
     """A response this client cannot read (no Content-Length, a malformed head)."""
 
 
+def http_request(host: str, port: int, path: str, body: dict, close: bool = False) -> bytes:
+    """The bytes of a JSON POST (HTTP/1.1; `close` asks the server to close after answering)."""
+    data = json.dumps(body).encode()
+    fields = [f"POST {path} HTTP/1.1", f"Host: {host}:{port}", "Content-Type: application/json", f"Content-Length: {len(data)}"]
+    if close:
+        fields.append("Connection: close")
+    return ("\r\n".join(fields) + "\r\n\r\n").encode() + data
+
+
+def parse_head(head: bytes) -> tuple[int, dict[str, str]]:
+    """Status and lower-cased headers of a response head; ValueError when it is not one."""
+    lines = head.decode("latin-1").split("\r\n")
+    try:
+        status = int(lines[0].split(" ", 2)[1])
+    except IndexError as e:
+        raise ValueError(f"not an HTTP status line: {lines[0][:80]!r}") from e
+    return status, {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+
+
 class RawClient:
     """HTTP/1.1 keep-alive POSTs of JSON over a pool of asyncio stream connections: an idle
     connection is reused, else a new one opened (closed-loop clients keep one each). Responses
@@ -94,11 +113,7 @@ class RawClient:
             self._idle.pop()[1].close()
 
     async def post(self, path: str, body: dict) -> tuple[int, dict[str, str], bytes]:
-        data = json.dumps(body).encode()
-        request = (
-            f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(data)}\r\n\r\n"
-        ).encode() + data
+        request = http_request(self.host, self.port, path, body)
         async with asyncio.timeout(self.timeout_s):
             reused = bool(self._idle)
             try:
@@ -115,9 +130,7 @@ class RawClient:
         reader, writer = self._idle.pop() if self._idle else await asyncio.open_connection(self.host, self.port)
         try:
             writer.write(request)
-            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-            status = int(head[0].split(" ", 2)[1])
-            headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in head[1:] if line)}
+            status, headers = parse_head(await reader.readuntil(b"\r\n\r\n"))
             if "content-length" not in headers:
                 raise ProtocolError(f"no Content-Length in a {status} response")
             content = await reader.readexactly(int(headers["content-length"]))

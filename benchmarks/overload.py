@@ -27,7 +27,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.loadgen import Result, RunStats, percentile
+from benchmarks.loadgen import Result, RunStats, http_request, parse_head, percentile
 from benchmarks.service_bench import ServerProcess
 
 MiB = 2**20
@@ -182,12 +182,7 @@ def server_latency(before: str, after: str, code: str, endpoint: str = "vqa") ->
 
 
 def raw_request(port: int, path: str, body: dict) -> bytes:
-    data = json.dumps(body).encode()
-    head = (
-        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n"
-    )
-    return head.encode() + data
+    return http_request("127.0.0.1", port, path, body, close=True)
 
 
 async def raw_one(port: int, request: bytes, timeout_s: float = 120.0) -> Result:
@@ -208,14 +203,11 @@ async def raw_one(port: int, request: bytes, timeout_s: float = 120.0) -> Result
         if writer is not None:
             writer.close()
     dt = time.perf_counter() - t0
-    head = raw.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
     try:
-        status = int(head[0].split(" ", 2)[1])
-    except (IndexError, ValueError):
+        status, headers = parse_head(raw.split(b"\r\n\r\n", 1)[0])
+    except ValueError:
         return Result(dt, 0, error="NoResponse", started_s=t0)
-    headers = dict(line.split(":", 1) for line in head[1:] if ":" in line)
-    retry = next((v.strip() for k, v in headers.items() if k.strip().lower() == "retry-after"), None)
-    return Result(dt, status, retry_after=retry, started_s=t0)
+    return Result(dt, status, retry_after=headers.get("retry-after"), started_s=t0)
 
 
 async def open_loop_with_rss(port: int, requests: list[bytes], rate_rps: float, seconds: float, pid: int, seed: int = 0):
