@@ -19,39 +19,58 @@ import numpy as np
 
 
 class LatencyModel:
-    """Per key: t(n) = a*n + b from the last `window` (n, seconds) observations."""
+    """Per key: t(n) = a*n + b from the last `window` (n, seconds) observations.
+
+    Least squares from running sums (count, sum n, sum t, sum n^2, sum n*t) kept as observations
+    enter and leave the window: a prediction costs O(1) however often batches land (every request
+    at low load), where refitting the window each time cost ~0.2 ms on the event loop."""
 
     def __init__(self, window: int = 256):
         self.window = window
         self._obs: dict[str, deque] = {}
-        self._fit: dict[str, tuple[float, float]] = {}
+        self._sums: dict[str, list[float]] = {}
+        self._evicted: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def observe(self, key: str, n: int, seconds: float) -> None:
-        # every batch and request lands here: record only, refit when a prediction needs it
         with self._lock:
-            self._obs.setdefault(key, deque(maxlen=self.window)).append((n, seconds))
-            self._fit.pop(key, None)
+            obs = self._obs.setdefault(key, deque())
+            sums = self._sums.setdefault(key, [0.0] * 5)
+            if len(obs) >= self.window:
+                old_n, old_t = obs.popleft()
+                self._add(sums, old_n, old_t, -1.0)
+                self._evicted[key] = self._evicted.get(key, 0) + 1
+                if self._evicted[key] >= self.window:  # re-sum now and then: no float drift
+                    self._evicted[key] = 0
+                    sums[:] = [0.0] * 5
+                    for o in obs:
+                        self._add(sums, *o, 1.0)
+            obs.append((n, seconds))
+            self._add(sums, n, seconds, 1.0)
+
+    @staticmethod
+    def _add(sums: list[float], n: float, t: float, sign: float) -> None:
+        sums[0] += sign
+        sums[1] += sign * n
+        sums[2] += sign * t
+        sums[3] += sign * n * n
+        sums[4] += sign * n * t
 
     def _line(self, key: str) -> tuple[float, float]:
         with self._lock:
-            if key not in self._fit:
-                obs = self._obs.get(key)
-                if not obs:
-                    return 0.0, 0.0
-                self._fit[key] = self._solve(obs)
-            return self._fit[key]
+            sums = self._sums.get(key)
+            if not sums or sums[0] <= 0:
+                return 0.0, 0.0
+            return self._solve(*sums)
 
     @staticmethod
-    def _solve(obs) -> tuple[float, float]:
-        n = np.array([o[0] for o in obs], dtype=np.float64)
-        t = np.array([o[1] for o in obs], dtype=np.float64)
-        if len(set(n.tolist())) < 2:  # one batch size seen: proportional share, no intercept
-            return float(t.mean() / max(n.mean(), 1.0)), 0.0
-        a, b = np.polyfit(n, t, 1)
-        a = max(float(a), 0.0)
-        b = max(float(b), 0.0)
-        return a, b
+    def _solve(count: float, sn: float, st: float, snn: float, snt: float) -> tuple[float, float]:
+        var_n = count * snn - sn * sn  # batch sizes are integers: exact, 0 iff one size seen
+        if var_n <= 0:  # one batch size seen: proportional share, no intercept
+            return max(st / max(sn, count), 0.0), 0.0
+        a = (count * snt - sn * st) / var_n
+        b = (st - a * sn) / count
+        return max(a, 0.0), max(b, 0.0)
 
     def predict(self, key: str, n: int) -> float:
         a, b = self._line(key)

@@ -235,6 +235,21 @@ def _decode_rgb(data: bytes, limits: ImageLimits) -> tuple[Image.Image, str]:
     return rgb, fmt
 
 
+def declared_pixels(payload: str | bytes, limits: ImageLimits) -> int | None:
+    """Pixels the payload's image header declares, without decoding the pixels (base64, data
+    URIs and raw bytes; None for URLs, which are never fetched here). Raises the ImageError that
+    decoding would raise for a payload refused from its header."""
+    if isinstance(payload, str):
+        text = payload.strip()
+        if _URL_RE.match(text):
+            return None
+        payload = decode_base64_image(text, limits)
+    img, _ = _open_checked(bytes(payload), limits)
+    width, height = img.size
+    img.close()
+    return width * height
+
+
 def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
     """Validate and decode image bytes into an RGB PIL image (first frame, EXIF-rotated)."""
     return _decode_rgb(data, limits)[0]

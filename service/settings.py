@@ -62,6 +62,10 @@ class Settings(BaseSettings):
     listen_backlog: int = Field(4096, ge=64)
     default_deadline_ms: float | None = None  # per-request deadline when the client sends none
     preprocess_threads: int = 4
+    # Images whose header declares at most this many pixels are decoded on the event loop: at that
+    # size (~0.1 ms) the trip through the preprocessing pool and back costs more than the work.
+    # Larger images, URLs and anything big on the wire go to the pool. 0: always the pool.
+    inline_preprocess_max_pixels: int = Field(65_536, ge=0)
     inference_threads: int = 2
     # nice increment for the preprocessing and inference threads (and ONNX Runtime's pools), so the
     # event loop keeps the CPU it needs to accept and refuse under overload (service/state.py)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.errors import ApiError
-from service.images import ImageError, ImageLimits, load_request_image
+from service.images import ImageError, ImageLimits, declared_pixels, load_request_image
 from service.metrics import Metrics
 from service.repository import ManifestError, check_files, find_models, load_manifest
 from service.server import ModelServer
@@ -120,10 +120,26 @@ class AppState:
             self.galleries[srv.id] = Gallery.open(folder, dim, srv.id, max_items=self.settings.gallery_max_items)
         return self.galleries[srv.id]
 
-    async def run_pre(self, fn, *args):
-        """Decode/tokenise in the preprocessing pool, timed into the latency model's preprocess."""
+    def preprocess_inline(self, payload: str | bytes) -> bool:
+        """Whether an image payload is cheap enough to preprocess on the event loop (see
+        `inline_preprocess_max_pixels`): small on the wire and small in its header."""
+        limit = self.settings.inline_preprocess_max_pixels
+        if limit <= 0 or len(payload) > 4 * limit + 4096:  # base64 of <= 3 bytes a pixel, plus headers
+            return False
+        try:
+            pixels = declared_pixels(payload, self.image_limits)
+        except ImageError:
+            return True  # refused from its header: decoding raises the same error at once
+        return pixels is not None and pixels <= limit
+
+    async def run_pre(self, fn, *args, inline: bool = False):
+        """Decode/tokenise in the preprocessing pool (or, when `inline`, right here on the event
+        loop), timed into the latency model's preprocess."""
         t0 = time.perf_counter()
-        out = await asyncio.get_running_loop().run_in_executor(self.preprocess_pool, fn, *args)
+        if inline:
+            out = fn(*args)
+        else:
+            out = await asyncio.get_running_loop().run_in_executor(self.preprocess_pool, fn, *args)
         seconds = time.perf_counter() - t0
         for srv in self.servers.values():
             srv.latency.observe("preprocess", 1, seconds)

@@ -9,7 +9,7 @@ import time
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import Request
+from fastapi import Request, Response
 from pydantic import BaseModel, ValidationError
 
 from service.adaptive import CannotMeetDeadline
@@ -206,6 +206,17 @@ async def translate_errors():
         raise ApiError(422, "invalid_compute", str(e)) from e
     except CannotMeetDeadline as e:
         raise ApiError(503, "deadline_unreachable", str(e), {"Retry-After": "1"}) from e
+
+
+def json_model(result: BaseModel | list[BaseModel], is_batch: bool = False) -> Response:
+    """A route's own response model(s) as the JSON body (`{"results": [...]}` for the batch form),
+    serialised by pydantic directly. Returned as a Response, FastAPI skips re-validating the model
+    against the route's `response_model` (which still documents it): ~0.15 ms a request."""
+    if is_batch:
+        body = b'{"results":[' + b",".join(r.model_dump_json().encode() for r in result) + b"]}"
+    else:
+        body = result.model_dump_json().encode()
+    return Response(body, media_type="application/json")
 
 
 def ms_since(t0: float) -> float:

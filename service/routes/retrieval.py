@@ -9,7 +9,7 @@ import numpy as np
 from fastapi import APIRouter, Request
 
 from service.errors import ApiError
-from service.routes.common import deadline_for, image_payload, ms_since, parse, state, submit
+from service.routes.common import deadline_for, image_payload, json_model, ms_since, parse, state, submit
 from service.schemas import (
     IndexBatch,
     IndexBatchResponse,
@@ -28,7 +28,9 @@ router = APIRouter(prefix="/retrieval", tags=["retrieval"])
 
 async def _images(request: Request, srv: ModelServer, payloads: list, deadline) -> list[tuple[np.ndarray, np.ndarray]]:
     st = state(request)
-    pixels = await asyncio.gather(*(st.run_pre(st.decode_image, p, srv, "retrieval") for p in payloads))
+    pixels = await asyncio.gather(
+        *(st.run_pre(st.decode_image, p, srv, "retrieval", inline=st.preprocess_inline(p)) for p in payloads)
+    )
     return await asyncio.gather(*(submit(request, srv.batchers["vision"], px, deadline, "retrieval", srv.id) for px in pixels))
 
 
@@ -70,7 +72,9 @@ async def rank(request: Request, body: RankRequest):
         pairs = [(txt_states, ims) for ims, _ in images]
     scores = await _itm(request, srv, pairs, deadline) if body.rerank else itc
     ranking = sorted(range(len(scores)), key=lambda i: -scores[i])
-    return RankResponse(scores=[float(s) for s in scores], itc_scores=itc, ranking=ranking, model=srv.id, latency_ms=ms_since(t0))
+    return json_model(
+        RankResponse(scores=[float(s) for s in scores], itc_scores=itc, ranking=ranking, model=srv.id, latency_ms=ms_since(t0))
+    )
 
 
 @router.post("/search", response_model=SearchResponse, summary="Search the gallery with a text or an image")
@@ -101,7 +105,7 @@ async def search(request: Request, body: SearchRequest):
     meta = {h[0]: h[2] for h in hits}
     best = sorted(scores, key=lambda k: -scores[k])[: body.top_k]
     results = [SearchHit(id=k, score=scores[k], itc_score=itc[k], metadata=meta[k]) for k in best]
-    return SearchResponse(results=results, gallery_size=len(gallery), model=srv.id, latency_ms=ms_since(t0))
+    return json_model(SearchResponse(results=results, gallery_size=len(gallery), model=srv.id, latency_ms=ms_since(t0)))
 
 
 @router.post(
@@ -130,7 +134,7 @@ async def index_add(request: Request):
     results = []
     for it in items:  # sequential: ids in a batch may repeat and later ones must win
         results.append(await add(it))
-    return {"results": results} if is_batch else results[0]
+    return json_model(results if is_batch else results[0], is_batch)
 
 
 @router.delete("/index/{item_id}", summary="Remove an image from the gallery")

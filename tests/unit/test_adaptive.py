@@ -8,9 +8,33 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from service.adaptive import CannotMeetDeadline, LevelOption, PredictionErrors, choose_level
+from service.adaptive import CannotMeetDeadline, LatencyModel, LevelOption, PredictionErrors, choose_level
 from service.errors import ApiError
 from service.routes.common import wait
+
+
+def test_latency_model_equals_least_squares_over_its_window():
+    """The running-sums fit is the least-squares line of the last `window` batches, through many
+    evictions (and the periodic re-sum)."""
+    rng = np.random.default_rng(0)
+    model, seen = LatencyModel(window=40), []
+    for _ in range(300):
+        n = int(rng.integers(1, 33))
+        t = 0.0008 * n + 0.003 + float(rng.normal(0, 2e-4))
+        model.observe("vqa/full", n, t)
+        seen.append((n, t))
+    window = np.array(seen[-40:])
+    a, b = np.polyfit(window[:, 0], window[:, 1], 1)
+    assert model.predict("vqa/full", 1) == pytest.approx(a + b, rel=1e-9)
+    assert model.predict("vqa/full", 32) == pytest.approx(32 * a + b, rel=1e-9)
+
+
+def test_latency_model_one_batch_size_is_a_proportional_share():
+    model = LatencyModel()
+    model.observe("caption", 4, 0.008)
+    model.observe("caption", 4, 0.012)
+    assert model.predict("caption", 8) == pytest.approx(0.02)
+    assert model.predict("never-seen", 8) == 0.0
 
 
 def test_prediction_errors_default_until_enough_samples():

@@ -21,6 +21,7 @@ from service.images import (
     STATUS_BY_CODE,
     ImageError,
     ImageLimits,
+    declared_pixels,
     decode_base64_image,
     fetch_url,
     host_matches,
@@ -632,3 +633,43 @@ def test_https_verifies_the_host_name_while_connecting_to_the_checked_address(tl
     assert (err.code, err.status) == ("url_fetch_failed", 502) and "TLS" in err.message
     monkeypatch.setattr(images, "_SSL_CONTEXT", None)  # the system CA store does not know our test CA
     assert error_of(fetch, f"https://public.test:{port}/ok.png").code == "url_fetch_failed"
+
+
+# ---------------------------------------------------------------- inline preprocessing
+
+
+def test_declared_pixels_reads_the_header_only():
+    big = encode(Image.new("RGB", (300, 200), RED), "PNG")
+    assert declared_pixels(big, LIMITS) == 60_000
+    assert declared_pixels(base64.b64encode(big).decode(), LIMITS) == 60_000
+    assert declared_pixels("data:image/png;base64," + base64.b64encode(big).decode(), LIMITS) == 60_000
+    assert declared_pixels("https://example.com/cat.png", LIMITS) is None  # never fetched here
+    bomb = png_header(20_000, 20_000)  # a header alone: refused before any decoding
+    with pytest.raises(ImageError) as e:
+        declared_pixels(bomb, LIMITS)
+    assert e.value.code == "too_many_pixels"
+
+
+def test_only_small_images_are_preprocessed_on_the_event_loop():
+    from service.settings import Settings
+    from service.state import AppState
+
+    st = AppState.create(Settings(inline_preprocess_max_pixels=64 * 64))
+    try:
+        small = base64.b64encode(encode(Image.new("RGB", (64, 64), RED), "PNG")).decode()
+        large = base64.b64encode(encode(Image.new("RGB", (65, 64), RED), "PNG")).decode()
+        assert st.preprocess_inline(small)
+        assert st.preprocess_inline(encode(Image.new("RGB", (64, 64), RED), "PNG"))  # multipart bytes
+        assert not st.preprocess_inline(large)
+        assert not st.preprocess_inline("http://example.com/a.png")  # URLs are fetched in the pool
+        assert not st.preprocess_inline("A" * 50_000)  # big on the wire: not even base64-decoded here
+        assert st.preprocess_inline("not base64!")  # refused from the header: the error comes back at once
+    finally:
+        st.preprocess_pool.shutdown()
+        st.inference_pool.shutdown()
+    off = AppState.create(Settings(inline_preprocess_max_pixels=0))
+    try:
+        assert not off.preprocess_inline(small)
+    finally:
+        off.preprocess_pool.shutdown()
+        off.inference_pool.shutdown()
