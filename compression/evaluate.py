@@ -160,9 +160,11 @@ def evaluate_retrieval(model, split: D.CaptionSplit, device=None, batch: int = 2
     owner = np.array([i for i, caps in enumerate(split.captions) for _ in caps])
     txt_emb = [tasks.encode_texts(*tasks.tokenize(texts[sl]))[1] for sl in _batches(len(texts), batch)]
     sim = np.concatenate(img_emb).astype(np.float32) @ np.concatenate(txt_emb).astype(np.float32).T  # [N_img, N_txt]
-    order_i2t = np.argsort(-sim, axis=1)
+    # stable: duplicate captions (1985 distinct of 2500 in the scenes test split) tie exactly, and
+    # quicksort's order among ties moved R@1 with last-bit differences (torch vs ONNX Runtime)
+    order_i2t = np.argsort(-sim, axis=1, kind="stable")
     ranks_i2t = np.array([np.where(owner[order_i2t[i]] == i)[0].min() for i in range(len(split.images))])
-    order_t2i = np.argsort(-sim.T, axis=1)
+    order_t2i = np.argsort(-sim.T, axis=1, kind="stable")
     ranks_t2i = np.array([np.where(order_t2i[j] == owner[j])[0][0] for j in range(len(texts))])
     r_i2t, r_t2i = recall_at_k(ranks_i2t), recall_at_k(ranks_t2i)
     return {

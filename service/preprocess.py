@@ -86,17 +86,16 @@ def image_to_uint8(img: Image.Image, spec: ImageSpec) -> np.ndarray:
 
 
 def normalize_uint8(images: np.ndarray, spec: ImageSpec) -> np.ndarray:
-    """uint8 [..., H, W, 3] -> float32 [..., 3, H, W] normalised with spec.mean/std.
+    """uint8 [..., H, W, 3] -> float32 [..., 3, H, W]: (x / 255 - mean) / std.
 
-    (x / 255 - mean) / std folded into one multiply-add per element, written channel-first
-    directly: 4.5x faster than the four-temporary form per request (equal within 1e-6)."""
-    std = np.asarray(spec.std, dtype=np.float32)
-    scale = (1.0 / (255.0 * std))[:, None, None]
-    offset = (-np.asarray(spec.mean, dtype=np.float32) / std)[:, None, None]
+    Written channel-first into one buffer, in place (3x faster per request than four temporaries),
+    with the same float32 operations in the same order as training's normalize_on_device: the
+    results are bit-identical, so exported and torch task metrics stay exactly equal."""
     chw = np.moveaxis(images, -1, -3)
     out = np.empty(chw.shape, dtype=np.float32)
-    np.multiply(chw, scale, out=out)
-    out += offset
+    np.divide(chw, np.float32(255.0), out=out)
+    out -= np.asarray(spec.mean, dtype=np.float32)[:, None, None]
+    out /= np.asarray(spec.std, dtype=np.float32)[:, None, None]
     return out
 
 

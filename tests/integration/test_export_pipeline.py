@@ -204,3 +204,23 @@ def test_bench_model_report_schema_on_the_tiny_pipeline(pipeline, tmp_path):
     assert saved["headline"] == r["headline"] and saved["machine"]["cpu"]
     assert (tmp_path / "bench" / "pareto.png").stat().st_size > 1000
     assert "| teacher torch fp32 |" in (tmp_path / "bench" / "REPORT.md").read_text()
+
+
+def test_export_report_schema_on_the_tiny_pipeline(pipeline, tmp_path):
+    """`trimvlm report export` on the tiny chain: every level timed against the teacher, each
+    speed check names the level it used (one keeping the accuracy target, else `full`), and the
+    ORT runtime runs with the service's settings."""
+    from compression.export_report import TARGETS, write_report
+
+    teacher = pipeline["tmp"] / "work" / "teacher" / "model"
+    r = write_report(pipeline["export"], teacher, tmp_path / "export", limit=64, latency_samples=3, rounds=1, caption_images=2)
+    levels = set(r["per_level"])
+    assert "full" in levels and len(levels) >= 2
+    for key in ("latency_speedup", "throughput_speedup"):
+        lv = r["level_for"][key]
+        assert lv in levels and r["checks"][key] == pytest.approx(r["per_level"][lv][key], rel=1e-3)
+        ok = [x for x in levels if r["per_level"][x]["accuracy_fraction"] >= TARGETS["teacher_accuracy_fraction"]]
+        assert lv in ok if ok else lv == "full"
+    assert r["runtime_settings"] == {"intra_op_threads": 0, "allow_spinning": False}
+    assert set(r["passed"]) == set(TARGETS) - {"int8_max_drop_points"}
+    assert "| full |" in (tmp_path / "export" / "REPORT.md").read_text()

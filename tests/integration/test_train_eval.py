@@ -203,6 +203,10 @@ def test_distill_prune_and_eval_a_tiny_teacher(tmp_path):
     assert {"self_distill", "cost", "flops_ratio", "beta"} <= set(rows[-1])
     rep = write_trim_report(trimmed, tmp_path / "trim_report", limit=20, latency_samples=4, rounds=1)
     assert rep["latency_batch1"]["balanced"]["p50_ms"] > 0
+    ort_rows = rep["latency_batch1_onnxruntime"]
+    for precision in ("", "int8 "):
+        assert {f"{precision}{r}" for r in ("untrimmed", "balanced", "fast", "all trimmed")} <= set(ort_rows)
+    assert rep["checks"]["max_latency_speedup_batch1"] > 0 and rep["checks"]["max_latency_speedup_batch1_int8"] > 0
     assert rep["parity"]["mask_vs_gather_batch1_max_abs"] <= 1e-4
     for f in ("report.json", "REPORT.md", "accuracy_vs_flops.png", "kept_tokens_balanced.png", "most_trimmed.png"):
         assert (tmp_path / "trim_report" / f).stat().st_size > 0
