@@ -166,6 +166,16 @@ def _where(model: dict | None, service: dict | None) -> str:
     return f"on {line}" if same else f"({line})"
 
 
+def _export_figures(path: Path = Path("reports/export/report.json")) -> str:
+    """The stage report's own batch-1 figures, for the comparison above (none if it is absent)."""
+    r = load(path)
+    if not r or "level_for" not in r:
+        return ""
+    lv = r["level_for"]["latency_speedup"]
+    teacher = r["batch1_vqa"]["teacher torch fp32"]["p50_ms"]
+    return f"; its last run: teacher batch-1 p50 {teacher:.1f} ms, student `{lv}` {r['checks']['latency_speedup']:.1f}x"
+
+
 def render(model: dict | None, service: dict | None, repro: dict | None, model_dir: str, service_dir: str) -> str:
     m = (model or {}).get("machine") or (service or {}).get("machine", {})
     versions = ", ".join(f"{k} {v}" for k, v in m.items() if k not in ("cpu", "cores"))
@@ -195,8 +205,8 @@ when these were measured; `trimvlm bench model` adds TensorRT runners when an fp
 How to read these:
 - The model runners are interleaved call by call (teacher, student, each level, ...), so every call
   starts with caches and thread pools cold from the previous runner. That is harsher than the stage
-  reports' block interleaving (`reports/export`: each runner runs its 100 inputs in a row per round,
-  teacher batch-1 p50 11.7 ms, student 8.3x), and it is the figure quoted here.
+  reports' block interleaving (`reports/export`: each runner runs its 100 inputs in a row per round{_export_figures()}),
+  and it is the figure quoted here.
 - FLOP/s ÷ GEMM compares against an **fp32** GEMM; INT8 graphs can exceed 100% of it.
 - Trimmed levels in ONNX Runtime run a batch item by item through the batch-1 gather graph (as the
   service does), so their batch-32 throughput is below `full`'s batched graphs.
