@@ -53,6 +53,7 @@ def _teacher_accuracy(lm, split: D.VQASplit) -> float:
     return evaluate_vqa(lm, split, "cpu", generative=False)["accuracy"]
 
 
+@torch.no_grad()  # a decorator, not set_grad_enabled: gradients come back on for the caller
 def write_report(
     model: str | Path,
     teacher: str | Path,
@@ -66,7 +67,6 @@ def write_report(
 ) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_grad_enabled(False)
     from service.settings import Settings
 
     # The service's runtime settings: ORT's default spin-waiting would let one graph's idle threads

@@ -910,7 +910,9 @@ def test_queue_full_gets_429_with_retry_after(start_server):
     codes = [r.status_code for r in responses]
     assert set(codes) <= {200, 429}, codes
     rejected = [r for r in responses if r.status_code == 429]
-    assert rejected and codes.count(200) >= 3, codes  # the queue of 2 plus the running one got through
+    # the queue of 2 got through, plus the running one when the batcher had started it before the
+    # burst filled the queue (small images are preprocessed on the event loop, so a burst can win)
+    assert rejected and codes.count(200) >= 2, codes
     for r in rejected:
         assert_error(r, 429, "queue_full")
         assert int(r.headers["retry-after"]) >= 1

@@ -214,6 +214,9 @@ def test_export_report_schema_on_the_tiny_pipeline(pipeline, tmp_path):
 
     teacher = pipeline["tmp"] / "work" / "teacher" / "model"
     r = write_report(pipeline["export"], teacher, tmp_path / "export", limit=64, latency_samples=3, rounds=1, caption_images=2)
+    import torch
+
+    assert torch.is_grad_enabled()  # the report must not switch gradients off for the rest of the process
     levels = set(r["per_level"])
     assert "full" in levels and len(levels) >= 2
     for key in ("latency_speedup", "throughput_speedup"):
