@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import io
 import json
 import os
@@ -329,11 +330,9 @@ def run(
     try:
         # the bare runtime with the server's own runtime settings (threads, spinning), so the
         # difference is HTTP and Python work, not a different ONNX Runtime configuration
-        from service.runtime import RuntimeOptions
         from service.settings import Settings
 
-        s = Settings()
-        options = RuntimeOptions(device=s.device, intra_op_threads=s.intra_op_threads, extra={"allow_spinning": s.ort_spinning})
+        options = Settings().runtime_options()
         tasks = TaskModel(models if (models / "manifest.json").is_file() else _first_model(models), options=options)
         pre = []
         for image, question, _ in items[:overhead_samples]:
@@ -344,7 +343,8 @@ def run(
             pre.append((tasks.pixels(arr[None]), ids, mask))
         report["http_overhead"] = _overhead(batched.url, tasks, items[:overhead_samples], pre, rounds)
         # the same with ONNX Runtime's threads spin-waiting (lower latency at low load, see README)
-        spin_tasks = TaskModel(tasks.folder, options=RuntimeOptions(device=s.device, intra_op_threads=s.intra_op_threads))
+        spinning_options = dataclasses.replace(options, extra={**options.extra, "allow_spinning": True})
+        spin_tasks = TaskModel(tasks.folder, options=spinning_options)
         with ServerProcess(models, {"TRIMVLM_ORT_SPINNING": "true"}) as spinning:
             report["http_overhead_spinning"] = _overhead(spinning.url, spin_tasks, items[:overhead_samples], pre, rounds)
 

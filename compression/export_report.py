@@ -26,7 +26,6 @@ from compression import data as D
 from compression.artifacts import load_model_dir
 from compression.compression_report import cpu_name
 from compression.trim_report import measure_latency
-from service.runtime import RuntimeOptions
 from service.tasks import TaskModel
 
 TARGETS = {"latency_speedup": 5.0, "throughput_speedup": 5.0, "teacher_accuracy_fraction": 0.985, "caption_cache_speedup": 3.0}
@@ -71,9 +70,8 @@ def write_report(
 
     # The service's runtime settings: ORT's default spin-waiting would let one graph's idle threads
     # steal the cores from the next (vision -> text -> fusion: 49 vs 30 ms per batch of 32 measured)
-    settings = Settings()
-    runtime_settings = {"intra_op_threads": settings.intra_op_threads, "allow_spinning": settings.ort_spinning}
-    options = RuntimeOptions(intra_op_threads=settings.intra_op_threads, extra={"allow_spinning": settings.ort_spinning})
+    options = Settings().runtime_options()
+    runtime_settings = {"intra_op_threads": options.intra_op_threads, "allow_spinning": options.extra["allow_spinning"]}
     tasks = TaskModel(model, "onnxruntime", options=options)
     levels = tasks.level_names
     lm = load_model_dir(teacher)

@@ -17,7 +17,6 @@ from service.adaptive import LatencyModel, LevelOption, PredictionErrors, choose
 from service.batching import Batcher
 from service.levels import LevelError
 from service.metrics import Metrics
-from service.runtime import RuntimeOptions
 from service.settings import Settings
 from service.tasks import TaskModel
 
@@ -55,15 +54,8 @@ def _pad_states(rows: list[np.ndarray]) -> np.ndarray:
 class ModelServer:
     def __init__(self, folder: Path, settings: Settings, metrics: Metrics, executor: ThreadPoolExecutor):
         self.settings, self.metrics, self.executor = settings, metrics, executor
-        options = RuntimeOptions(
-            device=settings.device,
-            intra_op_threads=settings.intra_op_threads,
-            memory_arena=settings.ort_cpu_mem_arena,
-            tensorrt_cache_dir=str(settings.tensorrt_cache_dir) if settings.tensorrt_cache_dir else None,
-            extra={"allow_spinning": settings.ort_spinning},
-        )
         t0 = time.perf_counter()
-        self.tasks = TaskModel(folder, settings.backend, settings.precision, options)
+        self.tasks = TaskModel(folder, settings.backend, settings.precision, settings.runtime_options())
         self.load_s = time.perf_counter() - t0
         self.id = self.tasks.id
         self.backend = self.tasks.runtime.name

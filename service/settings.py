@@ -8,6 +8,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.runtime.base import RuntimeOptions
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TRIMVLM_", env_file=".env", extra="ignore")
@@ -91,3 +93,14 @@ class Settings(BaseSettings):
     graceful_shutdown_s: float = 30.0
     demo_page: bool = True
     warmup: bool = True
+
+    def runtime_options(self) -> RuntimeOptions:
+        """The backend settings `trimvlm serve` runs its models with (reports and benchmarks that
+        compare against the service take the same)."""
+        return RuntimeOptions(
+            device=self.device,
+            intra_op_threads=self.intra_op_threads,
+            memory_arena=self.ort_cpu_mem_arena,
+            tensorrt_cache_dir=str(self.tensorrt_cache_dir) if self.tensorrt_cache_dir else None,
+            extra={"allow_spinning": self.ort_spinning},
+        )
