@@ -413,6 +413,8 @@ def _upload(data: bytes, **fields) -> dict:
 
 _NOISY_PNG = encode(noisy(64))
 _NOISY_JPEG = encode(noisy(64), "JPEG")
+# over TRIMVLM_INLINE_PREPROCESS_MAX_PIXELS (65536): decoded in the preprocessing pool, not inline
+_LARGE_JPEG = encode(noisy(320), "JPEG")
 _BIG_PNG = encode(noisy(300))  # ~270 KB: over max_image_bytes (192 KiB), under max_body_bytes (512 KiB) as base64
 _ONE_BIT_BOMB = encode(Image.new("1", (3000, 3000)), "PNG")  # 9 MP in about a kilobyte; the limit is 4 MP
 _TEXT = b"this is a plain text file, not an image at all\n" * 4
@@ -425,6 +427,8 @@ BAD_INPUTS = {
     "truncated_png": ("/vqa", _vqa_image(b64(_NOISY_PNG[: len(_NOISY_PNG) // 2])), 422, "truncated_image"),
     "truncated_jpeg": ("/vqa", _vqa_image(b64(_NOISY_JPEG[: len(_NOISY_JPEG) // 2])), 422, "truncated_image"),
     "truncated_upload": ("/vqa", _upload(_NOISY_PNG[:200]), 422, "truncated_image"),
+    "truncated_large_jpeg_in_the_pool": ("/vqa", _vqa_image(b64(_LARGE_JPEG[: len(_LARGE_JPEG) // 2])), 422, "truncated_image"),
+    "truncated_large_upload_in_the_pool": ("/vqa", _upload(_LARGE_JPEG[: len(_LARGE_JPEG) // 2]), 422, "truncated_image"),
     "empty_image": ("/vqa", _vqa_image(""), 400, "empty_image"),
     "empty_upload": ("/vqa", _upload(b""), 400, "empty_image"),
     "non_image_bytes": ("/vqa", _vqa_image(b64(_TEXT)), 415, "not_an_image"),
