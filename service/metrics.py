@@ -104,6 +104,12 @@ class Metrics:
         )
         self.inflight = Gauge("vlm_inflight_requests", "Requests being served.", ["endpoint"], registry=r)
         self.queue_size = Gauge("vlm_queue_size", "Items waiting in the batchers.", ["model", "component"], registry=r)
+        self.queue_capacity = Gauge(
+            "vlm_queue_capacity",
+            "Items a batcher queues before it refuses with 429 (TRIMVLM_MAX_QUEUE_SIZE).",
+            ["model", "component"],
+            registry=r,
+        )
         self.auto_safety_factor = Gauge(
             "vlm_auto_safety_factor",
             "Margin `auto` puts on a level's predicted latency: recent p99 of actual/predicted.",

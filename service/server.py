@@ -88,6 +88,7 @@ class ModelServer:
                 on_batch=self._on_batch,
                 on_dropped=lambda n, k: self.metrics.cancelled.labels(n).inc(k),
             )
+            metrics.queue_capacity.labels(self.id, name).set(settings.max_queue_size)  # the queue alert's limit
 
     # Batch functions (run in the inference thread pool) ------------------------------------------
     def _vqa_runner(self, level: str):

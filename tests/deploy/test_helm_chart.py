@@ -244,13 +244,13 @@ def test_prometheus_rule_matches_compose_rules(chart):
 
 
 def test_prometheus_rule_thresholds_and_promtool(chart, tmp_path):
-    values = {"prometheusRule": {"enabled": True, "p99SloSeconds": 0.5, "errorRatio": 0.01, "queueSaturationItems": 100}}
+    values = {"prometheusRule": {"enabled": True, "p99SloSeconds": 0.5, "errorRatio": 0.01, "queueSaturationRatio": 0.5}}
     docs, _ = render(chart, values)
     groups = one(docs, "PrometheusRule")["spec"]["groups"]
     alerts = {r["alert"]: r for g in groups for r in g["rules"] if "alert" in r}
     assert alerts["TrimVLMHighP99Latency"]["expr"].endswith("> 0.5")
     assert "> 0.01" in alerts["TrimVLMHighErrorRate"]["expr"]
-    assert alerts["TrimVLMQueueSaturated"]["expr"].endswith("> 100")
+    assert "0.5 * max by (instance, model, component) (vlm_queue_capacity)" in alerts["TrimVLMQueueSaturated"]["expr"]
     promtool = find_tool("promtool")
     if promtool is None:
         pytest.skip("promtool is not installed (apt-get install -y prometheus): rendered rules not checked")

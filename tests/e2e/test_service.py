@@ -819,6 +819,8 @@ def test_metrics_expose_histograms_counters_and_gauges(client):
     assert metric(text, "vlm_model_ready", model=m) == 1
     assert metric(text, "vlm_inflight_requests", endpoint="vqa") == 0
     assert metric(text, "vlm_queue_size", model=m, component="vqa/full") == 0
+    # the queue alert's limit (docker/prometheus/rules.yml): the configured TRIMVLM_MAX_QUEUE_SIZE per batcher
+    assert metric(text, "vlm_queue_capacity", model=m, component="vqa/full") == client.app.state.trimvlm.settings.max_queue_size
     [info] = [s for s in metric_samples(text) if s.name == "vlm_build_info"]
     assert info.value == 1 and info.labels["models"] == m and info.labels["onnxruntime"] and info.labels["version"]
     for name in ("vlm_rejections", "vlm_deadline_misses", "vlm_cancelled_items", "vlm_warmup_duration_seconds"):
