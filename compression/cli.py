@@ -317,17 +317,35 @@ def export_cmd(
     precision: Annotated[list[str], typer.Option(help="Variants beside fp32: int8 (CPU), fp16 (GPU). Repeatable.")] = ["int8"],  # noqa: B006
     name: Annotated[Optional[str], typer.Option(help="Model name in the manifest (default: the config's).")] = None,
     keep_fp32: Annotated[bool, typer.Option(help="Keep the fp32 graphs next to the variants.")] = True,
+    description: Annotated[
+        Optional[str], typer.Option(help="What the model knows (training domain, limits), shown by GET /v1/models.")
+    ] = None,
+    known_words_from: Annotated[
+        Optional[Path],
+        typer.Option(help="Training YAML whose texts' words become the manifest's known_words (checked in served questions)."),
+    ] = None,
 ):
     """ONNX graphs (vision, text, fusion+heads, trimmed VQA, caption decoder with KV cache),
     INT8/FP16 variants, reference outputs and manifest.json with checksums."""
     import shlex
     import sys
 
-    from compression.export import export_model
+    from compression.export import export_model, training_words
     from service.repository import summary
 
     command = "trimvlm " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    folder = export_model(model_dir, out, ("fp32", *precision), name=name, version=out.name, command=command, keep_fp32=keep_fp32)
+    words = training_words(known_words_from, model_dir / "tokenizer.json") if known_words_from else None
+    folder = export_model(
+        model_dir,
+        out,
+        ("fp32", *precision),
+        name=name,
+        version=out.name,
+        command=command,
+        keep_fp32=keep_fp32,
+        description=description,
+        known_words=words,
+    )
     typer.echo(json.dumps(summary(folder), indent=2))
 
 

@@ -147,10 +147,12 @@ def run_pipeline(path: str | Path, force: set[str] | None = None) -> dict[str, P
     export_dir = Path(ex["out"])
 
     def run_export() -> Path:
-        from compression.export import export_model
+        from compression.export import export_model, training_words
 
         precisions = ("fp32", *ex.get("precisions", ["int8"]))
         name = cfg.get("name")
+        words_from = ex.get("known_words_from")  # a training YAML: its texts' words become known_words
+        words = training_words(words_from, Path(final) / "tokenizer.json") if words_from else None
         return export_model(
             final,
             export_dir,
@@ -159,6 +161,8 @@ def run_pipeline(path: str | Path, force: set[str] | None = None) -> dict[str, P
             version=str(cfg.get("version", export_dir.name)),
             command=f"trimvlm pipeline run {path}",
             keep_fp32=ex.get("keep_fp32", True),
+            description=ex.get("description"),
+            known_words=words,
         )
 
     stage("export", ["trim", "prune", "distill", "teacher"], export_dir, run_export)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import textwrap
 from pathlib import Path
 
 import torch
@@ -117,6 +118,28 @@ def comparison_table(columns: dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
+def domain_section(m) -> str:
+    """The model card's "What it knows" section: the manifest's description, input size, closed
+    answer list and known words (empty when the manifest has none of the first)."""
+    pre = m.preprocessing
+    lines = ["", "## What it knows", ""]
+    if m.description:
+        lines += [textwrap.fill(m.description, 100), ""]
+    size = f"{pre.image.size}x{pre.image.size}"
+    lines.append(f"- Input: images resized to {size} pixels; questions and texts cut to {pre.max_text_length} tokens.")
+    if m.answers:
+        lines.append(f"- VQA answers: always one of these {len(m.answers)} (a closed list): {', '.join(m.answers)}.")
+    else:
+        lines.append("- VQA answers: generated (open vocabulary).")
+    if m.known_words is not None:
+        listed = f": {', '.join(m.known_words)}" if len(m.known_words) <= 300 else " (listed in manifest.json)"
+        lines.append(
+            f"- Known words ({len(m.known_words)}, the words of the training texts; a served question with any other "
+            f"word gets a `warnings` entry naming it){listed}."
+        )
+    return "\n".join(lines) + "\n" if m.description or m.known_words is not None else ""
+
+
 def write_export_card(export_dir: str | Path, eval_dir: str | Path, source: str | Path, command: str) -> Path:
     """MODEL_CARD.md of an exported model: what it is, how it was made, the exported runtime's
     metrics beside the torch source's (and the teacher's), and the measured metrics recorded in
@@ -158,7 +181,7 @@ def write_export_card(export_dir: str | Path, eval_dir: str | Path, source: str 
 The TrimVLM embedded default format: ONNX graphs served by `trimvlm serve` through ONNX Runtime,
 with the preprocessing, tokenizer, answer vocabulary, compute levels and checksums in
 `manifest.json`. Source torch model: `{source}`.
-
+{domain_section(m)}
 ## How it was made
 ```
 {command}

@@ -124,3 +124,29 @@ def encode_texts(tokenizer, texts: list[str], max_length: int) -> tuple[np.ndarr
         ids[i, : len(row)] = row
         mask[i, : len(row)] = 1
     return ids, mask
+
+
+def text_words(tokenizer, text: str) -> list[str]:
+    """The words of a text as the tokenizer sees them (its normaliser, e.g. lowercasing, then its
+    pre-tokeniser's split), punctuation-only pieces left out. The exporter lists a model's known
+    words with this and the service checks questions with it, so both split alike."""
+    if tokenizer.normalizer is not None:
+        text = tokenizer.normalizer.normalize_str(text)
+    pieces = tokenizer.pre_tokenizer.pre_tokenize_str(text) if tokenizer.pre_tokenizer is not None else [(text, None)]
+    return [w for w, _ in pieces if any(c.isalnum() for c in w)]
+
+
+def unknown_words(tokenizer, text: str, known: set[str] | frozenset[str] | None = None) -> list[str]:
+    """Words of `text` the model does not know, in order, once each: outside `known` (the words of
+    its training texts, when the manifest lists them), or else words the tokenizer maps to [UNK]."""
+    out: list[str] = []
+    unk = tokenizer.token_to_id("[UNK]")
+    for w in text_words(tokenizer, text):
+        if w in out:
+            continue
+        if known is not None:
+            if w not in known:
+                out.append(w)
+        elif unk is not None and unk in tokenizer.encode(w, add_special_tokens=False).ids:
+            out.append(w)
+    return out

@@ -80,8 +80,14 @@ class Manifest(BaseModel):
     preprocessing: Preprocessing
     tokenizer: str = "tokenizer.json"
     tokens: Tokens
-    answers: list[str]
+    answers: list[str]  # the closed VQA answer list (the classifier's outputs, in order)
     itc_temperature: float
+    # What the model knows, in words: its training domain and what it cannot do (shown by /v1/models)
+    description: str | None = None
+    # Every word of the training texts (questions, answers, captions) as `service.preprocess.text_words`
+    # splits them; a question word outside it is flagged in the response's warnings. None: only words
+    # the tokenizer maps to [UNK] are flagged.
+    known_words: list[str] | None = None
     levels: dict | None = None  # levels.json content (service/levels.py), None if untrimmed
     metrics: dict = Field(default_factory=dict)  # measured, e.g. {"onnxruntime/int8": {"easy_vqa.accuracy": ...}}
     reference: Reference = Field(default_factory=Reference)

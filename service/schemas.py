@@ -8,7 +8,17 @@ from pydantic import BaseModel, ConfigDict, Field
 
 _IMAGE_DOC = "Base64 image, a data URI (data:image/png;base64,...), or an http(s) URL when the server allows URLs."
 _COMPUTE_DOC = (
-    "`auto` (the most accurate level that meets the deadline), a level name (full, balanced, fast), or {max_flops_ratio}."
+    "`auto` (the most accurate level that meets the deadline; without a deadline, the server's "
+    "TRIMVLM_AUTO_WITHOUT_DEADLINE, default `full`), a level name, or {max_flops_ratio}. The embedded default's "
+    "levels (GET /v1/models lists each model's, with its FLOPs ratio and accuracy): `full` (untrimmed), "
+    "`accurate` (light trimming: ~65% of full's FLOPs, within 0.5 point of full's easy-VQA validation accuracy), "
+    "`balanced` (~41% of the FLOPs, within 1 point), `fast` (~32%, within 3 points)."
+)
+_WARNINGS_DOC = (
+    "What makes this answer doubtful, e.g. `words not in the model's vocabulary: giraffe` for question words "
+    "outside the words of the model's training texts (the manifest's known_words; for a model without that list, "
+    "words its tokenizer maps to [UNK]). The model answers anyway, from its closed answer list; empty when nothing "
+    "was noticed. An empty list does not mean the image is in the model's domain: it is not checked."
 )
 # A real (2x2 red) PNG, so the documented examples run as they are (they were a truncated, undecodable stub)
 _PNG = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAIAAAD91JpzAAAAFklEQVR42mP8z8DAwMDAxMDAwMDAAAANHQEDaB7T3gAAAABJRU5ErkJggg=="  # noqa: E501
@@ -70,6 +80,7 @@ class VQAResponse(BaseModel):
     compute: ComputeOut
     model: str
     latency_ms: float
+    warnings: list[str] = Field(default_factory=list, description=_WARNINGS_DOC)
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -87,6 +98,7 @@ class VQAResponse(BaseModel):
                     },
                     "model": "trimvlm-default/1",
                     "latency_ms": 3.1,
+                    "warnings": [],
                 }
             ]
         }
@@ -206,6 +218,20 @@ class ModelInfo(BaseModel):
     backend: dict
     precision: str
     default: bool
+    description: str | None = Field(
+        None, description="What the model was trained on and can answer (from its manifest); null if the exporter gave none."
+    )
+    answer_vocabulary: Literal["closed", "open"] = Field(
+        description="`closed`: VQA answers are always one of `answers`; `open`: answers are generated (no fixed list)."
+    )
+    answers: list[str] | None = Field(description="The closed VQA answer list, in the classifier's order; null when open.")
+    image_size: int = Field(description="Images are resized to image_size x image_size pixels before the model sees them.")
+    max_text_length: int = Field(description="Questions and texts are cut to this many tokens, [CLS] and [SEP] included.")
+    known_words: list[str] | None = Field(
+        None,
+        description="The words of the model's training texts (questions, answers, captions); question words outside "
+        "them are named in VQA `warnings`. null: the model lists none, and only words its tokenizer maps to [UNK] are.",
+    )
 
 
 class Health(BaseModel):
@@ -215,7 +241,7 @@ class Health(BaseModel):
 
 
 class VQABatchResponse(BaseModel):
-    results: list[VQAResponse]
+    results: list[VQAResponse] = Field(description="One per item, in order; each with its own `warnings`.")
 
 
 class CaptionBatchResponse(BaseModel):

@@ -14,7 +14,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from service.levels import LevelError, resolve
-from service.preprocess import ImageSpec, encode_texts, normalize_uint8
+from service.preprocess import ImageSpec, encode_texts, normalize_uint8, unknown_words
 from service.repository import Manifest, load_manifest
 from service.runtime import RuntimeOptions, load_runtime
 from service.runtime.base import Runtime
@@ -56,6 +56,8 @@ class TaskModel:
         pre = self.manifest.preprocessing
         self.image_spec = ImageSpec(pre.image.size, tuple(pre.image.mean), tuple(pre.image.std), pre.image.resample)
         self.levels = self.manifest.levels
+        known = self.manifest.known_words
+        self.known_words: frozenset[str] | None = frozenset(known) if known is not None else None
 
     @property
     def id(self) -> str:
@@ -79,6 +81,11 @@ class TaskModel:
 
     def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         return encode_texts(self.tokenizer, texts, self.manifest.preprocessing.max_text_length)
+
+    def unknown_words(self, text: str) -> list[str]:
+        """Words of a question or text outside what the model knows (the manifest's known_words,
+        or the tokenizer's vocabulary when it lists none)."""
+        return unknown_words(self.tokenizer, text, self.known_words)
 
     # Graphs -------------------------------------------------------------------------------------
     def encode_images(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -36,11 +36,16 @@ async def ready(request: Request):
     return {"status": "ok", "models": models}
 
 
-@router.get("/v1/models", response_model=list[ModelInfo], summary="Served models, their compute levels and runtime")
+@router.get(
+    "/v1/models",
+    response_model=list[ModelInfo],
+    summary="Served models: domain, answer list, input size, compute levels and runtime",
+)
 async def models(request: Request):
     st = state(request)
     out = []
     for mid, srv in st.servers.items():
+        m = srv.tasks.manifest
         out.append(
             ModelInfo(
                 id=mid,
@@ -52,6 +57,12 @@ async def models(request: Request):
                 backend=srv.tasks.runtime.describe(),
                 precision=srv.tasks.precision,
                 default=mid == st.default,
+                description=m.description,
+                answer_vocabulary="closed" if m.answers else "open",
+                answers=list(m.answers) or None,
+                image_size=m.preprocessing.image.size,
+                max_text_length=m.preprocessing.max_text_length,
+                known_words=m.known_words,
             )
         )
     return out

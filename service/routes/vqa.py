@@ -32,9 +32,11 @@ async def answer_one(request: Request, item: VQAItem, t0: float) -> VQAResponse:
     payload = image_payload(item)
 
     def preprocess():  # together: one trip to the pool for a large image, none for a small one
-        return st.decode_image(payload, srv, "vqa"), st.tokenize([item.question], srv, "vqa")[0]
+        pixels = st.decode_image(payload, srv, "vqa")
+        ids_mask = st.tokenize([item.question], srv, "vqa")[0]  # validates the text first
+        return pixels, ids_mask, srv.tasks.unknown_words(item.question)
 
-    pixels, (ids, mask) = await st.run_pre(preprocess, inline=st.preprocess_inline(payload))
+    pixels, (ids, mask), unknown = await st.run_pre(preprocess, inline=st.preprocess_inline(payload))
     compute = item.compute
     if compute == "auto" and isinstance(compute, str):
         compute = st.settings.default_compute if st.settings.default_compute != "auto" else "auto"
@@ -63,6 +65,7 @@ async def answer_one(request: Request, item: VQAItem, t0: float) -> VQAResponse:
         compute=ComputeOut(**info.__dict__),
         model=srv.id,
         latency_ms=ms_since(t0),
+        warnings=[f"words not in the model's vocabulary: {', '.join(unknown)}"] if unknown else [],
     )
 
 
@@ -74,7 +77,9 @@ async def answer_one(request: Request, item: VQAItem, t0: float) -> VQAResponse:
 )
 async def vqa(request: Request):
     """JSON (one item, or `{"items": [...]}` -> `{"results": [...]}`) or multipart (`image` file +
-    `question` form field). `compute`: auto | full | balanced | fast | {"max_flops_ratio": x}."""
+    `question` form field). `compute`: auto | full | accurate | balanced | fast | {"max_flops_ratio": x}.
+    Question words the model never saw in training are named in `warnings` (it still answers, from
+    its closed answer list: see GET /v1/models for what each model knows)."""
     st = state(request)
     t0 = time.perf_counter()
     items, is_batch = await parse(request, VQAItem, VQABatch, st.settings.max_items)

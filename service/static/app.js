@@ -5,7 +5,7 @@
 
 (() => {
   const $ = (id) => document.getElementById(id);
-  const LEVELS = ["full", "balanced", "fast"];
+  const LEVELS = ["full", "accurate", "balanced", "fast"];
   const state = {
     image: null, // data URI of the uploaded image
     name: null,
@@ -201,6 +201,12 @@
       select.append(el("option", { value: name }, label));
     }
     select.value = [...select.options].some((o) => o.value === previous) ? previous : "auto";
+    if (m && m.description) {
+      // the selected model's own account of its domain replaces the default's in the notice
+      const size = m.image_size ? " Input: " + m.image_size + "×" + m.image_size + " pixels." : "";
+      const answers = m.answer_vocabulary === "closed" && m.answers ? " Answers: " + m.answers.join(", ") + "." : "";
+      $("domain-text").textContent = m.description + size + answers;
+    }
     if (m && !$("model-info").textContent) {
       const backend = m.backend && m.backend.runtime ? m.backend.runtime + "/" + (m.backend.device || "?") : "";
       $("model-info").textContent = [m.tasks.join(", "), backend, m.precision].filter(Boolean).join(" · ");
@@ -258,6 +264,7 @@
       el("p", { class: "answer" }, el("span", { class: "label" }, "Answer: "), el("span", { class: "value" }, data.answer),
         " ", el("span", { class: "score" }, pct(data.score))),
       top,
+      ...(data.warnings || []).map((w) => el("p", { class: "warning", role: "status" }, "⚠ " + w)),
       computeMeta(data.compute, data.latency_ms, rtt),
       el("p", { class: "hint" }, "model " + data.model),
     ];

@@ -49,7 +49,12 @@ def pipeline(tmp_path_factory):
                 "work": str(tmp / "work"),
                 "teacher": {"config": str(teacher_yaml)},
                 "trim": {"config": str(trim_yaml)},
-                "export": {"out": str(export_dir), "precisions": ["int8"]},
+                "export": {
+                    "out": str(export_dir),
+                    "precisions": ["int8"],
+                    "description": "A tiny test model: shapes only.",
+                    "known_words_from": str(teacher_yaml),
+                },
                 "evaluate": {"limit": 12, "precision": "fp32", "teacher": False},
                 "report": {},
             }
@@ -70,8 +75,13 @@ def test_pipeline_exports_a_complete_model_folder(pipeline):
         assert graph.parity["fp32"] <= 1e-4, (name, graph.parity)
     assert m.levels is not None and {"full", "balanced", "fast"} <= set(m.levels["levels"])
     assert m.metrics["onnxruntime/fp32"]["easy_vqa.accuracy"] >= 0.0
-    assert "trimvlm pipeline run" in (pipeline["export"] / "MODEL_CARD.md").read_text()
+    card = (pipeline["export"] / "MODEL_CARD.md").read_text()
+    assert "trimvlm pipeline run" in card
     assert all(rel in m.files for rel in ("MODEL_CARD.md", "tokenizer.json", "reference.npz", "vision.int8.onnx"))
+    # what the model knows: the config's description, and the words of the teacher config's training texts
+    assert m.description == "A tiny test model: shapes only."
+    assert m.known_words and {"what", "shape"} <= set(m.known_words) and m.known_words == sorted(set(m.known_words))
+    assert "## What it knows" in card and "A tiny test model: shapes only." in card
 
 
 def test_pipeline_skips_current_stages_and_reruns_after_a_change(pipeline):
