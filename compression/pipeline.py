@@ -16,8 +16,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import yaml
 from rich.console import Console
+
+from compression.config_file import ConfigError, load_yaml
 
 STAGES = ("teacher", "distill", "prune", "trim", "export", "evaluate", "report")
 STAMP = ".stage.json"
@@ -44,13 +45,13 @@ def _write_stamp(folder: Path, stamp: str, stage: str, seconds: float) -> None:
 
 
 def load_pipeline(path: str | Path) -> dict:
-    cfg = yaml.safe_load(Path(path).read_text()) or {}
+    cfg = load_yaml(path)
     missing = [s for s in ("teacher", "export") if s not in cfg]
     if missing:
-        raise ValueError(f"{path}: the pipeline needs at least these stages: {missing}")
+        raise ConfigError(f"{path}: the pipeline needs at least these stages: {missing}")
     unknown = set(cfg) - set(STAGES) - {"name", "version", "work", "device"}
     if unknown:
-        raise ValueError(f"{path}: unknown keys {sorted(unknown)} (stages: {', '.join(STAGES)})")
+        raise ConfigError(f"{path}: unknown keys {sorted(unknown)} (stages: {', '.join(STAGES)})")
     return cfg
 
 

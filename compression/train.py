@@ -26,6 +26,7 @@ from tqdm import tqdm
 from compression import data as D
 from compression.artifacts import LoadedModel, Preprocessing, save_model_dir
 from compression.config import ModelConfig
+from compression.config_file import check_fields, load_yaml
 from compression.modeling import TrimVLM
 from compression.tokenization import minilm_dir, special_ids, trim_wordpiece
 from service.preprocess import ImageSpec, encode_texts
@@ -72,11 +73,13 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> TrainConfig:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
+        """The config a YAML file describes; ConfigError (one line: file and line, or key) when it
+        does not parse, names an unknown key or gives a value of the wrong type."""
+        raw = load_yaml(path)
         raw.update({k: v for k, v in overrides.items() if v is not None})
-        unknown = set(raw) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown training config keys: {sorted(unknown)}")
+        check_fields(cls, raw, path)
+        if isinstance(raw.get("model"), dict):
+            check_fields(ModelConfig, raw["model"], path, prefix="model.")
         return cls(**raw)
 
 

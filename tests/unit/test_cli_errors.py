@@ -1,0 +1,142 @@
+"""The command line's own errors, as a user sees them (a subprocess, stdout not a terminal): one
+line naming what to do, a non-zero exit, no traceback. An offline command in the serving install
+(no torch), a config file that does not parse or fit its run, and `trimvlm models list`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+# Runs the CLI with `torch` made unimportable, as in the serving install (`make run`: no torch).
+NO_TORCH = """
+import sys
+
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "torch":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, NoTorch())
+sys.argv = ["trimvlm", *sys.argv[1:]]
+from compression.cli import main
+main()
+"""
+
+
+def cli(*args: str, no_torch: bool = False, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "80"}
+    head = ["-c", NO_TORCH] if no_torch else ["-m", "compression.cli"]
+    return subprocess.run([sys.executable, *head, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+# ---- an offline command without torch ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [("eval", "models/trimvlm-teacher/1"), ("info", "models/trimvlm-teacher/1")])
+def test_offline_command_without_torch_names_the_extra(args):
+    proc = cli(*args, no_torch=True)
+    assert proc.returncode == 1
+    line = one_line_error(proc)
+    assert "torch" in line and "pip install 'trimvlm[train]'" in line and "make install" in line
+
+
+def test_other_missing_modules_still_raise():
+    """Only the train extra's modules get the one-line hint; any other import error is a bug to show."""
+    script = NO_TORCH.replace('== "torch"', '== "service"').replace("from compression.cli import main\nmain()", "")
+    script += "\nfrom compression.cli import main\n"
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+# ---- config files ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("out: runs/x\nsteps: [1, 2\nlr: 0.1\n", "bad.yaml:3:3: invalid YAML: expected ',' or ']'"),
+        ("out: runs/x\n  steps: 3\n", "bad.yaml:2:8: invalid YAML: mapping values are not allowed here"),
+        ("out: runs/x\nstepz: 3\n", "bad.yaml: unknown key stepz (did you mean steps?)"),
+        ("steps: many\n", "bad.yaml: steps: expected int, got str 'many'"),
+        ("lr: 1e-4\n", "bad.yaml: lr: expected float, got str '1e-4' (YAML reads 1e-4 as a string"),
+        ("model:\n  vision_widht: 256\n", "bad.yaml: unknown key model.vision_widht (did you mean model.vision_width?)"),
+        ("- steps\n", "bad.yaml: expected a mapping of keys to values, got a list"),
+    ],
+)
+def test_bad_training_config_is_one_line_with_file_and_place(tmp_path, text, expected):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    proc = cli("train", str(bad), "--out", str(tmp_path / "run"))
+    assert proc.returncode == 2
+    assert expected in one_line_error(proc)
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_pipeline_config_is_one_line(tmp_path):
+    bad = tmp_path / "pipeline.yaml"
+    bad.write_text("teacher: {config: configs/teacher.yaml\nexport: {}\n")
+    proc = cli("pipeline", "run", str(bad))
+    assert proc.returncode == 2
+    assert f"{bad}:2:7: invalid YAML: expected ',' or '}}'" in one_line_error(proc)
+
+
+def test_every_committed_config_loads_and_type_checks():
+    from compression.distill import DistillConfig
+    from compression.pipeline import load_pipeline
+    from compression.prune import PruneConfig
+    from compression.train import TrainConfig
+    from compression.trim import TrimConfig
+
+    kinds = {"teacher": TrainConfig, "tiny": TrainConfig, "scratch-student": DistillConfig, "distill": DistillConfig}
+    kinds |= {"prune": PruneConfig, "trim": TrimConfig, "trim-continue": TrimConfig}
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        if path.stem.startswith("pipeline"):
+            load_pipeline(path)
+        else:
+            kinds[path.stem].from_yaml(path)
+
+
+# ---- trimvlm models list ---------------------------------------------------------------------------
+
+
+def test_models_list_keeps_names_whole_off_a_terminal():
+    proc = cli("models", "list")
+    assert proc.returncode == 0, proc.stderr
+    assert "trimvlm-default/1" in proc.stdout and "models/trimvlm-default/1" in proc.stdout
+    for line in proc.stdout.splitlines():
+        if "trimvlm-default/1" in line:
+            assert "accurate,balanced,fast,full" in line and "vqa,caption,retrieval" in line
+
+
+def test_models_list_shows_torch_folders_as_not_servable():
+    proc = cli("models", "list")
+    [row] = [line for line in proc.stdout.splitlines() if "trimvlm-teacher/1" in line]
+    assert "not servable: torch model folder: export it with `trimvlm export`" in row
+    listing = {m["model"]: m for m in json.loads(cli("models", "list", "--json").stdout)}
+    assert listing["trimvlm-default/1"]["servable"] is True
+    teacher = listing["trimvlm-teacher/1"]
+    assert teacher["servable"] is False and "trimvlm export" in teacher["reason"]
+
+
+@pytest.mark.parametrize("json_flag", [(), ("--json",)])
+def test_models_list_on_a_missing_or_empty_repository_is_an_error(tmp_path, json_flag):
+    proc = cli("models", "list", "--models", "/nope", *json_flag)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert "/nope is not a folder" in one_line_error(proc)
+    proc = cli("models", "list", "--models", str(tmp_path), *json_flag)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert f"no models under {tmp_path}" in one_line_error(proc)
