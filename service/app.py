@@ -82,9 +82,10 @@ class RequestContext:
         limit = self.settings.max_body_bytes
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
-            return await self._reject(
-                scope, send, rid, t0, 413, "payload_too_large", f"request body of {int(length)} bytes exceeds {limit}"
-            )
+            # a client that waits for `100 Continue` has sent nothing yet: nothing to drain
+            drain = headers.get(b"expect", b"").lower() != b"100-continue" and self._drainable(int(length))
+            message = f"request body of {int(length)} bytes exceeds {limit}"
+            return await self._reject(scope, send, rid, t0, 413, "payload_too_large", message, drain=receive if drain else None)
         endpoint = endpoint_of(scope["path"])
         limit_inflight = self.settings.max_inflight_requests
         if endpoint and limit_inflight and self.inflight >= limit_inflight:
@@ -94,14 +95,16 @@ class RequestContext:
             scope["app"].state.trimvlm.metrics.rejections.labels(endpoint, "overloaded").inc()
             message = f"{self.inflight} requests in flight; the limit is {limit_inflight}"
             return await self._reject(scope, send, rid, t0, 429, "overloaded", message, retry_after=1)
-        seen = 0
+        seen, over, body_ended = 0, False, False
 
         async def limited_receive():
-            nonlocal seen
+            nonlocal seen, over, body_ended
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                body_ended = not message.get("more_body", False)
                 if seen > limit:
+                    over = True  # the answer (413) closes the connection after draining the rest
                     raise ApiError(413, "payload_too_large", f"request body exceeds {limit} bytes")
             return message
 
@@ -112,6 +115,13 @@ class RequestContext:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+                if over:
+                    message["headers"].append((b"connection", b"close"))
+            elif over and not body_ended and not message.get("more_body", False) and self._drainable(None):
+                # the answer's last part waits until the refused body is read (see Settings.max_drain_bytes)
+                await send({**message, "more_body": True})
+                await self._drain(receive)
+                message = {"type": "http.response.body", "body": b""}
             await send(message)
 
         st: AppState = scope["app"].state.trimvlm
@@ -146,7 +156,34 @@ class RequestContext:
                     fields[key] = state[key]
             access.info("request", extra={"fields": fields})
 
-    async def _reject(self, scope, send, rid, t0, status, code, message, retry_after: int | None = None):
+    def _drainable(self, pending: int | None) -> bool:
+        """Whether to read the rest of a refused body before closing (`pending` bytes of it, None:
+        unknown): draining is on and what is left is within its cap."""
+        cap = self.settings.max_drain_bytes
+        return cap > 0 and self.settings.drain_timeout_s > 0 and (pending is None or pending <= cap)
+
+    async def _drain(self, receive) -> None:
+        """Read and discard the request body until it ends, up to `max_drain_bytes` or for
+        `drain_timeout_s` (a slow client cannot hold the connection longer), as nginx's lingering
+        close does. Closing while the client still sends makes the kernel answer with a reset, which
+        can reach the client before it has read the answer (urllib, requests: "connection reset by
+        peer" instead of the 413). Nothing is kept: each chunk is dropped as it comes."""
+        cap, drained = self.settings.max_drain_bytes, 0
+        try:
+            async with asyncio.timeout(self.settings.drain_timeout_s):
+                while drained <= cap:
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        return  # the client went away
+                    drained += len(message.get("body", b""))
+                    if not message.get("more_body", False):
+                        return
+        except TimeoutError:
+            pass
+
+    async def _reject(self, scope, send, rid, t0, status, code, message, retry_after: int | None = None, drain=None):
+        """Answer without running the app. `drain`: the request's receive, to read and discard the
+        body after the answer (an oversized one); the connection is closed after either way."""
         body = json.dumps(error_body(code, message)).encode()
         headers = [
             (b"content-type", b"application/json"),
@@ -155,8 +192,13 @@ class RequestContext:
         ]
         if retry_after is not None:
             headers.append((b"retry-after", str(retry_after).encode()))
+        if status == 413:
+            headers.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await send({"type": "http.response.body", "body": body, "more_body": drain is not None})
+        if drain is not None:
+            await self._drain(drain)
+            await send({"type": "http.response.body", "body": b""})
         endpoint = endpoint_of(scope["path"])
         if endpoint:
             st: AppState = scope["app"].state.trimvlm

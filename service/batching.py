@@ -28,7 +28,15 @@ class QueueFull(Exception):
 
 
 class DeadlineExceeded(Exception):
-    """The item's deadline passed before (or while) it ran."""
+    """The item's deadline passed while it waited in the queue: it was not run. `queued_s`: how long
+    it waited; `late_s`: how long ago the deadline passed when it was dequeued."""
+
+    def __init__(self, name: str, queued_s: float, late_s: float):
+        super().__init__(
+            f"the deadline passed {1000 * late_s:.1f} ms before the item left the {name} queue"
+            f" (after {1000 * queued_s:.1f} ms in it)"
+        )
+        self.name, self.queued_s, self.late_s = name, queued_s, late_s
 
 
 @dataclass
@@ -142,9 +150,7 @@ class Batcher:
                 if item.future.done():  # cancelled: the client went away
                     continue
                 if item.deadline is not None and now > item.deadline:
-                    item.future.set_exception(
-                        DeadlineExceeded(f"deadline passed after {1000 * (now - item.enqueued):.1f} ms in the queue")
-                    )
+                    item.future.set_exception(DeadlineExceeded(self.name, now - item.enqueued, now - item.deadline))
                     continue
                 live.append(item)
             if len(live) < len(batch) and self.on_dropped:

@@ -70,7 +70,13 @@ class ComputeOut(BaseModel):
     flops_ratio: float
     tokens_kept: int | None = Field(None, description="Image tokens kept (of tokens_total) by per-instance trimming.")
     tokens_total: int | None = None
-    reason: str = Field(description="Why this level: requested, fits, deadline, no_deadline, max_flops_ratio.")
+    reason: str = Field(
+        description="Why this level: `requested` (the request named it), `default` (nothing was chosen: the server's "
+        "TRIMVLM_DEFAULT_COMPUTE level, or an endpoint without a compute choice, such as /caption, which always runs "
+        "full), `no_deadline` (`auto` without a deadline: TRIMVLM_AUTO_WITHOUT_DEADLINE), `fits` (`auto`: the most "
+        "accurate level is predicted to meet the deadline), `deadline` (`auto`: a cheaper level, to meet the deadline), "
+        "`max_flops_ratio` (the most accurate level within the requested FLOPs budget)."
+    )
 
 
 class VQAResponse(BaseModel):

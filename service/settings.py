@@ -33,6 +33,12 @@ class Settings(BaseSettings):
 
     # Request limits (413 / 422 beyond them)
     max_body_bytes: int = 16 * 2**20
+    # A body refused as too large (413) is read and discarded after the answer, up to this many more
+    # bytes and this long (as nginx's lingering close), then the connection closes: closing with the
+    # upload still arriving makes the kernel reset it, and clients that read their answer only after
+    # sending (urllib, requests) see "connection reset" instead of the 413. 0: close at once.
+    max_drain_bytes: int = Field(64 * 2**20, ge=0)
+    drain_timeout_s: float = Field(5.0, ge=0)
     max_image_bytes: int = 10 * 2**20
     max_pixels: int = 40_000_000  # decompression-bomb guard, checked before decoding
     image_formats: list[str] = ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"]

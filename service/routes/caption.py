@@ -7,7 +7,7 @@ import time
 from fastapi import APIRouter, Request
 
 from service.errors import ApiError
-from service.routes.common import deadline_for, gather_items, image_payload, json_model, ms_since, parse, state, submit
+from service.routes.common import deadline_for, field, gather_items, image_payload, json_model, ms_since, parse, state, submit
 from service.schemas import CaptionBatch, CaptionBatchResponse, CaptionItem, CaptionResponse, ComputeOut
 
 router = APIRouter(tags=["tasks"])
@@ -25,11 +25,12 @@ async def caption_one(request: Request, item: CaptionItem, t0: float) -> Caption
         raise ApiError(422, "invalid_request", f"num_beams {item.num_beams} exceeds the limit of {s.max_beams}")
     deadline = deadline_for(request, item.deadline_ms)
     payload = image_payload(item)
-    pixels = await st.run_pre(st.decode_image, payload, srv, "caption", inline=st.preprocess_inline(payload))
+    with field("image"):
+        pixels = await st.run_pre(st.decode_image, payload, srv, "caption", inline=st.preprocess_inline(payload))
     states, _ = await submit(request, srv.batchers["vision"], pixels, deadline, "caption", srv.id)
     text = await submit(request, srv.batchers["caption"], (states, max_length, item.num_beams), deadline, "caption", srv.id)
     st.metrics.generated_tokens.labels("caption").observe(max(1, len(text.split())))
-    info = srv.compute_info("full", None, "requested")
+    info = srv.compute_info("full", None, "default")  # captions have no compute choice: always full
     return CaptionResponse(caption=text, compute=ComputeOut(**info.__dict__), model=srv.id, latency_ms=ms_since(t0))
 
 
@@ -44,5 +45,5 @@ async def caption(request: Request):
     st = state(request)
     t0 = time.perf_counter()
     items, is_batch = await parse(request, CaptionItem, CaptionBatch, st.settings.max_items)
-    results = await gather_items(caption_one(request, it, t0) for it in items)
+    results = await gather_items((caption_one(request, it, t0) for it in items), is_batch)
     return json_model(results if is_batch else results[0], is_batch)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 from fastapi import Request, Response
@@ -44,11 +44,21 @@ def deadline_for(request: Request, deadline_ms: float | None) -> float | None:
     deadline = None if deadline_ms is None else request_start(request) + deadline_ms / 1000
     if deadline is not None:
         request.state.deadline = deadline  # the request-metrics middleware counts misses
+        request.state.deadline_ms = deadline_ms  # as given, for the messages when it is missed
     return deadline
 
 
 def remaining(deadline: float | None) -> float | None:
     return None if deadline is None else deadline - time.perf_counter()
+
+
+def deadline_text(request: Request) -> str:
+    """'deadline of 250 ms' as the client gave it (or the server default)."""
+    ms = getattr(request.state, "deadline_ms", None)
+    if ms is None:
+        deadline = getattr(request.state, "deadline", None)
+        return "deadline" if deadline is None else f"deadline of {1000 * (deadline - request_start(request)):.1f} ms"
+    return f"deadline of {ms:g} ms"
 
 
 async def json_body(request: Request) -> Any:
@@ -61,13 +71,39 @@ async def json_body(request: Request) -> Any:
         raise ApiError(400, "invalid_json", f"request body is not valid JSON: {e}") from e
 
 
+def location(loc) -> str:
+    """pydantic's error location as the field's path: ("items", 1, "image") -> items[1].image."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else str(part)
+    return out or "body"
+
+
 def validate(model: type[BaseModel], data: Any) -> BaseModel:
     try:
         return model.model_validate(data)
     except ValidationError as e:
         first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
-        raise ApiError(422, "invalid_request", f"{where}: {first['msg']} ({e.error_count()} problem(s))") from e
+        raise ApiError(422, "invalid_request", f"{location(first['loc'])}: {first['msg']} ({e.error_count()} problem(s))") from e
+
+
+@contextmanager
+def field(name: str):
+    """API errors raised inside are about the request field `name` (`image`, `question`), so that a
+    batch request's error names the item and the field (`items[1].image: ...`). The innermost wins."""
+    try:
+        yield
+    except ApiError as e:
+        if e.field is None:
+            e.field = name
+        raise
+
+
+def item_error(index: int, e: ApiError) -> ApiError:
+    """`e` as the error of item `index` of a batch request: its message starts with where
+    (`items[1].image: invalid base64 ...`, or `items[1]: ...` when no single field is at fault)."""
+    where = f"items[{index}]" + (f".{e.field}" if e.field else "")
+    return ApiError(e.status, e.code, f"{where}: {e.message}", e.headers)
 
 
 async def parse(request: Request, single: type[BaseModel], batch: type[BaseModel], max_items: int) -> tuple[list, bool]:
@@ -97,6 +133,16 @@ async def parse(request: Request, single: type[BaseModel], batch: type[BaseModel
                 raise ApiError(422, "invalid_request", "metadata must be a JSON object") from e
         if "deadline_ms" in data:
             data["deadline_ms"] = _float("deadline_ms", data["deadline_ms"])
+        if isinstance(data.get("compute"), str) and data["compute"].lstrip().startswith("{"):
+            # {"max_flops_ratio": 0.5} as a form field: JSON, validated as in a JSON body
+            try:
+                data["compute"] = json.loads(data["compute"])
+            except (json.JSONDecodeError, RecursionError) as e:
+                raise ApiError(
+                    422,
+                    "invalid_request",
+                    f'compute: not valid JSON ({e}); send a level name or a JSON object such as {{"max_flops_ratio": 0.5}}',
+                ) from e
         data["image"] = "multipart"
         item = validate(single, data)
         item._upload = upload_bytes  # raw bytes travel beside the validated fields
@@ -148,11 +194,14 @@ async def submit(request: Request, batcher: Batcher, payload: Any, deadline: flo
     except QueueFull as e:
         st.metrics.rejections.labels(endpoint, "queue_full").inc()
         raise ApiError(429, "queue_full", str(e), {"Retry-After": str(int(e.retry_after_s))}) from e
-    return await wait(request, fut, deadline, endpoint, model)
+    return await wait(request, fut, deadline, endpoint, model, batcher.name)
 
 
-async def wait(request: Request, fut: asyncio.Future, deadline: float | None, endpoint: str, model: str) -> Any:
+async def wait(
+    request: Request, fut: asyncio.Future, deadline: float | None, endpoint: str, model: str, name: str = "the model"
+) -> Any:
     st = state(request)
+    submitted = time.perf_counter()
     disconnect = asyncio.ensure_future(_wait_disconnect(request))
     try:
         while True:
@@ -170,21 +219,37 @@ async def wait(request: Request, fut: asyncio.Future, deadline: float | None, en
             try:
                 result, queued_s = fut.result()
             except DeadlineExceeded as e:
-                raise ApiError(504, "deadline_exceeded", str(e)) from e
+                message = (
+                    f"{deadline_text(request)} passed before the request's turn on {name}: it had spent"
+                    f" {ms_since(request_start(request)):.1f} ms in all, {1000 * e.queued_s:.1f} ms of it in that queue"
+                )
+                raise ApiError(504, "deadline_exceeded", message) from e
             st.metrics.queue_duration.labels(endpoint, model).observe(queued_s)
             return result
         fut.cancel()  # the batcher skips cancelled items
         if disconnect in done:
             raise ClientDisconnected()
-        raise ApiError(504, "deadline_exceeded", "the deadline passed before the answer was ready")
+        message = (
+            f"{deadline_text(request)} passed before the answer was ready: the request had spent"
+            f" {ms_since(request_start(request)):.1f} ms in all, {ms_since(submitted):.1f} ms of it waiting for {name}"
+        )
+        raise ApiError(504, "deadline_exceeded", message)
     finally:
         disconnect.cancel()
 
 
-async def gather_items(coros) -> list:
+async def gather_items(coros, is_batch: bool = False) -> list:
     """Run a request's items together; the first failure cancels the others, so their queued
-    work is dropped rather than computed for an answer nobody gets."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
+    work is dropped rather than computed for an answer nobody gets. In the batch form an item's
+    error names it (`items[1].image: ...`)."""
+
+    async def numbered(i: int, coro):
+        try:
+            return await coro
+        except ApiError as e:
+            raise item_error(i, e) from e
+
+    tasks = [asyncio.ensure_future(numbered(i, c) if is_batch else c) for i, c in enumerate(coros)]
     try:
         return await asyncio.gather(*tasks)
     except BaseException:
@@ -198,14 +263,26 @@ class ClientDisconnected(Exception):
 
 
 @asynccontextmanager
-async def translate_errors():
-    """Model-layer exceptions -> API errors."""
+async def translate_errors(request: Request | None = None):
+    """Model-layer exceptions -> API errors (with `request`, a refused deadline is told with the
+    request's own figures: its deadline and how long reading and decoding took)."""
     try:
         yield
     except LevelError as e:
-        raise ApiError(422, "invalid_compute", str(e)) from e
+        error = ApiError(422, "invalid_compute", str(e))
+        error.field = "compute"
+        raise error from e
     except CannotMeetDeadline as e:
-        raise ApiError(503, "deadline_unreachable", str(e), {"Retry-After": "1"}) from e
+        message = str(e)
+        if request is not None:
+            spent = ms_since(request_start(request))
+            if e.remaining_s <= 0:
+                head = f"{deadline_text(request)} already passed before scheduling (the request spent {spent:.1f} ms"
+                message = f"{head} reading and decoding){e.fastest_detail()}"
+            else:
+                head = f"{deadline_text(request)} leaves {1000 * e.remaining_s:.1f} ms after {spent:.1f} ms reading"
+                message = f"{head} and decoding, and no compute level fits in it{e.fastest_detail()}"
+        raise ApiError(503, "deadline_unreachable", message, {"Retry-After": "1"}) from e
 
 
 def json_model(result: BaseModel | list[BaseModel], is_batch: bool = False) -> Response:

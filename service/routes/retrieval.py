@@ -9,7 +9,17 @@ import numpy as np
 from fastapi import APIRouter, Request
 
 from service.errors import ApiError
-from service.routes.common import deadline_for, image_payload, json_model, ms_since, parse, state, submit
+from service.routes.common import (
+    deadline_for,
+    field,
+    image_payload,
+    item_error,
+    json_model,
+    ms_since,
+    parse,
+    state,
+    submit,
+)
 from service.schemas import (
     IndexBatch,
     IndexBatchResponse,
@@ -124,7 +134,8 @@ async def index_add(request: Request):
         srv = st.server(item.model)
         request.state.model = srv.id
         gallery = st.gallery(srv)
-        [(states, emb)] = await _images(request, srv, [image_payload(item)], None)
+        with field("image"):
+            [(states, emb)] = await _images(request, srv, [image_payload(item)], None)
         metadata = item.metadata
         new_id = await asyncio.get_running_loop().run_in_executor(
             st.preprocess_pool, lambda: gallery.add(emb, item.id, metadata, states.astype(np.float16))
@@ -132,8 +143,13 @@ async def index_add(request: Request):
         return IndexResponse(id=new_id, gallery_size=len(gallery))
 
     results = []
-    for it in items:  # sequential: ids in a batch may repeat and later ones must win
-        results.append(await add(it))
+    for i, it in enumerate(items):  # sequential: ids in a batch may repeat and later ones must win
+        try:
+            results.append(await add(it))
+        except ApiError as e:  # the items before it are in the gallery: say which one failed
+            if not is_batch:
+                raise
+            raise item_error(i, e) from e
     return json_model(results if is_batch else results[0], is_batch)
 
 

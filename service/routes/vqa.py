@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from service.errors import ApiError
 from service.routes.common import (
     deadline_for,
+    field,
     gather_items,
     image_payload,
     json_model,
@@ -32,16 +33,21 @@ async def answer_one(request: Request, item: VQAItem, t0: float) -> VQAResponse:
     payload = image_payload(item)
 
     def preprocess():  # together: one trip to the pool for a large image, none for a small one
-        pixels = st.decode_image(payload, srv, "vqa")
-        ids_mask = st.tokenize([item.question], srv, "vqa")[0]  # validates the text first
+        with field("image"):
+            pixels = st.decode_image(payload, srv, "vqa")
+        with field("question"):
+            ids_mask = st.tokenize([item.question], srv, "vqa")[0]  # validates the text first
         return pixels, ids_mask, srv.tasks.unknown_words(item.question)
 
     pixels, (ids, mask), unknown = await st.run_pre(preprocess, inline=st.preprocess_inline(payload))
     compute = item.compute
-    if compute == "auto" and isinstance(compute, str):
-        compute = st.settings.default_compute if st.settings.default_compute != "auto" else "auto"
-    async with translate_errors():
+    defaulted = compute == "auto" and isinstance(compute, str) and st.settings.default_compute != "auto"
+    if defaulted:
+        compute = st.settings.default_compute
+    async with translate_errors(request):
         level, reason = srv.pick_level(compute.model_dump() if isinstance(compute, MaxFlops) else compute, remaining(deadline))
+    if defaulted and reason == "requested":  # the server's TRIMVLM_DEFAULT_COMPUTE level, not the client's
+        reason = "default"
     st.metrics.level_decisions.labels("vqa", level, reason).inc()
     request.state.level = level
     picked_at, predicted = time.perf_counter(), srv.predicted_s(level)
@@ -83,5 +89,5 @@ async def vqa(request: Request):
     st = state(request)
     t0 = time.perf_counter()
     items, is_batch = await parse(request, VQAItem, VQABatch, st.settings.max_items)
-    results = await gather_items(answer_one(request, it, t0) for it in items)
+    results = await gather_items((answer_one(request, it, t0) for it in items), is_batch)
     return json_model(results if is_batch else results[0], is_batch)

@@ -16,14 +16,18 @@ import io
 import json
 import re
 import signal
+import socket
 import struct
 import time
+import urllib.error
+import urllib.request
 import zlib
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+import requests
 from fastapi.testclient import TestClient
 from PIL import Image, ImageDraw
 from prometheus_client.parser import text_string_to_metric_families
@@ -636,6 +640,109 @@ def test_wrong_method_and_unknown_path_are_json(client):
     assert_error(client.get("/no/such/path"), 404, "not_found")
 
 
+def test_batch_error_names_the_item_and_field(client):
+    """One bad item fails a batch request; the message says which item and field."""
+    good = {"image": RED_CIRCLE, "question": SHAPE_Q}
+    cases = [  # (path, items, status, code, message prefix)
+        ("/vqa", [good, {"image": "@@", "question": SHAPE_Q}], 400, "invalid_base64", "items[1].image: "),
+        ("/vqa", [good, good, {"image": b64(_TEXT), "question": SHAPE_Q}], 415, "not_an_image", "items[2].image: "),
+        ("/vqa", [good, good, {"image": RED_CIRCLE, "question": "   "}], 422, "empty_text", "items[2].question: "),
+        ("/vqa", [{**good, "compute": "turbo"}, good], 422, "invalid_compute", "items[0].compute: "),
+        ("/vqa", [good, {"image": RED_CIRCLE}], 422, "invalid_request", "items[1].question: "),  # schema errors too
+        ("/caption", [{"image": RED_CIRCLE}, {"image": "@@"}], 400, "invalid_base64", "items[1].image: "),
+        ("/retrieval/index", [{"image": "@@", "id": "never-added"}], 400, "invalid_base64", "items[0].image: "),
+        ("/caption", [{"image": RED_CIRCLE, "num_beams": 6}, {"image": RED_CIRCLE}], 422, "invalid_request", "items[0]: "),
+    ]
+    for path, items, status, code, prefix in cases:
+        error = assert_error(client.post(path, json={"items": items}), status, code)
+        assert error["message"].startswith(prefix) and len(error["message"]) > len(prefix) + 5, (prefix, error)
+    # one item, not the batch form: no index
+    error = assert_error(client.post("/vqa", json={"image": "@@", "question": SHAPE_Q}), 400, "invalid_base64")
+    assert not error["message"].startswith("items["), error
+    assert_serves(client)
+
+
+def test_multipart_compute_json_budget(client):
+    """A multipart form field `compute` that is a JSON object is the same {"max_flops_ratio": x} as in a JSON body."""
+    levels = client.get("/v1/models").json()[0]["levels"]
+    files = {"image": ("circle.png", RED_CIRCLE_PNG, "image/png")}
+    r = client.post("/vqa", files=files, data={"question": SHAPE_Q, "compute": '{"max_flops_ratio": 0.5}'})
+    assert r.status_code == 200, r.text
+    c = r.json()["compute"]
+    assert c["reason"] == "max_flops_ratio" and c["flops_ratio"] <= 0.5, c
+    within = [lv for lv, p in levels.items() if p["flops_ratio"] <= 0.5]
+    assert c["level"] == max(within, key=lambda lv: levels[lv]["flops_ratio"]), (c, levels)
+    assert r.json()["answer"] == "circle"
+    error = assert_error(
+        client.post("/vqa", files=files, data={"question": SHAPE_Q, "compute": '{"max_flops_ratio": '}), 422, "invalid_request"
+    )
+    assert error["message"].startswith("compute: not valid JSON"), error
+    assert_error(
+        client.post("/vqa", files=files, data={"question": SHAPE_Q, "compute": '{"max_flops_ratio": 2}'}), 422, "invalid_request"
+    )
+    assert_error(
+        client.post("/vqa", files=files, data={"question": SHAPE_Q, "compute": '{"flops": 0.5}'}), 422, "invalid_request"
+    )
+    r = client.post("/vqa", files=files, data={"question": SHAPE_Q, "compute": "fast"})  # names still work
+    assert r.status_code == 200 and r.json()["compute"]["level"] == "fast", r.text
+
+
+_NUMBER = re.compile(r"(-?\d+(?:\.\d+)?) ms")
+
+
+def test_deadline_messages_are_true(client):
+    """503 when the deadline is gone before a level is chosen: says so, with the request's own
+    deadline and time spent, and names the level predicted fastest (checked against the server's
+    own predictions); 504 for a fixed level: the deadline, the time spent in all and in the queue."""
+    srv = client.app.state.trimvlm.servers[DEFAULT_MODEL]
+    r = client.post("/vqa", json={"image": RED_CIRCLE, "question": SHAPE_Q, "deadline_ms": 0.001})
+    message = assert_error(r, 503, "deadline_unreachable")["message"]
+    options = srv.level_options()  # nothing ran since: the same predictions the refusal saw
+    assert message.startswith("deadline of 0.001 ms already passed before scheduling (the request spent "), message
+    named = re.search(r"the fastest level, (\w+), is predicted to take ([\d.]+) ms", message)
+    assert named, message
+    fastest = min(options, key=lambda o: o.predicted_s)
+    assert named.group(1) == fastest.name, (message, [(o.name, o.predicted_s) for o in options])
+    assert float(named.group(2)) == pytest.approx(1000 * fastest.predicted_s, abs=0.051)
+    assert all(float(n) > 0 for n in _NUMBER.findall(message)), message  # no -0.0 ms
+
+    for path, body, queue in [
+        ("/vqa", {"image": RED_CIRCLE, "question": SHAPE_Q, "compute": "full", "deadline_ms": 0.001}, "vqa/full"),
+        ("/caption", {"image": RED_CIRCLE, "deadline_ms": 0.001}, "vision"),
+    ]:
+        message = assert_error(client.post(path, json=body), 504, "deadline_exceeded")["message"]
+        found = re.fullmatch(
+            rf"deadline of 0\.001 ms passed before the request's turn on {re.escape(queue)}: it had spent "
+            r"([\d.]+) ms in all, ([\d.]+) ms of it in that queue",
+            message,
+        )
+        assert found, message
+        total, queued = (float(x) for x in found.groups())
+        assert 0 < total and 0 <= queued <= total, message
+    assert_serves(client)
+
+
+def test_compute_reason_says_what_happened(client):
+    """/caption has no compute choice: `default`, not `requested`; /vqa with nothing requested and
+    a server default level (TRIMVLM_DEFAULT_COMPUTE) says `default` too; a named level `requested`."""
+    r = client.post("/caption", json={"image": RED_CIRCLE})
+    assert r.status_code == 200, r.text
+    assert (r.json()["compute"]["level"], r.json()["compute"]["reason"]) == ("full", "default")
+    settings = client.app.state.trimvlm.settings
+    saved = settings.default_compute
+    settings.default_compute = "balanced"
+    try:
+        r = client.post("/vqa", json={"image": RED_CIRCLE, "question": SHAPE_Q})
+        assert (r.json()["compute"]["level"], r.json()["compute"]["reason"]) == ("balanced", "default"), r.text
+        r = client.post("/vqa", json={"image": RED_CIRCLE, "question": SHAPE_Q, "compute": "fast"})
+        assert (r.json()["compute"]["level"], r.json()["compute"]["reason"]) == ("fast", "requested"), r.text
+    finally:
+        settings.default_compute = saved
+    described = client.get("/openapi.json").json()["components"]["schemas"]["ComputeOut"]["properties"]["reason"]
+    for value in ("requested", "default", "no_deadline", "fits", "deadline", "max_flops_ratio"):
+        assert f"`{value}`" in described["description"]
+
+
 def _rgba_circle() -> bytes:
     """A red circle on a fully transparent *black* background: alpha composited onto white reads
     as a circle; alpha dropped reads as a black square with a red blob."""
@@ -868,6 +975,80 @@ def test_real_server_request_id_and_oversize_body(live_server):
     r = httpx.post(live_server.url + "/vqa", content=big, headers={"content-type": "application/json"}, timeout=60)
     assert_error(r, 413, "payload_too_large")
     assert httpx.post(live_server.url + "/vqa", json={"image": RED_CIRCLE, "question": SHAPE_Q}).status_code == 200
+
+
+def _chunks(data: bytes, size: int = 64 * 1024):
+    for i in range(0, len(data), size):
+        yield data[i : i + size]
+
+
+def _urllib_post(url: str, body, headers: dict) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, data=body, headers=headers, method="POST")  # sends Connection: close
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_oversize_upload_gets_413_in_every_client(start_server):
+    """An upload 4x over TRIMVLM_MAX_BODY_BYTES reaches urllib, requests and httpx as the 413 JSON
+    error, not as "connection reset by peer": the server reads and discards the rest of the body
+    after answering (bounded by TRIMVLM_MAX_DRAIN_BYTES and TRIMVLM_DRAIN_TIMEOUT_S) before it
+    closes. Closing with the upload still arriving made the kernel reset the connection, and
+    clients that read the answer only after sending everything lost it (urllib always, requests and
+    httpx with Connection: close). 4 MiB: beyond what loopback's socket buffers absorb unread."""
+    limit = 2**20
+    srv = start_server(TRIMVLM_MAX_BODY_BYTES=limit, TRIMVLM_DRAIN_TIMEOUT_S=2, TRIMVLM_WARMUP="false")
+    url = srv.url + "/vqa"
+    body = b'{"image": "' + b"A" * (4 * limit) + b'", "question": "q"}'
+    js, close = {"content-type": "application/json"}, {"content-type": "application/json", "connection": "close"}
+
+    def via_requests(data, headers):
+        r = requests.post(url, data=data, headers=headers, timeout=60)
+        return r.status_code, r.content
+
+    def via_httpx(data, headers):
+        r = httpx.post(url, content=data, headers=headers, timeout=60)
+        return r.status_code, r.content
+
+    clients = {  # the chunked ones have no Content-Length: refused while the body streams in
+        "urllib": lambda: _urllib_post(url, body, js),
+        "urllib_chunked": lambda: _urllib_post(url, _chunks(body), {**js, "transfer-encoding": "chunked"}),
+        "requests": lambda: via_requests(body, js),
+        "requests_connection_close": lambda: via_requests(body, close),
+        "requests_chunked_connection_close": lambda: via_requests(_chunks(body), close),
+        "httpx": lambda: via_httpx(body, js),
+        "httpx_connection_close": lambda: via_httpx(body, close),
+        "httpx_chunked_connection_close": lambda: via_httpx(_chunks(body), close),
+    }
+    failed = {}
+    for name, post in clients.items():
+        for attempt in range(2):  # a reset is a race; twice each
+            try:
+                status, payload = post()
+            except (OSError, requests.RequestException, httpx.HTTPError) as e:
+                failed[f"{name}#{attempt}"] = f"{type(e).__name__}: {e}"
+                continue
+            if status != 413 or json.loads(payload)["error"]["code"] != "payload_too_large":
+                failed[f"{name}#{attempt}"] = f"{status} {payload[:200]!r}"
+    assert not failed, failed
+
+    # A client that stalls half-way through its upload holds the connection for the drain timeout
+    # at most, and gets its 413 at once.
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as sock:
+        head = f"POST /vqa HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        sock.sendall(head.encode() + body[: 2 * limit])
+        t0, raw = time.monotonic(), b""
+        while chunk := sock.recv(65536):
+            raw += chunk
+        waited = time.monotonic() - t0
+    assert raw.startswith(b"HTTP/1.1 413 ") and b"payload_too_large" in raw, raw[:300]
+    assert b"connection: close" in raw.lower()
+    assert waited < 2 + 5, f"the server held a stalled upload for {waited:.1f} s (drain timeout 2 s)"
+
+    r = httpx.post(url, json={"image": RED_CIRCLE, "question": SHAPE_Q}, timeout=60)  # and serves on
+    assert r.status_code == 200 and r.json()["answer"] == "circle", r.text
 
 
 def test_batches_form_under_concurrency(live_server):

@@ -2,6 +2,7 @@
 request wait that must not time out before its deadline (uvloop's timers can fire early)."""
 
 import asyncio
+import re
 import time
 from types import SimpleNamespace
 
@@ -95,9 +96,27 @@ def test_choose_level_uses_each_levels_own_margin():
 def test_choose_level_refuses_when_no_margin_fits():
     with pytest.raises(CannotMeetDeadline) as e:
         choose_level(_options(0.004, 1.1, 0.002, 2.0), 0.0035)
-    # the message names the level that needs least, with its margin
-    assert "balanced needs ~2.0 ms x2.00 margin" in str(e.value)
-    assert "3.5 ms" in str(e.value)
+    # the message names the fastest level (lowest predicted time), with its margin
+    assert "no compute level fits in the remaining 3.5 ms" in str(e.value)
+    assert "the fastest level, balanced, is predicted to take 2.0 ms (4.0 ms with its x2.00 margin)" in str(e.value)
+
+
+def test_refusal_names_the_fastest_level_and_never_a_negative_time():
+    # full needs least with its margin (6.8 x 1.0) but fast is predicted fastest (2.1 ms): fast is named
+    options = [
+        LevelOption("full", {"flops_ratio": 1.0}, 1.0, 0.0068, 1.0),
+        LevelOption("fast", {"flops_ratio": 0.3}, 0.9, 0.0021, 4.0),
+        LevelOption("balanced", {"flops_ratio": 0.4}, 0.95, 0.0030, 4.0),
+    ]
+    with pytest.raises(CannotMeetDeadline) as e:
+        choose_level(options, 0.001)
+    assert e.value.fastest.name == "fast"
+    assert "the fastest level, fast, is predicted to take 2.1 ms (8.4 ms with its x4.00 margin)" in str(e.value)
+    # the deadline already gone (a tiny negative remainder once printed as "-0.0 ms")
+    with pytest.raises(CannotMeetDeadline) as e:
+        choose_level(options, -0.00001)
+    assert str(e.value).startswith("the deadline had already passed when the compute level was chosen; the fastest level, fast")
+    assert "-" not in str(e.value)
 
 
 def test_server_level_options_do_not_count_preprocessing(monkeypatch):
@@ -126,7 +145,7 @@ def _fake_request():
 
     metrics = SimpleNamespace(queue_duration=SimpleNamespace(labels=lambda *a: SimpleNamespace(observe=lambda s: None)))
     app = SimpleNamespace(state=SimpleNamespace(trimvlm=SimpleNamespace(metrics=metrics)))
-    return SimpleNamespace(app=app, receive=receive)
+    return SimpleNamespace(app=app, receive=receive, state=SimpleNamespace(t0=time.perf_counter(), deadline_ms=3.0))
 
 
 @pytest.mark.parametrize("loop_factory", ["asyncio", "uvloop"])
@@ -147,6 +166,11 @@ def test_wait_never_times_out_before_the_deadline(loop_factory):
         with pytest.raises(ApiError) as e:
             await wait(_fake_request(), fut, deadline, "vqa", "m")
         assert e.value.status == 504
+        assert re.fullmatch(  # the deadline and the time spent, in all and waiting (here: since the request began)
+            r"deadline of 3 ms passed before the answer was ready: the request had spent [\d.]+ ms in all,"
+            r" [\d.]+ ms of it waiting for the model",
+            e.value.message,
+        ), e.value.message
         assert fut.cancelled()
         return time.perf_counter() - deadline
 
