@@ -30,6 +30,12 @@ from pathlib import Path
 from typing import IO, Any, NamedTuple
 
 import numpy as np
+
+# onnxruntime before usearch, always: `import usearch.index` and then `import onnxruntime` segfaults the
+# process (exit 139, no message; usearch 2.26.6 + onnxruntime 1.32.0 wheels), the other order is fine. Every
+# usearch import in the project is this one, so whoever imports the gallery first (`trimvlm index build` does,
+# before any model loads) gets the safe order. tests/unit/test_import_order.py checks it in a fresh process.
+import onnxruntime  # noqa: F401
 import usearch
 from usearch.index import Index, MetricKind
 
@@ -51,6 +57,8 @@ STATUS = {
     "invalid_states": 422,
     "invalid_top_k": 422,
     "invalid_batch": 422,
+    "invalid_cursor": 422,
+    "invalid_limit": 422,
     "metadata_too_large": 413,
     "not_found": 404,
     "gallery_full": 507,
@@ -75,6 +83,20 @@ class Hit(NamedTuple):
     id: str
     score: float  # inner product of unit vectors (cosine similarity)
     metadata: dict | None
+
+
+class ItemInfo(NamedTuple):
+    """What the gallery lists about an item (no vectors)."""
+
+    id: str
+    metadata: dict | None
+    has_states: bool  # ITM image states stored: text searches can re-rank it
+
+
+class Page(NamedTuple):
+    items: list[ItemInfo]
+    total: int  # items in the gallery now
+    next_cursor: str | None  # pass back as `cursor` for the next page; None on the last page
 
 
 @dataclass(frozen=True)
@@ -177,6 +199,7 @@ class Gallery:
         except BaseException:
             self._release()
             raise
+        log.info("gallery: %s open for %s (%d items)", self.folder.resolve(), self.model_id, len(self._items))
 
     @classmethod
     def open(
@@ -433,6 +456,41 @@ class Gallery:
         meta = None if entry[1] is None else json.loads(entry[1])
         return GalleryItem(id, np.frombuffer(blob, dtype=np.float32).copy(), meta, bool(has_states))
 
+    def info(self, id: str) -> ItemInfo | None:
+        """One item's id, metadata and whether it has states; None for an unknown id (the route answers 404)."""
+        with self._lock:
+            self._check_open()
+            entry = self._items.get(id)
+            if entry is None:
+                return None
+            (has_states,) = self._conn.execute("SELECT states IS NOT NULL FROM items WHERE key = ?", (entry[0],)).fetchone()
+        return ItemInfo(id, None if entry[1] is None else json.loads(entry[1]), bool(has_states))
+
+    def page(self, limit: int = 100, cursor: str | None = None) -> Page:
+        """Items in insertion order (as ids()), `limit` at a time from after `cursor` (None: the start).
+
+        The cursor is the last listed item's key (keys only grow), so paging is stable while items are added or
+        removed: nothing is listed twice, and items present throughout are all listed; new ones come last.
+        """
+        if not isinstance(limit, int | np.integer) or isinstance(limit, bool) or limit < 1:
+            raise GalleryError("invalid_limit", f"limit must be a positive integer, got {limit!r}")
+        after = 0
+        if cursor is not None:
+            if not (isinstance(cursor, str) and cursor.isascii() and cursor.isdigit() and len(cursor) <= 19):
+                raise GalleryError("invalid_cursor", f"cursor {cursor!r:.60} is not one this gallery gave out")
+            after = int(cursor)
+        with self._lock:
+            self._check_open()
+            rows = self._conn.execute(
+                "SELECT key, id, metadata, states IS NOT NULL FROM items WHERE key > ? ORDER BY key LIMIT ?",
+                (after, int(limit) + 1),
+            ).fetchall()
+            total = len(self._items)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        items = [ItemInfo(i, None if m is None else json.loads(m), bool(h)) for _, i, m, h in rows]
+        return Page(items, total, str(rows[-1][0]) if more else None)
+
     def __len__(self) -> int:
         return len(self._items)
 
@@ -570,6 +628,8 @@ __all__ = [
     "GalleryError",
     "GalleryItem",
     "Hit",
+    "ItemInfo",
+    "Page",
     "atomic_write",
     "build_index",
     "check_id",

@@ -256,3 +256,18 @@ class CaptionBatchResponse(BaseModel):
 
 class IndexBatchResponse(BaseModel):
     results: list[IndexResponse]
+
+
+class IndexEntry(BaseModel):
+    """One gallery item as listed (`GET /retrieval/index`, `GET /retrieval/index/{id}`): no vectors."""
+
+    id: str
+    metadata: dict | None = None
+    has_states: bool = Field(description="ITM image states are stored with it: text searches can re-rank it.")
+
+
+class IndexListResponse(BaseModel):
+    items: list[IndexEntry] = Field(description="In insertion order (a replaced id counts as inserted when replaced).")
+    total: int = Field(description="Items in the gallery now.")
+    next_cursor: str | None = Field(description="Send as `cursor` for the next page; null on the last page.")
+    model: str

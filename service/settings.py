@@ -3,12 +3,22 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.runtime.base import RuntimeOptions
+
+
+def default_gallery_dir() -> Path:
+    """Per-user data, neither the working directory (`make run` in a checkout left an untracked gallery/ there)
+    nor ~/.cache/trimvlm (a gallery is added to by hand, not re-creatable): $XDG_DATA_HOME/trimvlm/gallery,
+    by default ~/.local/share/trimvlm/gallery. Images and deployments set TRIMVLM_GALLERY_DIR to a volume."""
+    data = os.environ.get("XDG_DATA_HOME", "")
+    base = Path(data) if os.path.isabs(data) else Path.home() / ".local" / "share"  # XDG: a relative value is ignored
+    return base / "trimvlm" / "gallery"
 
 
 class Settings(BaseSettings):
@@ -87,9 +97,10 @@ class Settings(BaseSettings):
     auto_margin_quantile: float = Field(0.99, ge=0.5, le=1.0)
 
     # Retrieval gallery (persisted)
-    gallery_dir: Path = Path("gallery")
+    gallery_dir: Path = Field(default_factory=default_gallery_dir)  # one subfolder per model
     rerank_top_k: int = 16  # ITC candidates re-ranked by ITM
     gallery_max_items: int = 100_000
+    gallery_page_max: int = Field(1000, ge=1)  # most items one GET /retrieval/index returns (its ?limit=)
 
     # Security and operations
     api_key: SecretStr | None = None  # Bearer token; None: no auth

@@ -6,7 +6,7 @@ import asyncio
 import time
 
 import numpy as np
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 
 from service.errors import ApiError
 from service.routes.common import (
@@ -23,7 +23,9 @@ from service.routes.common import (
 from service.schemas import (
     IndexBatch,
     IndexBatchResponse,
+    IndexEntry,
     IndexItem,
+    IndexListResponse,
     IndexResponse,
     RankRequest,
     RankResponse,
@@ -153,7 +155,38 @@ async def index_add(request: Request):
     return json_model(results if is_batch else results[0], is_batch)
 
 
-@router.delete("/index/{item_id}", summary="Remove an image from the gallery")
+@router.get("/index", response_model=IndexListResponse, summary="List the gallery's items, a page at a time")
+async def index_list(
+    request: Request,
+    limit: int | None = Query(None, ge=1, description="Items in this page (default 100; at most TRIMVLM_GALLERY_PAGE_MAX)."),
+    cursor: str | None = Query(None, description="`next_cursor` of the previous page; absent: the first page."),
+    model: str | None = None,
+):
+    """Ids and metadata in insertion order, with the total; stable while items are added or removed."""
+    st = state(request)
+    srv = st.server(model)
+    limit = min(100, st.settings.gallery_page_max) if limit is None else limit
+    if limit > st.settings.gallery_page_max:
+        raise ApiError(422, "invalid_request", f"limit {limit} exceeds the limit of {st.settings.gallery_page_max}")
+    gallery = st.gallery(srv)
+    page = await asyncio.get_running_loop().run_in_executor(st.preprocess_pool, gallery.page, limit, cursor)
+    items = [IndexEntry(id=i.id, metadata=i.metadata, has_states=i.has_states) for i in page.items]
+    return json_model(IndexListResponse(items=items, total=page.total, next_cursor=page.next_cursor, model=srv.id))
+
+
+# {item_id:path}: ids may hold "/" (`trimvlm index build` names items by their relative path)
+@router.get("/index/{item_id:path}", response_model=IndexEntry, summary="One gallery item's metadata")
+async def index_get(request: Request, item_id: str, model: str | None = None):
+    st = state(request)
+    srv = st.server(model)
+    gallery = st.gallery(srv)
+    info = await asyncio.get_running_loop().run_in_executor(st.preprocess_pool, gallery.info, item_id)
+    if info is None:
+        raise ApiError(404, "unknown_id", f"no gallery item {item_id!r}")
+    return json_model(IndexEntry(id=info.id, metadata=info.metadata, has_states=info.has_states))
+
+
+@router.delete("/index/{item_id:path}", summary="Remove an image from the gallery")
 async def index_remove(request: Request, item_id: str, model: str | None = None):
     st = state(request)
     srv = st.server(model)

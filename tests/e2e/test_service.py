@@ -322,6 +322,80 @@ def test_gallery_index_search_delete(client):
     assert_error(client.post("/retrieval/search", json={"text": "a red circle", "top_k": 101}), 422, "invalid_request")
 
 
+@pytest.fixture(scope="module")
+def listing_client(tmp_path_factory):
+    """Its own empty gallery, and pages of at most 4 items."""
+    settings = settings_for(tmp_path_factory.mktemp("listing"), gallery_page_max=4, warmup=False)
+    with ready_client(settings) as c:
+        yield c
+
+
+def list_gallery(client, limit: int) -> tuple[list[str], int, int]:
+    """Every id by following next_cursor: (ids, the last page's total, pages fetched)."""
+    ids, cursor, pages = [], None, 0
+    while True:
+        r = client.get("/retrieval/index", params={"limit": limit} | ({"cursor": cursor} if cursor else {}))
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert set(body) == {"items", "total", "next_cursor", "model"} and len(body["items"]) <= limit, body
+        ids += [item["id"] for item in body["items"]]
+        cursor, pages = body["next_cursor"], pages + 1
+        if cursor is None:
+            return ids, body["total"], pages
+
+
+def test_gallery_listing_pages_items_and_404(listing_client):
+    c = listing_client
+    assert c.get("/retrieval/index").json() == {"items": [], "total": 0, "next_cursor": None, "model": DEFAULT_MODEL}
+    items = [
+        {"image": RED_CIRCLE, "id": "red-circle", "metadata": {"shape": "circle"}},
+        {"image": BLUE_RECTANGLE, "id": "photos/blue rect.png"},  # `trimvlm index build` ids are relative paths
+        {"image": GREEN_TRIANGLE, "id": "green-triangle", "metadata": {"n": 3}},
+        {"image": RED_CIRCLE},
+        {"image": BLUE_RECTANGLE, "id": "b"},
+    ]
+    r = c.post("/retrieval/index", json={"items": items})
+    assert r.status_code == 200, r.text
+    ids = [x["id"] for x in r.json()["results"]]
+    assert list_gallery(c, 2) == (ids, 5, 3) and list_gallery(c, 4) == (ids, 5, 2)
+    first = c.get("/retrieval/index", params={"limit": 1}).json()
+    assert first["items"] == [{"id": "red-circle", "metadata": {"shape": "circle"}, "has_states": True}], first
+    assert first["total"] == 5 and first["next_cursor"]
+    default = c.get("/retrieval/index").json()  # no limit: min(100, gallery_page_max)
+    assert [i["id"] for i in default["items"]] == ids[:4] and default["next_cursor"]
+
+    # one item: by an id with a slash, plain or percent-encoded
+    for path in ("/retrieval/index/photos/blue rect.png", "/retrieval/index/photos%2Fblue%20rect.png"):
+        r = c.get(path)
+        assert r.status_code == 200 and r.json() == {"id": "photos/blue rect.png", "metadata": None, "has_states": True}
+    assert c.get("/retrieval/index/green-triangle").json()["metadata"] == {"n": 3}
+    assert_error(c.get("/retrieval/index/no-such-item"), 404, "unknown_id")
+
+    # after a delete and a replacement (a replaced id is listed last, like a new one)
+    r = c.delete("/retrieval/index/photos/blue rect.png")
+    assert r.status_code == 200 and r.json()["gallery_size"] == 4, r.text
+    assert_error(c.get("/retrieval/index/photos/blue rect.png"), 404, "unknown_id")
+    r = c.post("/retrieval/index", json={"image": GREEN_TRIANGLE, "id": "red-circle", "metadata": {"shape": "triangle"}})
+    assert r.status_code == 200, r.text
+    assert list_gallery(c, 3)[:2] == (["green-triangle", ids[3], "b", "red-circle"], 4)
+    assert c.get("/retrieval/index/red-circle").json()["metadata"] == {"shape": "triangle"}
+
+    # a cursor stays good across mutations: nothing twice, the removed item gone, the new one at the end
+    page = c.get("/retrieval/index", params={"limit": 2}).json()
+    c.delete("/retrieval/index/b")
+    c.post("/retrieval/index", json={"image": RED_CIRCLE, "id": "late"})
+    rest = c.get("/retrieval/index", params={"limit": 4, "cursor": page["next_cursor"]}).json()
+    assert [i["id"] for i in page["items"] + rest["items"]] == ["green-triangle", ids[3], "red-circle", "late"], rest
+    assert rest["total"] == 4 and rest["next_cursor"] is None
+
+    assert_error(c.get("/retrieval/index", params={"limit": 5}), 422, "invalid_request")  # beyond gallery_page_max
+    assert_error(c.get("/retrieval/index", params={"limit": 0}), 422, "invalid_request")
+    assert_error(c.get("/retrieval/index", params={"cursor": "not-a-cursor"}), 422, "invalid_cursor")
+    assert_error(c.get("/retrieval/index", params={"model": "no-such-model"}), 404, "unknown_model")
+    paths = c.get("/openapi.json").json()["paths"]
+    assert "get" in paths["/retrieval/index"] and {"get", "delete"} <= set(paths["/retrieval/index/{item_id}"])
+
+
 def test_models_and_health(client):
     r = client.get("/v1/models")
     assert r.status_code == 200
@@ -828,6 +902,8 @@ def test_api_key(auth_client):
     for path, body in (("/caption", {"image": RED_CIRCLE}), ("/retrieval/rank", {"image": RED_CIRCLE, "texts": ["a"]})):
         assert_error(auth_client.post(path, json=body), 401, "unauthorized")
     assert_error(auth_client.delete("/retrieval/index/x"), 401, "unauthorized")
+    assert_error(auth_client.get("/retrieval/index"), 401, "unauthorized")
+    assert_error(auth_client.get("/retrieval/index/x"), 401, "unauthorized")
     r = auth_client.post("/vqa", json=good, headers={"authorization": "Bearer e2e-secret-key"})
     assert r.status_code == 200 and r.json()["answer"] == "circle", r.text
     for path in ("/healthz", "/readyz", "/metrics"):  # operations stay open for probes and scrapers

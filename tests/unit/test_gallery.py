@@ -370,3 +370,61 @@ def test_database_is_the_only_other_file(tmp_path, rng):
         g.add(unit(rng, 1)[0], "a")
     names = {p.name for p in tmp_path.iterdir()}
     assert {HEADER, DB, INDEX, "gallery.lock"} <= names and not [n for n in names if n.endswith(".tmp")]
+
+
+def test_import_order_cannot_segfault():
+    """`import usearch.index` and then `import onnxruntime` kills the process with SIGSEGV (usearch 2.26.6,
+    onnxruntime 1.32.0): `trimvlm index build` did exactly that (exit 139, no output). The gallery imports
+    onnxruntime first, so importing it and then onnxruntime, in a fresh process, is fine."""
+    code = "import service.gallery; import onnxruntime; import usearch.index; print('ok')"
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stderr[-2000:])
+
+
+def test_page_lists_in_insertion_order_with_a_stable_cursor(tmp_path, rng):
+    vecs = unit(rng, 7)
+    with Gallery.open(tmp_path, D, "m1") as g:
+        assert g.page() == ([], 0, None)
+        g.add_many(vecs[:5], [f"i{i}" for i in range(5)], [{"n": i} for i in range(5)], [np.ones((2, 3))] + [None] * 4)
+        first = g.page(limit=2)
+        assert [i.id for i in first.items] == ["i0", "i1"] and first.total == 5 and first.next_cursor
+        assert first.items[0].metadata == {"n": 0} and first.items[0].has_states and not first.items[1].has_states
+        # mutations between pages: a removed item is skipped, a new one and a replaced one come last
+        g.remove("i2")
+        g.add(vecs[5], "new")
+        g.add(vecs[6], "i0", {"n": "again"})
+        rest, cursor = [], first.next_cursor
+        while cursor:
+            page = g.page(limit=2, cursor=cursor)
+            assert len(page.items) <= 2 and page.total == 5
+            rest += [i.id for i in page.items]
+            cursor = page.next_cursor
+        assert rest == ["i3", "i4", "new", "i0"]
+        assert [i.id for i in g.page(limit=100).items] == g.ids() == ["i1", "i3", "i4", "new", "i0"]
+        assert g.page(limit=5).next_cursor is None  # exactly one full page: no empty page after it
+        assert g.info("i0") == ("i0", {"n": "again"}, False) and g.info("i1").metadata == {"n": 1}
+        assert g.info("i2") is None
+        for bad in (0, -1, True, 1.5):
+            with pytest.raises(GalleryError) as e:
+                g.page(limit=bad)
+            assert e.value.code == "invalid_limit" and e.value.status == 422
+        for bad in ("x", "-1", "1e3", "", "9" * 40):
+            with pytest.raises(GalleryError) as e:
+                g.page(cursor=bad)
+            assert e.value.code == "invalid_cursor" and e.value.status == 422
+    with Gallery.open(tmp_path, D, "m1") as g:  # the order survives a reopen
+        assert [i.id for i in g.page().items] == ["i1", "i3", "i4", "new", "i0"]
+
+
+def test_default_gallery_dir_is_per_user_data_not_the_working_directory(tmp_path, monkeypatch):
+    from service.settings import Settings
+
+    monkeypatch.delenv("TRIMVLM_GALLERY_DIR", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    assert Settings(_env_file=None).gallery_dir == tmp_path / "data" / "trimvlm" / "gallery"
+    for unset in ("", "relative/ignored"):  # XDG: unset or relative means ~/.local/share
+        monkeypatch.setenv("XDG_DATA_HOME", unset)
+        monkeypatch.setenv("HOME", str(tmp_path / "home"))
+        assert Settings(_env_file=None).gallery_dir == tmp_path / "home" / ".local" / "share" / "trimvlm" / "gallery"
+    monkeypatch.setenv("TRIMVLM_GALLERY_DIR", "/data/gallery")  # what the images and the chart set
+    assert Settings(_env_file=None).gallery_dir == Path("/data/gallery")
