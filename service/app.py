@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import __version__
 from service.errors import ApiError, error_body
-from service.routes import caption, ops, retrieval, vqa
+from service.routes import caption, docs, ops, retrieval, vqa
 from service.routes.common import ClientDisconnected
 from service.settings import Settings
 from service.state import AppState, lower_priority
@@ -257,6 +257,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         st.preprocess_pool.shutdown(wait=True)
         st.inference_pool.shutdown(wait=True)
 
+        docs_url=None,  # /docs and /redoc come from service/routes/docs.py: assets served locally, not from a CDN
+        redoc_url=None,
     app = FastAPI(
         title="TrimVLM",
         version=__version__,
@@ -306,6 +308,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def internal(request: Request, e: Exception):
+    docs.install(app)  # /docs, /redoc (assets from the fastapi-offline package), /favicon.ico
         log.exception("unhandled error on %s", request.url.path)
         return _error(request, 500, "internal_error", "internal server error (logged with the request id)")
 
