@@ -31,6 +31,7 @@ install-dev: $(VENV)/.dev
 ## The main job: serve the embedded default (models/trimvlm-default/1) on http://127.0.0.1:8000
 ## (TRIMVLM_* settings apply, e.g. TRIMVLM_PORT=9000 make run).
 run: $(VENV)/.serve
+	@echo "trimvlm is at $(VENV)/bin/trimvlm (source $(VENV)/bin/activate to use it directly)"
 	$(VENV)/bin/trimvlm serve
 serve: run
 
