@@ -257,13 +257,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         st.preprocess_pool.shutdown(wait=True)
         st.inference_pool.shutdown(wait=True)
 
-        docs_url=None,  # /docs and /redoc come from service/routes/docs.py: assets served locally, not from a CDN
-        redoc_url=None,
     app = FastAPI(
         title="TrimVLM",
         version=__version__,
         summary="Visual question answering, captioning and image-text retrieval with per-request adaptive compute.",
         lifespan=lifespan,
+        docs_url=None,  # /docs and /redoc come from service/routes/docs.py: assets served locally, not from a CDN
+        redoc_url=None,
     )
     app.state.trimvlm = st
 
@@ -308,12 +308,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def internal(request: Request, e: Exception):
-    docs.install(app)  # /docs, /redoc (assets from the fastapi-offline package), /favicon.ico
         log.exception("unhandled error on %s", request.url.path)
         return _error(request, 500, "internal_error", "internal server error (logged with the request id)")
 
     auth = [Depends(require_api_key)]
     app.include_router(ops.router)
+    docs.install(app)  # /docs, /redoc (assets from the fastapi-offline package), /favicon.ico
     app.include_router(vqa.router, dependencies=auth)
     app.include_router(caption.router, dependencies=auth)
     app.include_router(retrieval.router, dependencies=auth)
