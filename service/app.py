@@ -9,6 +9,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
@@ -224,7 +225,10 @@ def _error(request: Request, status: int, code: str, message: str, headers: dict
     return JSONResponse(error_body(code, message), status_code=status, headers=headers)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, on_load_error: Callable[[str], None] | None = None) -> FastAPI:
+    """The app. Models load in the background, so /healthz answers during warm-up. If loading fails,
+    /readyz reports the error; `on_load_error(error)` (given by `trimvlm serve` under
+    `exit_on_load_error`) is called too, to stop the server."""
     settings = settings or Settings()
     configure_logging(settings)
     st = AppState.create(settings)
@@ -241,7 +245,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.info("ready: %s (default %s)", sorted(st.servers), st.default)
         except Exception as e:  # readiness reports it; liveness stays up so the error can be read
             st.load_error = f"{type(e).__name__}: {e}"
-            log.exception("model loading failed")
+            if on_load_error is None:
+                log.exception("model loading failed")
+            else:  # the server stops: one line (the traceback only at debug level)
+                log.error("model loading failed: %s", st.load_error, exc_info=log.isEnabledFor(logging.DEBUG))
+                on_load_error(st.load_error)
         finally:
             st.loading = False
 

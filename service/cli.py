@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import typer
 
@@ -14,30 +14,116 @@ def serve(
     host: Annotated[Optional[str], typer.Option(help="Bind address (TRIMVLM_HOST; default 127.0.0.1).")] = None,
     port: Annotated[Optional[int], typer.Option(help="Port (TRIMVLM_PORT; default 8000).")] = None,
     models: Annotated[Optional[Path], typer.Option(help="Model repository (TRIMVLM_MODELS_DIR; default models/).")] = None,
-    workers: Annotated[int, typer.Option(help="uvicorn worker processes (each loads the models).")] = 1,
+    workers: Annotated[
+        int, typer.Option(help="Only 1: the retrieval gallery belongs to one process; scale out with replicas.")
+    ] = 1,
 ):
-    """Serve the models in the repository over HTTP (FastAPI + uvicorn; no torch)."""
-    import os
+    """Serve the models in the repository over HTTP (FastAPI + uvicorn; no torch).
 
-    import uvicorn
+    Start-up problems end it with one line on stderr: models that cannot load, a port in use (exit 1), --workers 2 (exit 2).
+
+    TRIMVLM_EXIT_ON_LOAD_ERROR=false keeps serving after a load error (live, never ready) for debugging."""
+    from pydantic import ValidationError
 
     from service.settings import Settings
 
+    if workers != 1:
+        fail(
+            f"--workers {workers}: one worker per server, because the retrieval gallery is held and locked by one "
+            "process (more workers would answer 503 gallery_locked); scale out with replicas (containers, pods)",
+            code=2,
+        )
     overrides = {k: v for k, v in {"host": host, "port": port, "models_dir": models}.items() if v is not None}
-    for key, value in overrides.items():  # workers re-read settings from the environment
-        os.environ[f"TRIMVLM_{key.upper()}"] = str(value)
-    settings = Settings()
-    uvicorn.run(
-        "service.app:create_app",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=workers,
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as e:  # a TRIMVLM_* variable or .env line that does not parse
+        fail(f"invalid settings: {e}")
+    if settings.exit_on_load_error:
+        problem = repository_problem(settings.models_dir)
+        if problem:
+            fail(f"{problem} (TRIMVLM_EXIT_ON_LOAD_ERROR=false serves anyway, never ready)")
+    sock = listen(settings.host, settings.port, settings.listen_backlog)  # before any model loads
+    run_server(settings, sock)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """A start-up failure: one line on stderr (newlines folded) and exit `code`."""
+    typer.echo("error: " + " ".join(message.split()), err=True)
+    raise typer.Exit(code)
+
+
+def repository_problem(root: Path) -> str | None:
+    """What is wrong with a model repository that a cheap look can tell (the folder, its manifests);
+    None if it looks loadable. Checksums and graphs are checked as the models load."""
+    from service.repository import ManifestError, find_models, load_manifest
+
+    hint = "set --models or TRIMVLM_MODELS_DIR to a model repository (folders <name>/<version>/manifest.json)"
+    if not root.is_dir():
+        return f"model repository {root} does not exist or is not a folder; {hint}"
+    folders = find_models(root)
+    if not folders:
+        return f"no exported models (manifest.json) under {root}; run `trimvlm export`, or {hint}"
+    for folder in folders:
+        try:
+            load_manifest(folder)
+        except ManifestError as e:
+            return f"cannot load {folder}: {e}"
+    return None
+
+
+def listen(host: str, port: int, backlog: int):
+    """The listening socket, bound before the models load, so a port in use fails at once (uvicorn
+    binds after the app's start-up). SO_REUSEADDR and the address family as uvicorn's own binding."""
+    import errno
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=backlog)  # SO_REUSEADDR on POSIX
+    except OSError as e:
+        where = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+        if e.errno == errno.EADDRINUSE:
+            fail(f"{where} is already in use (another server?); choose another port with --port or TRIMVLM_PORT")
+        if e.errno == errno.EACCES:
+            fail(f"no permission to listen on {where}; choose a port above 1023 with --port or TRIMVLM_PORT")
+        fail(f"cannot listen on {where}: {e.strerror or e}; check --host / TRIMVLM_HOST and --port / TRIMVLM_PORT")
+
+
+def run_server(settings, sock) -> None:
+    """uvicorn on the bound socket, one process. With exit_on_load_error, a failed model load stops
+    the server (uvicorn's graceful shutdown) and the process exits 1 with the error."""
+    import logging
+
+    import uvicorn
+
+    from service.app import create_app
+
+    failed: list[str] = []
+
+    def stop(error: str) -> None:
+        failed.append(error)
+        server.should_exit = True  # uvicorn's main loop checks it every 0.1 s, then shuts down
+
+    config = uvicorn.Config(
+        lambda: create_app(settings, on_load_error=stop if settings.exit_on_load_error else None),
+        factory=True,  # made inside the server's event loop, as before
         access_log=False,  # the app logs one JSON line per request itself
         timeout_graceful_shutdown=int(settings.graceful_shutdown_s),
         log_level=settings.log_level,
         backlog=settings.listen_backlog,
     )
+    server = uvicorn.Server(config)
+    host, port = sock.getsockname()[:2]
+    # uvicorn logs its "running on" line only for the sockets it binds itself
+    logging.getLogger("uvicorn.error").info("Uvicorn running on http://%s:%d (Press CTRL+C to quit)", host, port)
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
+    if failed:
+        fail(f"model loading failed: {failed[0]}")
+    if not server.started:
+        raise typer.Exit(3)  # uvicorn's start-up failure (it has logged why)
 
 
 @index_app.command("build")

@@ -108,6 +108,10 @@ class Settings(BaseSettings):
     log_level: str = "info"
     log_json: bool = True
     graceful_shutdown_s: float = 30.0
+    # `trimvlm serve` exits 1 with a one-line error when the model repository cannot load (as Triton's
+    # --exit-on-error). false, for debugging: keep serving, live (/healthz) but never ready (/readyz 503
+    # with the error). The in-process app (create_app) never exits by itself.
+    exit_on_load_error: bool = True
     demo_page: bool = True
     warmup: bool = True
 

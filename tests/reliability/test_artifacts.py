@@ -80,11 +80,13 @@ def test_intact_copy_loads(tmp_path):
 
 
 def test_real_server_with_a_damaged_model_stays_live_and_logs_why(tmp_path, monkeypatch):
-    """`trimvlm serve` on a model whose graph was altered after export: live, not ready, a clear log line."""
+    """`trimvlm serve` on a model whose graph was altered after export, with TRIMVLM_EXIT_ON_LOAD_ERROR=false
+    (the debugging mode; by default it exits 1, tests/reliability/test_startup.py): live, not ready, a clear log line."""
     root, folder = _copy_model(tmp_path)
     _flip_byte(folder / "vision.int8.onnx")
     monkeypatch.setattr(e2e_conftest, "MODELS", root)  # ServerProcess serves `--models MODELS`
-    srv = ServerProcess({"TRIMVLM_GALLERY_DIR": str(tmp_path / "g")}, tmp_path / "server.log")
+    env = {"TRIMVLM_GALLERY_DIR": str(tmp_path / "g"), "TRIMVLM_EXIT_ON_LOAD_ERROR": "false"}
+    srv = ServerProcess(env, tmp_path / "server.log")
     try:
         deadline = time.monotonic() + 60
         body = None
