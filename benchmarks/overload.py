@@ -32,6 +32,7 @@ from benchmarks.service_bench import ServerProcess
 
 MiB = 2**20
 REFUSALS = (429, 503)
+GOODPUT_TARGET = 0.8  # answered 200s per second under overload / the measured capacity
 
 
 # ------------------------------------------------------------------------------ shared with soak.py
@@ -185,24 +186,44 @@ def raw_request(port: int, path: str, body: dict) -> bytes:
     return http_request("127.0.0.1", port, path, body, close=True)
 
 
+class _OneShot(asyncio.Protocol):
+    """Writes one prepared request and collects everything until the server closes."""
+
+    def __init__(self, request: bytes, done: asyncio.Future):
+        self.request, self.done, self.chunks = request, done, []
+
+    def connection_made(self, transport) -> None:
+        transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result((b"".join(self.chunks), exc))
+
+
 async def raw_one(port: int, request: bytes, timeout_s: float = 120.0) -> Result:
     """One request on its own connection, bytes prepared in advance: an open-loop client must cost far
     less CPU than the server it overloads (httpx could not offer 4x here: client and server share 2
-    cores). Reads to EOF (Connection: close); status and Retry-After from the head."""
+    cores), hence a bare protocol rather than streams. Reads to EOF (Connection: close); status and
+    Retry-After from the head."""
+    loop = asyncio.get_running_loop()
     t0 = time.perf_counter()
-    writer = None
+    done: asyncio.Future = loop.create_future()
+    transport = None
     try:
         async with asyncio.timeout(timeout_s):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(request)
-            await writer.drain()
-            raw = await reader.read()
-    except (OSError, TimeoutError, asyncio.IncompleteReadError) as e:
+            transport, _ = await loop.create_connection(lambda: _OneShot(request, done), "127.0.0.1", port)
+            raw, exc = await done
+    except (OSError, TimeoutError) as e:
         return Result(time.perf_counter() - t0, 0, error=type(e).__name__, started_s=t0)
     finally:
-        if writer is not None:
-            writer.close()
+        if transport is not None:
+            transport.close()
     dt = time.perf_counter() - t0
+    if not raw:
+        return Result(dt, 0, error=type(exc).__name__ if exc else "NoResponse", started_s=t0)
     try:
         status, headers = parse_head(raw.split(b"\r\n\r\n", 1)[0])
     except ValueError:
@@ -250,6 +271,25 @@ async def raw_closed_loop(port: int, requests: list[bytes], clients: int, second
     return stats
 
 
+def client_loop() -> asyncio.Runner:
+    """The load generator's event loop: uvloop where installed (uvicorn[standard] brings it). The client
+    shares the cores with the server here, so what it spends per connection is taken from the server;
+    uvloop roughly halves it against asyncio's own loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.Runner()
+    return asyncio.Runner(loop_factory=uvloop.new_event_loop)
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU seconds of a process (this one by default), its threads included."""
+    import psutil
+
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
+
+
 def run(
     models: Path,
     out: Path,
@@ -264,18 +304,26 @@ def run(
     server_env = {"TRIMVLM_LOG_LEVEL": "warning", **(env or {})}
     with ServerProcess(models, server_env) as srv:
         requests = [raw_request(srv.port, *make(i)[:2]) for i in range(3)]
-        asyncio.run(raw_closed_loop(srv.port, requests, clients, min(2.0, capacity_s)))  # warm-up
-        cap = asyncio.run(raw_closed_loop(srv.port, requests, clients, capacity_s))
-        capacity = cap.summary()["throughput_rps"]
-        rate = factor * capacity
-        before = httpx.get(srv.url + "/metrics", timeout=30).text
-        results, send_s, total_s, sampler = asyncio.run(open_loop_with_rss(srv.port, requests, rate, duration_s, srv.proc.pid))
+        pid = srv.proc.pid
+        with client_loop() as loop:
+            loop.run(raw_closed_loop(srv.port, requests, clients, min(2.0, capacity_s)))  # warm-up
+            cpu0 = (cpu_seconds(pid), cpu_seconds())
+            cap = loop.run(raw_closed_loop(srv.port, requests, clients, capacity_s))
+            cpu1 = (cpu_seconds(pid), cpu_seconds())
+            capacity = cap.summary()["throughput_rps"]
+            rate = factor * capacity
+            before = httpx.get(srv.url + "/metrics", timeout=30).text
+            cpu2 = (cpu_seconds(pid), cpu_seconds())
+            results, send_s, total_s, sampler = loop.run(open_loop_with_rss(srv.port, requests, rate, duration_s, pid))
+            cpu3 = (cpu_seconds(pid), cpu_seconds())
         metrics_after = httpx.get(srv.url + "/metrics", timeout=30).text if srv.proc.poll() is None else before
         alive = srv.proc.poll() is None
         after = httpx.post(srv.url + "/vqa", json=make(0)[1], timeout=60) if alive else None
         counts = outcome_counts(results)
         ok_lat = sorted(1000 * r.latency_s for r in results if r.status == 200)
         ref_lat = sorted(1000 * r.latency_s for r in results if r.status in REFUSALS)
+        goodput = counts["ok"] / total_s
+        cores = os.cpu_count() or 1
         report = {
             "command": f"trimvlm bench overload --duration {duration_s:g} --factor {factor:g} --capacity-seconds {capacity_s:g}",
             "machine": machine(),
@@ -293,6 +341,25 @@ def run(
                 "ok_p99_ms": round(percentile(ok_lat, 99), 1) if ok_lat else None,
                 "refusal_p50_ms": round(percentile(ref_lat, 50), 1) if ref_lat else None,
                 "refusal_p99_ms": round(percentile(ref_lat, 99), 1) if ref_lat else None,
+            },
+            "goodput": {
+                "ok_rps": round(goodput, 1),
+                "capacity_rps": capacity,
+                "ratio": round(goodput / capacity, 3) if capacity else None,
+                "target_ratio": GOODPUT_TARGET,
+            },
+            # CPU per phase, in cores (CPU seconds per second): the client shares these cores, so what
+            # it spends on 4x the connections is not available to the server
+            "cpu_cores_used": {
+                "capacity": {
+                    "server": round((cpu1[0] - cpu0[0]) / cap.seconds, 2),
+                    "client": round((cpu1[1] - cpu0[1]) / cap.seconds, 2),
+                },
+                "overload": {
+                    "server": round((cpu3[0] - cpu2[0]) / total_s, 2),
+                    "client": round((cpu3[1] - cpu2[1]) / total_s, 2),
+                },
+                "machine_cores": cores,
             },
             "server_side_200": server_latency(before, metrics_after, "200"),
             "rss": sampler.summary(),
@@ -314,6 +381,7 @@ def run(
 def markdown(r: dict) -> str:
     # Latencies seen by the client include its own queueing: client and server share the cores here.
     c, o, m, rss, side = r["capacity"], r["overload"], r["machine"], r["rss"], r["server_side_200"]
+    g, cpu = r["goodput"], r["cpu_cores_used"]
     checks = "\n".join(f"| {k.replace('_', ' ')} | {'yes' if v else '**NO**'} |" for k, v in r["checks"].items())
     rows = [
         (
@@ -326,6 +394,18 @@ def markdown(r: dict) -> str:
         (
             "refused 429/503",
             f"{o['refused']} ({o['refused_without_retry_after']} without Retry-After), p50 {o['refusal_p50_ms']} ms",
+        ),
+        (
+            "goodput / capacity",
+            f"**{g['ratio']}** ({g['ok_rps']} of {g['capacity_rps']} req/s; target {g['target_ratio']})",
+        ),
+        (
+            "CPU used (cores), capacity phase",
+            f"server {cpu['capacity']['server']}, client {cpu['capacity']['client']} of {cpu['machine_cores']}",
+        ),
+        (
+            "CPU used (cores), overload phase",
+            f"server {cpu['overload']['server']}, client {cpu['overload']['client']} of {cpu['machine_cores']}",
         ),
         ("200s inside the server (histogram)", f"p50 <= {side.get('p50_ms_at_most')} ms, p99 <= {side.get('p99_ms_at_most')} ms"),
         ("connection errors", f"{o['connection_errors']} {o['connection_error_kinds'] or ''}"),
@@ -341,7 +421,8 @@ def markdown(r: dict) -> str:
 
 `{r["command"]}` on {m["cpu"]} ({m["cores"]} cores, {m["note"]}), ONNX Runtime {m["onnxruntime"]}.
 Server: `trimvlm serve` with default settings, POST /vqa (64-px shape images, compute `full`); the
-client opens a connection per request (prepared bytes, cheap enough to offer 4x on shared cores).
+client opens a connection per request (prepared bytes on uvloop, cheap enough to offer 4x on shared
+cores). Goodput is the 200s answered per second while overloaded, over the measured capacity.
 Client-side latencies include the client's own scheduling on the shared cores.
 
 | | |

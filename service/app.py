@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import __version__
+from service.admission import Admission, endpoint_of
 from service.errors import ApiError, error_body
 from service.routes import caption, docs, ops, retrieval, vqa
 from service.routes.common import ClientDisconnected
@@ -28,15 +29,15 @@ from service.state import AppState, lower_priority
 log = logging.getLogger("trimvlm.app")
 access = logging.getLogger("trimvlm.access")
 
-TASK_ENDPOINTS = {"/vqa": "vqa", "/caption": "caption"}
+class TrimVLMApp(FastAPI):
+    """FastAPI with admission (the in-flight limit) outside its own middleware stack: under
+    overload most requests are refused, and each layer a refusal passes through costs the event
+    loop CPU the model threads need (service/admission.py)."""
 
-
-def endpoint_of(path: str) -> str | None:
-    if path in TASK_ENDPOINTS:
-        return TASK_ENDPOINTS[path]
-    if path.startswith("/retrieval/"):
-        return "retrieval"
-    return None
+    def build_middleware_stack(self):
+        st: AppState = self.state.trimvlm
+        self.admission = Admission(super().build_middleware_stack(), st.settings.max_inflight_requests, st.metrics)
+        return self.admission
 
 
 class JsonFormatter(logging.Formatter):
@@ -66,12 +67,11 @@ def configure_logging(settings: Settings) -> None:
 
 class RequestContext:
     """Pure ASGI (no BaseHTTPMiddleware: it would hide client disconnects from the routes):
-    request id, body-size limit while the body streams in, in-flight gauge, one JSON log line
-    and the request metrics per request."""
+    request id, body-size limit while the body streams in, one JSON log line and the request
+    metrics per request. Admission (the in-flight limit) runs before it, outside FastAPI."""
 
     def __init__(self, app, settings: Settings):
         self.app, self.settings = app, settings
-        self.inflight = 0  # task requests in this process (the event loop is single-threaded)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -88,14 +88,6 @@ class RequestContext:
             message = f"request body of {int(length)} bytes exceeds {limit}"
             return await self._reject(scope, send, rid, t0, 413, "payload_too_large", message, drain=receive if drain else None)
         endpoint = endpoint_of(scope["path"])
-        limit_inflight = self.settings.max_inflight_requests
-        if endpoint and limit_inflight and self.inflight >= limit_inflight:
-            # Admission before any work: the batchers' queues bound only what reached them, while
-            # decoding (a thread pool) and body reading queue without bound; under overload every
-            # request would wait there (measured: 4x capacity -> 47 s p50, no 429s). Refuse at once.
-            scope["app"].state.trimvlm.metrics.rejections.labels(endpoint, "overloaded").inc()
-            message = f"{self.inflight} requests in flight; the limit is {limit_inflight}"
-            return await self._reject(scope, send, rid, t0, 429, "overloaded", message, retry_after=1)
         seen, over, body_ended = 0, False, False
 
         async def limited_receive():
@@ -126,17 +118,12 @@ class RequestContext:
             await send(message)
 
         st: AppState = scope["app"].state.trimvlm
-        if endpoint:
-            st.metrics.inflight.labels(endpoint).inc()
-            self.inflight += 1
         try:
             await self.app(scope, limited_receive, send_with_id)
         finally:
             seconds = time.perf_counter() - t0
             state = scope["state"]
             if endpoint:
-                self.inflight -= 1
-                st.metrics.inflight.labels(endpoint).dec()
                 model, level = state.get("model", "none"), state.get("level", "none")
                 st.metrics.request_duration.labels(endpoint, model, level, str(status)).observe(seconds)
                 st.metrics.requests.labels(endpoint, model, level, str(status)).inc()
@@ -265,7 +252,7 @@ def create_app(settings: Settings | None = None, on_load_error: Callable[[str], 
         st.preprocess_pool.shutdown(wait=True)
         st.inference_pool.shutdown(wait=True)
 
-    app = FastAPI(
+    app = TrimVLMApp(
         title="TrimVLM",
         version=__version__,
         summary="Visual question answering, captioning and image-text retrieval with per-request adaptive compute.",
