@@ -118,7 +118,8 @@ def _torch_runners(label: str, path: Path) -> list[Runner]:
     from compression.artifacts import load_model_dir
     from compression.flops import count_params
     from compression.train import normalize_on_device
-    from compression.trim import Trim, evaluate_trimmed, trimmed_vqa_forward
+    from compression.trim import evaluate_trimmed
+    from compression.trimmed import Trim, trimmed_vqa_forward
     from service.levels import load_levels
     from service.preprocess import encode_texts
 

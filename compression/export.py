@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from compression.modeling import TrimVLM
-from compression.trim import Trim, trimmed_vqa_forward
+from compression.trimmed import Trim, trimmed_vqa_forward
 
 OPSET = 18
 

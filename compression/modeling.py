@@ -559,7 +559,7 @@ class TextDecoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# SmartTrim trimming modules (used by compression/trim.py; present when config.trimming is set)
+# SmartTrim trimming modules (run by compression/trimmed.py; present when config.trimming is set)
 # ----------------------------------------------------------------------------------------------
 
 TRIM_KEEP_INIT = 3.0  # initial keep logit: sigmoid(3) = 0.95, so training starts from "keep all"

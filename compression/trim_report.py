@@ -24,7 +24,8 @@ from compression import data as D
 from compression.artifacts import load_model_dir
 from compression.compression_report import cpu_name
 from compression.train import normalize_on_device
-from compression.trim import Trim, evaluate_trimmed, trimmed_vqa_forward
+from compression.trim import evaluate_trimmed
+from compression.trimmed import Trim, trimmed_vqa_forward
 from service.levels import load_levels
 from service.preprocess import encode_texts
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from compression.export import export_vqa
-from compression.trim import Trim, trimmed_vqa_forward
+from compression.trimmed import Trim, trimmed_vqa_forward
 from tests.unit.test_trim import inputs, trimmed_model
 
 ort = pytest.importorskip("onnxruntime")

@@ -4,10 +4,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from compression.flops import TokenCounts, flops_per_sample
 from compression.modeling import Trimmers, TrimVLM
-from compression.trim import (
+from compression.trim import TrimConfig, TrimObjective
+from compression.trimmed import (
     Trim,
-    TrimConfig,
-    TrimObjective,
     TrimTrace,
     bucket_size,
     flops_ratio,
