@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from service.errors import ServiceError
+
 
 class LatencyModel:
     """Per key: t(n) = a*n + b from the last `window` (n, seconds) observations.
@@ -129,10 +131,11 @@ class LevelOption:
         return self.predicted_s * self.safety
 
 
-class CannotMeetDeadline(Exception):
-    """No level's prediction (times its margin) fits the time left; `remaining_s` may be <= 0 (the
-    deadline passed before a level was chosen). The message names the fastest level, the one with
-    the lowest predicted time; routes that know the request's deadline say more (routes.common)."""
+class CannotMeetDeadline(ServiceError):
+    """No level's prediction (times its margin) fits the time left (503 `deadline_unreachable`: the
+    request is refused at once); `remaining_s` may be <= 0 (the deadline passed before a level was
+    chosen). The message names the fastest level, the one with the lowest predicted time; routes
+    that know the request's deadline say more (routes.common)."""
 
     def __init__(self, remaining_s: float, options: list[LevelOption]):
         self.remaining_s, self.options = remaining_s, options
@@ -141,7 +144,7 @@ class CannotMeetDeadline(Exception):
             head = "the deadline had already passed when the compute level was chosen"
         else:
             head = f"no compute level fits in the remaining {1000 * remaining_s:.1f} ms"
-        super().__init__(f"{head}{self.fastest_detail()}")
+        super().__init__("deadline_unreachable", 503, f"{head}{self.fastest_detail()}", {"Retry-After": "1"})
 
     def fastest_detail(self) -> str:
         """'; the fastest level, fast, is predicted to take 2.1 ms (2.5 ms with its x1.20 margin)'."""

@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import __version__
 from service.admission import Admission, endpoint_of
-from service.errors import ApiError, error_body
+from service.errors import ServiceError, error_body
 from service.routes import caption, docs, ops, retrieval, vqa
 from service.routes.common import ClientDisconnected
 from service.settings import Settings
@@ -98,7 +98,7 @@ class RequestContext:
                 body_ended = not message.get("more_body", False)
                 if seen > limit:
                     over = True  # the answer (413) closes the connection after draining the rest
-                    raise ApiError(413, "payload_too_large", f"request body exceeds {limit} bytes")
+                    raise ServiceError("payload_too_large", 413, f"request body exceeds {limit} bytes")
             return message
 
         status = 500
@@ -202,8 +202,8 @@ async def require_api_key(request: Request) -> None:  # async: a sync dependency
     given = request.headers.get("authorization", "")
     scheme, _, token = given.partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), key.get_secret_value().encode()):
-        raise ApiError(
-            401, "unauthorized", "missing or wrong API key (Authorization: Bearer <key>)", {"WWW-Authenticate": "Bearer"}
+        raise ServiceError(
+            "unauthorized", 401, "missing or wrong API key (Authorization: Bearer <key>)", {"WWW-Authenticate": "Bearer"}
         )
 
 
@@ -262,20 +262,9 @@ def create_app(settings: Settings | None = None, on_load_error: Callable[[str], 
     )
     app.state.trimvlm = st
 
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, e: ApiError):
+    @app.exception_handler(ServiceError)  # every refusal the service raises (images, gallery, levels, queues, ...)
+    async def service_error(request: Request, e: ServiceError):
         return _error(request, e.status, e.code, e.message, e.headers)
-
-    from service.gallery import GalleryError
-    from service.images import ImageError
-
-    @app.exception_handler(GalleryError)
-    async def gallery_error(request: Request, e: GalleryError):
-        return _error(request, e.status, e.code, e.message)
-
-    @app.exception_handler(ImageError)
-    async def image_error(request: Request, e: ImageError):
-        return _error(request, e.status, e.code, e.message)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError):

@@ -1,6 +1,6 @@
 """Dynamic batching: one batcher per graph group and compute level (Triton-style
 max_batch_size + max_queue_delay), a bounded queue, per-item deadlines, and items dropped when
-their client has gone away. Knows nothing of HTTP: routes turn its exceptions into statuses.
+their client has gone away. Knows nothing of HTTP: its refusals are ServiceErrors (code, status).
 """
 
 from __future__ import annotations
@@ -15,27 +15,31 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.adaptive import LatencyModel
+from service.errors import ServiceError
 
 log = logging.getLogger("trimvlm.batching")
 
 
-class QueueFull(Exception):
-    """The batcher's queue is at its bound; retry after `retry_after_s`."""
+class QueueFull(ServiceError):
+    """The batcher's queue is at its bound (429 `queue_full`); retry after `retry_after_s`."""
 
     def __init__(self, name: str, depth: int, retry_after_s: float):
-        super().__init__(f"queue for {name} is full ({depth} items waiting)")
+        message = f"queue for {name} is full ({depth} items waiting)"
+        super().__init__("queue_full", 429, message, {"Retry-After": str(int(retry_after_s))})
         self.retry_after_s = retry_after_s
 
 
-class DeadlineExceeded(Exception):
-    """The item's deadline passed while it waited in the queue: it was not run. `queued_s`: how long
-    it waited; `late_s`: how long ago the deadline passed when it was dequeued."""
+class DeadlineExceeded(ServiceError):
+    """The item's deadline passed before its answer was ready (504 `deadline_exceeded`): while it
+    waited in the queue (then it was not run), or while its caller waited. `queued_s`: how long it
+    waited; `late_s`: how long ago the deadline passed when it was dequeued."""
 
-    def __init__(self, name: str, queued_s: float, late_s: float):
-        super().__init__(
+    def __init__(self, name: str, queued_s: float, late_s: float, message: str | None = None):
+        message = message or (
             f"the deadline passed {1000 * late_s:.1f} ms before the item left the {name} queue"
             f" (after {1000 * queued_s:.1f} ms in it)"
         )
+        super().__init__("deadline_exceeded", 504, message)
         self.name, self.queued_s, self.late_s = name, queued_s, late_s
 
 

@@ -39,6 +39,7 @@ import onnxruntime  # noqa: F401
 import usearch
 from usearch.index import Index, MetricKind
 
+from service.errors import ServiceError
 from service.preprocess import ImageSpec, image_to_uint8, load_image
 
 log = logging.getLogger(__name__)
@@ -69,14 +70,11 @@ STATUS = {
 }
 
 
-class GalleryError(ValueError):
-    """A gallery refusal with a machine-readable `code` and the HTTP `status` to answer with."""
+class GalleryError(ServiceError, ValueError):
+    """A gallery refusal (the status follows from the code: STATUS)."""
 
     def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.status = STATUS.get(code, 400)
-        self.message = message
+        super().__init__(code, STATUS.get(code, 400), message)
 
 
 class Hit(NamedTuple):

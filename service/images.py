@@ -49,6 +49,7 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 from pydantic import BaseModel, Field, field_validator
 
+from service.errors import ServiceError
 from service.preprocess import ImageSpec, image_to_uint8, load_image
 
 log = logging.getLogger(__name__)
@@ -102,17 +103,11 @@ STATUS_BY_CODE: dict[str, int] = {
 }
 
 
-class ImageError(ValueError):
-    """A request image we refuse: `code` for machines and metrics, `status` for HTTP, `message` for people."""
+class ImageError(ServiceError, ValueError):
+    """A request image we refuse (the status follows from the code: STATUS_BY_CODE)."""
 
     def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.status = STATUS_BY_CODE[code]
-        self.message = message
-
-    def to_dict(self) -> dict:
-        return {"error": {"code": self.code, "message": self.message}}
+        super().__init__(code, STATUS_BY_CODE[code], message)
 
 
 Source = Literal["base64", "data_uri", "multipart", "url"]

@@ -16,12 +16,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from service.errors import ServiceError
+
 LEVELS_FILE = "levels.json"
 DEFAULT_LEVEL = "balanced"
 
 
-class LevelError(ValueError):
-    """An unknown level name or an unsatisfiable FLOPs budget."""
+class LevelError(ServiceError, ValueError):
+    """An unknown level name or an unsatisfiable FLOPs budget (422 `invalid_compute`)."""
+
+    field = "compute"
+
+    def __init__(self, message: str):
+        super().__init__("invalid_compute", 422, message)
 
 
 def load_levels(model_dir: str | Path) -> dict | None:

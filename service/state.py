@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.errors import ApiError
+from service.errors import InvalidRequest, ModelUnavailable, UnknownModel
 from service.images import ImageError, ImageLimits, declared_pixels, load_request_image
 from service.metrics import Metrics
 from service.repository import ManifestError, check_files, find_models, load_manifest
@@ -99,16 +99,16 @@ class AppState:
         if model is None:
             model = self.default
             if model is None:  # still loading, or loading failed: not the client's fault (was a 404)
-                raise ApiError(503, "model_not_ready", "no model is ready yet (see /readyz)", {"Retry-After": "1"})
+                raise ModelUnavailable("no model is ready yet (see /readyz)")
         if model in self.servers:
             srv = self.servers[model]
         else:
             versions = sorted(k for k in self.servers if k.split("/")[0] == model)
             if not versions:
-                raise ApiError(404, "unknown_model", f"no model {model!r}; serving {sorted(self.servers)}")
+                raise UnknownModel(f"no model {model!r}; serving {sorted(self.servers)}")
             srv = self.servers[versions[-1]]
         if not srv.ready:
-            raise ApiError(503, "model_not_ready", f"{srv.id} is still loading", {"Retry-After": "1"})
+            raise ModelUnavailable(f"{srv.id} is still loading")
         return srv
 
     def gallery(self, srv: ModelServer):
@@ -146,12 +146,10 @@ class AppState:
         return out
 
     def decode_image(self, payload: str | bytes, srv: ModelServer, endpoint: str) -> np.ndarray:
-        """Payload -> normalised float32 [3, H, W] for srv's model. Runs in the preprocess pool."""
+        """Payload -> normalised float32 [3, H, W] for srv's model (raises ImageError). Runs in the
+        preprocess pool."""
         t0 = time.perf_counter()
-        try:
-            loaded = load_request_image(payload, self.image_limits, srv.tasks.image_spec)
-        except ImageError as e:
-            raise ApiError(e.status, e.code, e.message) from e
+        loaded = load_request_image(payload, self.image_limits, srv.tasks.image_spec)
         self.metrics.preprocess_duration.labels(endpoint, "image").observe(time.perf_counter() - t0)
         return srv.tasks.pixels(loaded.array[None])[0]
 
@@ -160,14 +158,14 @@ class AppState:
         limit = self.settings.max_text_chars
         for t in texts:
             if len(t) > limit:
-                raise ApiError(422, "text_too_long", f"text of {len(t)} characters exceeds the limit of {limit}")
+                raise InvalidRequest(f"text of {len(t)} characters exceeds the limit of {limit}", "text_too_long")
             if not t.strip():
-                raise ApiError(422, "empty_text", "text must not be empty")
+                raise InvalidRequest("text must not be empty", "empty_text")
             if not t.isascii():
                 try:  # JSON may carry lone surrogates ("\ud800"): valid JSON, not text; the tokenizer raised (500)
                     t.encode("utf-8")
                 except UnicodeEncodeError:
-                    raise ApiError(422, "invalid_text", "text is not valid Unicode (a lone surrogate escape)") from None
+                    raise InvalidRequest("text is not valid Unicode (a lone surrogate escape)", "invalid_text") from None
         ids, mask = srv.tasks.tokenize(texts)
         self.metrics.preprocess_duration.labels(endpoint, "tokenize").observe(time.perf_counter() - t0)
         lengths = mask.sum(1)

@@ -6,7 +6,7 @@ import time
 
 from fastapi import APIRouter, Request
 
-from service.errors import ApiError
+from service.errors import ServiceError
 from service.routes.common import deadline_for, field, gather_items, image_payload, json_model, ms_since, parse, state, submit
 from service.schemas import CaptionBatch, CaptionBatchResponse, CaptionItem, CaptionResponse, ComputeOut
 
@@ -20,9 +20,9 @@ async def caption_one(request: Request, item: CaptionItem, t0: float) -> Caption
     s = st.settings
     max_length = item.max_length or srv.tasks.manifest.preprocessing.max_caption_length
     if max_length > s.max_caption_length:
-        raise ApiError(422, "invalid_request", f"max_length {max_length} exceeds the limit of {s.max_caption_length}")
+        raise ServiceError("invalid_request", 422, f"max_length {max_length} exceeds the limit of {s.max_caption_length}")
     if item.num_beams > s.max_beams:
-        raise ApiError(422, "invalid_request", f"num_beams {item.num_beams} exceeds the limit of {s.max_beams}")
+        raise ServiceError("invalid_request", 422, f"num_beams {item.num_beams} exceeds the limit of {s.max_beams}")
     deadline = deadline_for(request, item.deadline_ms)
     payload = image_payload(item)
     with field("image"):

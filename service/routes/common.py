@@ -14,8 +14,7 @@ from pydantic import BaseModel, ValidationError
 
 from service.adaptive import CannotMeetDeadline
 from service.batching import Batcher, DeadlineExceeded, QueueFull
-from service.errors import ApiError
-from service.levels import LevelError
+from service.errors import ServiceError
 from service.state import AppState
 
 
@@ -36,9 +35,11 @@ def deadline_for(request: Request, deadline_ms: float | None) -> float | None:
             try:
                 deadline_ms = float(header)
             except ValueError as e:
-                raise ApiError(422, "invalid_deadline", f"X-Deadline-Ms must be a number of milliseconds, got {header!r}") from e
+                raise ServiceError(
+                    "invalid_deadline", 422, f"X-Deadline-Ms must be a number of milliseconds, got {header!r}"
+                ) from e
             if not deadline_ms > 0:  # also NaN, which float() accepts
-                raise ApiError(422, "invalid_deadline", "X-Deadline-Ms must be positive")
+                raise ServiceError("invalid_deadline", 422, "X-Deadline-Ms must be positive")
     if deadline_ms is None:
         deadline_ms = state(request).settings.default_deadline_ms
     deadline = None if deadline_ms is None else request_start(request) + deadline_ms / 1000
@@ -64,11 +65,11 @@ def deadline_text(request: Request) -> str:
 async def json_body(request: Request) -> Any:
     raw = await request.body()
     if not raw:
-        raise ApiError(400, "empty_body", "request body is empty; send JSON")
+        raise ServiceError("empty_body", 400, "request body is empty; send JSON")
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: deeply nested
-        raise ApiError(400, "invalid_json", f"request body is not valid JSON: {e}") from e
+        raise ServiceError("invalid_json", 400, f"request body is not valid JSON: {e}") from e
 
 
 def location(loc) -> str:
@@ -84,7 +85,9 @@ def validate(model: type[BaseModel], data: Any) -> BaseModel:
         return model.model_validate(data)
     except ValidationError as e:
         first = e.errors()[0]
-        raise ApiError(422, "invalid_request", f"{location(first['loc'])}: {first['msg']} ({e.error_count()} problem(s))") from e
+        raise ServiceError(
+            "invalid_request", 422, f"{location(first['loc'])}: {first['msg']} ({e.error_count()} problem(s))"
+        ) from e
 
 
 @contextmanager
@@ -93,17 +96,17 @@ def field(name: str):
     batch request's error names the item and the field (`items[1].image: ...`). The innermost wins."""
     try:
         yield
-    except ApiError as e:
+    except ServiceError as e:
         if e.field is None:
             e.field = name
         raise
 
 
-def item_error(index: int, e: ApiError) -> ApiError:
+def item_error(index: int, e: ServiceError) -> ServiceError:
     """`e` as the error of item `index` of a batch request: its message starts with where
     (`items[1].image: invalid base64 ...`, or `items[1]: ...` when no single field is at fault)."""
     where = f"items[{index}]" + (f".{e.field}" if e.field else "")
-    return ApiError(e.status, e.code, f"{where}: {e.message}", e.headers)
+    return ServiceError(e.code, e.status, f"{where}: {e.message}", e.headers)
 
 
 async def parse(request: Request, single: type[BaseModel], batch: type[BaseModel], max_items: int) -> tuple[list, bool]:
@@ -117,12 +120,12 @@ async def parse(request: Request, single: type[BaseModel], batch: type[BaseModel
         for key, value in form.multi_items():
             if hasattr(value, "read"):
                 if key != "image":
-                    raise ApiError(422, "invalid_request", f"unexpected file field {key!r} (send the image as `image`)")
+                    raise ServiceError("invalid_request", 422, f"unexpected file field {key!r} (send the image as `image`)")
                 upload_bytes = await value.read()
             else:
                 data[key] = value
         if upload_bytes is None:
-            raise ApiError(422, "invalid_request", "multipart request needs a file field `image`")
+            raise ServiceError("invalid_request", 422, "multipart request needs a file field `image`")
         for key in ("top_k", "num_beams", "max_length"):
             if key in data:
                 data[key] = _int(key, data[key])
@@ -130,7 +133,7 @@ async def parse(request: Request, single: type[BaseModel], batch: type[BaseModel
             try:
                 data["metadata"] = json.loads(data["metadata"])
             except (json.JSONDecodeError, RecursionError) as e:
-                raise ApiError(422, "invalid_request", "metadata must be a JSON object") from e
+                raise ServiceError("invalid_request", 422, "metadata must be a JSON object") from e
         if "deadline_ms" in data:
             data["deadline_ms"] = _float("deadline_ms", data["deadline_ms"])
         if isinstance(data.get("compute"), str) and data["compute"].lstrip().startswith("{"):
@@ -138,9 +141,9 @@ async def parse(request: Request, single: type[BaseModel], batch: type[BaseModel
             try:
                 data["compute"] = json.loads(data["compute"])
             except (json.JSONDecodeError, RecursionError) as e:
-                raise ApiError(
-                    422,
+                raise ServiceError(
                     "invalid_request",
+                    422,
                     f'compute: not valid JSON ({e}); send a level name or a JSON object such as {{"max_flops_ratio": 0.5}}',
                 ) from e
         data["image"] = "multipart"
@@ -148,12 +151,12 @@ async def parse(request: Request, single: type[BaseModel], batch: type[BaseModel
         item._upload = upload_bytes  # raw bytes travel beside the validated fields
         return [item], False
     if ctype and not ctype.startswith("application/json"):
-        raise ApiError(415, "unsupported_media_type", f"send application/json or multipart/form-data, not {ctype}")
+        raise ServiceError("unsupported_media_type", 415, f"send application/json or multipart/form-data, not {ctype}")
     data = await json_body(request)
     if isinstance(data, dict) and "items" in data:
         b = validate(batch, data)
         if len(b.items) > max_items:
-            raise ApiError(413, "too_many_items", f"{len(b.items)} items in one request; the limit is {max_items}")
+            raise ServiceError("too_many_items", 413, f"{len(b.items)} items in one request; the limit is {max_items}")
         return list(b.items), True
     return [validate(single, data)], False
 
@@ -162,14 +165,14 @@ def _int(key: str, v: str) -> int:
     try:
         return int(v)
     except ValueError as e:
-        raise ApiError(422, "invalid_request", f"{key} must be an integer") from e
+        raise ServiceError("invalid_request", 422, f"{key} must be an integer") from e
 
 
 def _float(key: str, v: str) -> float:
     try:
         return float(v)
     except ValueError as e:
-        raise ApiError(422, "invalid_request", f"{key} must be a number") from e
+        raise ServiceError("invalid_request", 422, f"{key} must be a number") from e
 
 
 def image_payload(item) -> str | bytes:
@@ -188,12 +191,11 @@ async def _wait_disconnect(request: Request) -> None:
 async def submit(request: Request, batcher: Batcher, payload: Any, deadline: float | None, endpoint: str, model: str) -> Any:
     """Queue one item and wait for it, dropping it if the client disconnects or the deadline
     passes first. Returns the result; records queue wait."""
-    st = state(request)
     try:
         fut = batcher.submit(payload, deadline)
-    except QueueFull as e:
-        st.metrics.rejections.labels(endpoint, "queue_full").inc()
-        raise ApiError(429, "queue_full", str(e), {"Retry-After": str(int(e.retry_after_s))}) from e
+    except QueueFull:
+        state(request).metrics.rejections.labels(endpoint, "queue_full").inc()
+        raise
     return await wait(request, fut, deadline, endpoint, model, batcher.name)
 
 
@@ -218,12 +220,12 @@ async def wait(
         if fut in done:
             try:
                 result, queued_s = fut.result()
-            except DeadlineExceeded as e:
-                message = (
+            except DeadlineExceeded as e:  # told with the request's own figures
+                e.message = (
                     f"{deadline_text(request)} passed before the request's turn on {name}: it had spent"
                     f" {ms_since(request_start(request)):.1f} ms in all, {1000 * e.queued_s:.1f} ms of it in that queue"
                 )
-                raise ApiError(504, "deadline_exceeded", message) from e
+                raise
             st.metrics.queue_duration.labels(endpoint, model).observe(queued_s)
             return result
         fut.cancel()  # the batcher skips cancelled items
@@ -233,7 +235,7 @@ async def wait(
             f"{deadline_text(request)} passed before the answer was ready: the request had spent"
             f" {ms_since(request_start(request)):.1f} ms in all, {ms_since(submitted):.1f} ms of it waiting for {name}"
         )
-        raise ApiError(504, "deadline_exceeded", message)
+        raise DeadlineExceeded(name, time.perf_counter() - submitted, time.perf_counter() - deadline, message)
     finally:
         disconnect.cancel()
 
@@ -246,7 +248,7 @@ async def gather_items(coros, is_batch: bool = False) -> list:
     async def numbered(i: int, coro):
         try:
             return await coro
-        except ApiError as e:
+        except ServiceError as e:
             raise item_error(i, e) from e
 
     tasks = [asyncio.ensure_future(numbered(i, c) if is_batch else c) for i, c in enumerate(coros)]
@@ -263,26 +265,20 @@ class ClientDisconnected(Exception):
 
 
 @asynccontextmanager
-async def translate_errors(request: Request | None = None):
-    """Model-layer exceptions -> API errors (with `request`, a refused deadline is told with the
-    request's own figures: its deadline and how long reading and decoding took)."""
+async def deadline_figures(request: Request):
+    """A refused deadline (CannotMeetDeadline) told with the request's own figures: its deadline
+    and how long reading and decoding took."""
     try:
         yield
-    except LevelError as e:
-        error = ApiError(422, "invalid_compute", str(e))
-        error.field = "compute"
-        raise error from e
     except CannotMeetDeadline as e:
-        message = str(e)
-        if request is not None:
-            spent = ms_since(request_start(request))
-            if e.remaining_s <= 0:
-                head = f"{deadline_text(request)} already passed before scheduling (the request spent {spent:.1f} ms"
-                message = f"{head} reading and decoding){e.fastest_detail()}"
-            else:
-                head = f"{deadline_text(request)} leaves {1000 * e.remaining_s:.1f} ms after {spent:.1f} ms reading"
-                message = f"{head} and decoding, and no compute level fits in it{e.fastest_detail()}"
-        raise ApiError(503, "deadline_unreachable", message, {"Retry-After": "1"}) from e
+        spent = ms_since(request_start(request))
+        if e.remaining_s <= 0:
+            head = f"{deadline_text(request)} already passed before scheduling (the request spent {spent:.1f} ms"
+            e.message = f"{head} reading and decoding){e.fastest_detail()}"
+        else:
+            head = f"{deadline_text(request)} leaves {1000 * e.remaining_s:.1f} ms after {spent:.1f} ms reading"
+            e.message = f"{head} and decoding, and no compute level fits in it{e.fastest_detail()}"
+        raise
 
 
 def json_model(result: BaseModel | list[BaseModel], is_batch: bool = False) -> Response:

@@ -10,7 +10,7 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
-from service.errors import ApiError
+from service.errors import ServiceError
 
 router = APIRouter(include_in_schema=False)
 
@@ -35,7 +35,7 @@ HEADERS = {
 def _file(name: str, media_type: str) -> FileResponse:
     path = STATIC / name
     if not path.is_file():  # an install without the package data
-        raise ApiError(404, "not_found", f"demo asset {name!r} is not installed (service/static/)")
+        raise ServiceError("not_found", 404, f"demo asset {name!r} is not installed (service/static/)")
     return FileResponse(path, media_type=media_type, headers=HEADERS)
 
 
@@ -47,5 +47,5 @@ async def page():
 @router.get("/static/{name}")
 async def asset(name: str):
     if name not in ASSETS:
-        raise ApiError(404, "not_found", f"no static file {name!r}")
+        raise ServiceError("not_found", 404, f"no static file {name!r}")
     return _file(name, ASSETS[name])

@@ -17,7 +17,7 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
-from service.errors import ApiError
+from service.errors import ServiceError
 
 ASSETS = Path(fastapi_offline.__file__).resolve().parent / "static"  # swagger-ui-bundle.js, swagger-ui.css, redoc.standalone.js
 ASSETS_URL = "/docs/assets"
@@ -72,7 +72,7 @@ async def redoc(request: Request) -> HTMLResponse:
 @router.get("/favicon.ico")
 async def favicon() -> FileResponse:
     if not FAVICON.is_file():  # an install without the package data
-        raise ApiError(404, "not_found", "favicon.ico is not installed (service/static/)")
+        raise ServiceError("not_found", 404, "favicon.ico is not installed (service/static/)")
     return FileResponse(FAVICON, media_type="image/x-icon", headers={"Cache-Control": "public, max-age=86400"})
 
 

@@ -8,7 +8,7 @@ import time
 import numpy as np
 from fastapi import APIRouter, Query, Request
 
-from service.errors import ApiError
+from service.errors import ServiceError
 from service.routes.common import (
     deadline_for,
     field,
@@ -66,12 +66,12 @@ async def rank(request: Request, body: RankRequest):
     image_query = body.image is not None and body.texts is not None
     text_query = body.text is not None and body.images is not None
     if image_query == text_query or (body.image is not None and body.text is not None):
-        raise ApiError(422, "invalid_request", 'send either {"image", "texts": [...]} or {"text", "images": [...]}')
+        raise ServiceError("invalid_request", 422, 'send either {"image", "texts": [...]} or {"text", "images": [...]}')
     candidates = body.texts if image_query else body.images
     if not candidates:
-        raise ApiError(422, "invalid_request", "the candidate list is empty")
+        raise ServiceError("invalid_request", 422, "the candidate list is empty")
     if len(candidates) > st.settings.max_candidates:
-        raise ApiError(413, "too_many_items", f"{len(candidates)} candidates; the limit is {st.settings.max_candidates}")
+        raise ServiceError("too_many_items", 413, f"{len(candidates)} candidates; the limit is {st.settings.max_candidates}")
     if image_query:
         [(img_states, img_emb)] = await _images(request, srv, [body.image], deadline)
         texts = await _texts(request, srv, candidates, deadline)
@@ -96,9 +96,9 @@ async def search(request: Request, body: SearchRequest):
     srv = st.server(body.model)
     request.state.model = srv.id
     if (body.text is None) == (body.image is None):
-        raise ApiError(422, "invalid_request", 'send exactly one of "text" or "image"')
+        raise ServiceError("invalid_request", 422, 'send exactly one of "text" or "image"')
     if body.top_k > st.settings.max_top_k:
-        raise ApiError(422, "invalid_request", f"top_k {body.top_k} exceeds the limit of {st.settings.max_top_k}")
+        raise ServiceError("invalid_request", 422, f"top_k {body.top_k} exceeds the limit of {st.settings.max_top_k}")
     deadline = deadline_for(request, body.deadline_ms)
     gallery = st.gallery(srv)
     if body.text is not None:
@@ -148,7 +148,7 @@ async def index_add(request: Request):
     for i, it in enumerate(items):  # sequential: ids in a batch may repeat and later ones must win
         try:
             results.append(await add(it))
-        except ApiError as e:  # the items before it are in the gallery: say which one failed
+        except ServiceError as e:  # the items before it are in the gallery: say which one failed
             if not is_batch:
                 raise
             raise item_error(i, e) from e
@@ -167,7 +167,7 @@ async def index_list(
     srv = st.server(model)
     limit = min(100, st.settings.gallery_page_max) if limit is None else limit
     if limit > st.settings.gallery_page_max:
-        raise ApiError(422, "invalid_request", f"limit {limit} exceeds the limit of {st.settings.gallery_page_max}")
+        raise ServiceError("invalid_request", 422, f"limit {limit} exceeds the limit of {st.settings.gallery_page_max}")
     gallery = st.gallery(srv)
     page = await asyncio.get_running_loop().run_in_executor(st.preprocess_pool, gallery.page, limit, cursor)
     items = [IndexEntry(id=i.id, metadata=i.metadata, has_states=i.has_states) for i in page.items]
@@ -182,7 +182,7 @@ async def index_get(request: Request, item_id: str, model: str | None = None):
     gallery = st.gallery(srv)
     info = await asyncio.get_running_loop().run_in_executor(st.preprocess_pool, gallery.info, item_id)
     if info is None:
-        raise ApiError(404, "unknown_id", f"no gallery item {item_id!r}")
+        raise ServiceError("unknown_id", 404, f"no gallery item {item_id!r}")
     return json_model(IndexEntry(id=info.id, metadata=info.metadata, has_states=info.has_states))
 
 
@@ -193,5 +193,5 @@ async def index_remove(request: Request, item_id: str, model: str | None = None)
     gallery = st.gallery(srv)
     removed = await asyncio.get_running_loop().run_in_executor(st.preprocess_pool, gallery.remove, item_id)
     if not removed:
-        raise ApiError(404, "unknown_id", f"no gallery item {item_id!r}")
+        raise ServiceError("unknown_id", 404, f"no gallery item {item_id!r}")
     return {"id": item_id, "removed": True, "gallery_size": len(gallery)}

@@ -6,8 +6,9 @@ import time
 
 from fastapi import APIRouter, Request
 
-from service.errors import ApiError
+from service.errors import ServiceError
 from service.routes.common import (
+    deadline_figures,
     deadline_for,
     field,
     gather_items,
@@ -18,7 +19,6 @@ from service.routes.common import (
     remaining,
     state,
     submit,
-    translate_errors,
 )
 from service.schemas import AnswerScore, ComputeOut, MaxFlops, VQABatch, VQABatchResponse, VQAItem, VQAResponse
 
@@ -44,7 +44,7 @@ async def answer_one(request: Request, item: VQAItem, t0: float) -> VQAResponse:
     defaulted = compute == "auto" and isinstance(compute, str) and st.settings.default_compute != "auto"
     if defaulted:
         compute = st.settings.default_compute
-    async with translate_errors(request):
+    async with deadline_figures(request):
         level, reason = srv.pick_level(compute.model_dump() if isinstance(compute, MaxFlops) else compute, remaining(deadline))
     if defaulted and reason == "requested":  # the server's TRIMVLM_DEFAULT_COMPUTE level, not the client's
         reason = "default"
@@ -53,7 +53,7 @@ async def answer_one(request: Request, item: VQAItem, t0: float) -> VQAResponse:
     picked_at, predicted = time.perf_counter(), srv.predicted_s(level)
     try:
         logits, kept = await submit(request, srv.batchers[f"vqa/{level}"], (pixels, ids, mask), deadline, "vqa", srv.id)
-    except ApiError as e:
+    except ServiceError as e:
         if e.status == 504:  # late ones count too (at least this long), or the margin learns only from successes
             srv.record_outcome(level, predicted, time.perf_counter() - picked_at)
         raise

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from service.adaptive import CannotMeetDeadline, LatencyModel, LevelOption, PredictionErrors, choose_level
-from service.errors import ApiError
+from service.errors import ServiceError
 from service.routes.common import wait
 
 
@@ -163,7 +163,7 @@ def test_wait_never_times_out_before_the_deadline(loop_factory):
         t = time.perf_counter()
         while time.perf_counter() - t < 0.002:
             pass
-        with pytest.raises(ApiError) as e:
+        with pytest.raises(ServiceError) as e:
             await wait(_fake_request(), fut, deadline, "vqa", "m")
         assert e.value.status == 504
         assert re.fullmatch(  # the deadline and the time spent, in all and waiting (here: since the request began)
