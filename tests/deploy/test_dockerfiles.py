@@ -119,10 +119,85 @@ def ignored(path: str, patterns) -> bool:
 
 def test_dockerignore_keeps_what_the_images_copy():
     patterns = dockerignore_patterns()
-    needed = ["pyproject.toml", "README.md", "service/app.py", "service/routes/ops.py", "compression/cli.py"]
+    needed = ["pyproject.toml", "README.md", "service/app.py", "service/routes/ops.py", "service/entrypoint.py"]
     needed += [str(p.relative_to(REPO)) for p in (REPO / "models" / "trimvlm-default").rglob("*") if p.is_file()]
     assert not [p for p in needed if ignored(p, patterns)], "the build context must hold what the Dockerfiles COPY"
-    for p in [".venv/bin/python", "runs/x/model.safetensors", "tests/conftest.py", ".ci-venv/x", "reports/a.md"]:
+    outside = [".venv/bin/python", "runs/x/model.safetensors", "tests/conftest.py", ".ci-venv/x", "reports/a.md"]
+    for p in outside + ["compression/cli.py", "benchmarks/cli.py"]:  # the offline half is not in the images
         assert ignored(p, patterns), f"{p} should stay out of the build context"
     for p in (REPO / "models").rglob("*.safetensors"):
         assert ignored(str(p.relative_to(REPO)), patterns), "torch checkpoints stay out of the serving image"
+
+
+# ---- what the images install: service/ alone -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_images_copy_only_the_serving_package(dockerfile: Path):
+    """The build stage copies pyproject.toml, README.md and service/; compression/ and benchmarks/
+    (torch, the offline and bench commands) stay out, so the image lists only what it can run."""
+    ins = instructions(dockerfile)
+    copied = [a.split()[0] for w, a in ins if w == "COPY" and not a.startswith("--from")]
+    assert {c for c in copied if not c.startswith("models/")} == {"pyproject.toml", "service"}, copied
+    text = " ".join(f"{w} {a}" for w, a in ins)
+    assert "compression" not in text and "benchmarks" not in text
+
+
+# In the image compression/ and benchmarks/ are absent; here they sit beside it (the editable
+# install), so the subprocess makes them unimportable as the image would.
+ABSENT = """
+import runpy, sys
+
+class Absent:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("compression", "benchmarks"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, Absent())
+if sys.argv[1:] == ["--commands"]:  # the command names `trimvlm` holds
+    import typer
+    from service.entrypoint import build_app
+
+    print(" ".join(typer.main.get_command(build_app()).commands))
+else:
+    sys.argv = ["trimvlm", *sys.argv[1:]]
+    runpy.run_module("service", run_name="__main__")
+"""
+
+
+def test_the_serving_install_alone_runs_its_commands(tmp_path):
+    """`pip install .` from what the Dockerfiles copy (pyproject.toml, README.md, service/) works with
+    the packages.find list naming all three packages, and its `trimvlm` lists and runs serve,
+    models, levels and index, nothing that needs compression/ or benchmarks/."""
+    import shutil
+    import subprocess
+    import sys
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    shutil.copytree(REPO / "service", src / "service", ignore=shutil.ignore_patterns("__pycache__"))
+    site = tmp_path / "site"
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(site), str(src)]
+    res = run(pip, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (site / "service" / "entrypoint.py").is_file() and (site / "service" / "static").is_dir()
+    assert not (site / "compression").exists() and not (site / "benchmarks").exists()
+
+    def trimvlm(*args: str) -> subprocess.CompletedProcess:
+        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(site), "COLUMNS": "200", "HOME": str(tmp_path)}
+        return subprocess.run(
+            [sys.executable, "-c", ABSENT, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+        )
+
+    res = trimvlm("--commands")
+    assert res.returncode == 0, res.stderr
+    assert sorted(res.stdout.split()) == ["index", "levels", "models", "serve"]
+    res = trimvlm("--help")
+    assert res.returncode == 0 and "Serve the models" in res.stdout, res.stderr
+    assert "Offline" not in res.stdout and "Benchmarks" not in res.stdout
+    assert "Not in this install: compression/, benchmarks/" in " ".join(res.stdout.split())
+    res = trimvlm("models", "list", "--models", str(REPO / "models"))
+    assert res.returncode == 0, res.stderr
+    assert "trimvlm-default/1" in res.stdout

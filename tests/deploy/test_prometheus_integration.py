@@ -90,7 +90,7 @@ def trimvlm_command() -> list[str]:
     script = Path(sys.executable).parent / "trimvlm"
     if script.is_file():
         return [str(script)]
-    return [sys.executable, "-c", "from compression.cli import main; main()"]
+    return [sys.executable, "-c", "from service.entrypoint import main; main()"]
 
 
 class Prom:

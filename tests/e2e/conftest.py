@@ -3,7 +3,7 @@
 
 - in process: `TestClient(create_app(Settings(...)))` used as a context manager, so the lifespan
   runs (load, warm-up, drain); waits for /readyz 200. Fast; most checks use it.
-- real servers: `python -m compression.cli serve` as a uvicorn subprocess on a free loopback
+- real servers: `python -m service serve` as a uvicorn subprocess on a free loopback
   port with TRIMVLM_* settings, for what needs real sockets and signals (concurrency, queue
   bounds, client disconnects, SIGTERM, restarts).
 
@@ -89,7 +89,7 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`trimvlm serve` (python -m compression.cli serve) on a free loopback port. TRIMVLM_*
+    """`trimvlm serve` (python -m service serve) on a free loopback port. TRIMVLM_*
     variables of the test runner are dropped; `env` sets the ones a test needs. Logs go to a
     file (a pipe nobody reads would block the server once full)."""
 
@@ -106,7 +106,7 @@ class ServerProcess:
             TRIMVLM_INTRA_OP_THREADS="1",
         )
         full_env.update(env)
-        cmd = [sys.executable, "-m", "compression.cli", "serve", "--port", str(self.port), "--models", str(MODELS)]
+        cmd = [sys.executable, "-m", "service", "serve", "--port", str(self.port), "--models", str(MODELS)]
         self._log = open(log_path, "ab")  # noqa: SIM115 (closed in stop())
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
 

@@ -85,7 +85,7 @@ def server(chromium, tmp_path_factory):  # after the Chromium check: no server s
         TRIMVLM_INTRA_OP_THREADS="1",  # a shared 2-core machine
     )
     log_path = tmp / "server.log"
-    cmd = [sys.executable, "-m", "compression.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--models", str(models)]
+    cmd = [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(port), "--models", str(models)]
     with open(log_path, "wb") as log:  # cwd=tmp: no .env of the developer's is read
         proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"

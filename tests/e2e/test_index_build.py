@@ -26,7 +26,7 @@ PHOTOS = {"astronaut.png": "astronaut", "chelsea.png": "chelsea", "coffee.png": 
 def index_build(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("TRIMVLM_") or k == "TRIMVLM_CACHE"}
     full_env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **env)
-    cmd = [sys.executable, "-m", "compression.cli", "index", "build", *args, "--models", str(MODELS)]
+    cmd = [sys.executable, "-m", "service", "index", "build", *args, "--models", str(MODELS)]
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600)
 
 

@@ -20,7 +20,7 @@ pytest.importorskip("onnxruntime")
 def _cli(*args, cwd=None, timeout=900):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run(
-        [sys.executable, "-m", "compression.cli", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout
+        [sys.executable, "-m", "service", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout
     )
 
 

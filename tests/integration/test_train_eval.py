@@ -54,7 +54,7 @@ def test_eval_cli_writes_the_contracted_json_keys(tmp_path):
     out = tmp_path / "eval.json"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
-        [sys.executable, "-m", "compression.cli", "eval", str(final), "--limit", "20", "--json", str(out)],
+        [sys.executable, "-m", "service", "eval", str(final), "--limit", "20", "--json", str(out)],
         capture_output=True,
         text=True,
         env=env,
@@ -168,7 +168,7 @@ def test_distill_prune_and_eval_a_tiny_teacher(tmp_path):
     assert count_params(load_model_dir(pruned).model)["total"] < count_params(load_model_dir(student).model)["total"]
     out = tmp_path / "eval.json"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "compression.cli", "eval", str(pruned), "--limit", "10", "--json", str(out)]
+    cmd = [sys.executable, "-m", "service", "eval", str(pruned), "--limit", "10", "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     assert 0.0 <= json.loads(out.read_text())["easy_vqa"]["accuracy"] <= 1.0

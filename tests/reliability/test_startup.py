@@ -27,7 +27,7 @@ FAST_S = 5.0  # a start-up check that needs no model load (~1 s here; loading th
 
 
 def serve(tmp: Path, *args: str, env: dict[str, str] | None = None, timeout_s: float = 60) -> tuple[int, float, str, str]:
-    """Run `python -m compression.cli serve ARGS` to its end: (exit code, seconds, stdout, stderr)."""
+    """Run `python -m service serve ARGS` to its end: (exit code, seconds, stdout, stderr)."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("TRIMVLM_") or k == "TRIMVLM_CACHE"}
     full_env.update(
         PYTHONPATH=str(REPO),
@@ -41,7 +41,7 @@ def serve(tmp: Path, *args: str, env: dict[str, str] | None = None, timeout_s: f
         args = (*args, "--port", "0")
     t0 = time.monotonic()
     p = subprocess.run(
-        [sys.executable, "-m", "compression.cli", "serve", *args],
+        [sys.executable, "-m", "service", "serve", *args],
         cwd=REPO,
         env=full_env,
         capture_output=True,

@@ -1,6 +1,8 @@
-"""The command line's own errors, as a user sees them (a subprocess, stdout not a terminal): one
-line naming what to do, a non-zero exit, no traceback. An offline command in the serving install
-(no torch), a config file that does not parse or fit its run, and `trimvlm models list`."""
+"""The command line as a user sees it (a subprocess, stdout not a terminal). Which commands the
+entry point holds in the dev install and in the serving install alone (no compression/ or
+benchmarks/), and its own errors: one line naming what to do, a non-zero exit, no traceback. An
+offline command in the serving install (no torch), a config file that does not parse or fit its
+run, and `trimvlm models list`."""
 
 from __future__ import annotations
 
@@ -8,30 +10,45 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import typer
 
 from tests.conftest import REPO
 
-# Runs the CLI with `torch` made unimportable, as in the serving install (`make run`: no torch).
-NO_TORCH = """
+# Runs the CLI with some modules (and their submodules) made unimportable: `torch`, as in the serving
+# install (`make run`: no torch), or compression/ and benchmarks/, as in the serving image.
+ABSENT = """
 import sys
 
-class NoTorch:
+ABSENT = set(sys.argv[1].split(","))
+
+class Absent:
     def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] == "torch":
+        if name in ABSENT or name.partition(".")[0] in ABSENT:
             raise ModuleNotFoundError(f"No module named {name!r}", name=name)
 
-sys.meta_path.insert(0, NoTorch())
-sys.argv = ["trimvlm", *sys.argv[1:]]
-from compression.cli import main
-main()
+sys.meta_path.insert(0, Absent())
+sys.argv = ["trimvlm", *sys.argv[2:]]
+if sys.argv[1:] == ["--commands"]:  # the command names `trimvlm` holds
+    import typer
+    from service.entrypoint import build_app
+
+    print(" ".join(typer.main.get_command(build_app()).commands))
+else:
+    from service.entrypoint import main
+
+    main()
 """
+SERVING = ("serve", "models", "levels", "index")
+OFFLINE = ("data", "import", "train", "distill", "prune", "trim", "eval", "info", "publish", "model-card")
+OFFLINE += ("export", "build-engine", "report", "pipeline")
 
 
-def cli(*args: str, no_torch: bool = False, timeout: float = 300) -> subprocess.CompletedProcess:
+def cli(*args: str, absent: tuple[str, ...] = (), timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "80"}
-    head = ["-c", NO_TORCH] if no_torch else ["-m", "compression.cli"]
+    head = ["-c", ABSENT, ",".join(absent)] if absent else ["-m", "service"]
     return subprocess.run([sys.executable, *head, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -43,12 +60,53 @@ def one_line_error(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+# ---- which commands: each package adds its own -------------------------------------------------------
+
+
+def test_the_dev_install_lists_every_command():
+    """serve / models / levels / index from service/, the offline ones from compression/, bench from
+    benchmarks/, through the installed `trimvlm` script."""
+    from service.entrypoint import build_app
+
+    names = set(typer.main.get_command(build_app()).commands)
+    assert names == {*SERVING, *OFFLINE, "bench"}
+    script = Path(sys.executable).parent / "trimvlm"
+    env = {**os.environ, "COLUMNS": "200"}
+    proc = subprocess.run([str(script), "--help"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for name in (*SERVING, *OFFLINE, "bench"):
+        assert f" {name} " in proc.stdout, name
+    assert "Serving and the model repository" in proc.stdout and "Offline" in proc.stdout and "Benchmarks" in proc.stdout
+
+
+def test_the_serving_install_alone_lists_and_runs_the_serving_commands():
+    """Without compression/ and benchmarks/ (the serving image): `python -m service` holds serve,
+    models, levels and index, and they work."""
+    proc = cli("--commands", absent=("compression", "benchmarks"))
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(proc.stdout.split()) == sorted(SERVING)
+    proc = cli("--help", absent=("compression", "benchmarks"))
+    assert proc.returncode == 0 and "Serving" in proc.stdout and "Offline" not in proc.stdout, proc.stderr
+    assert "Not in this install: compression/, benchmarks/" in " ".join(proc.stdout.split())
+    proc = cli("models", "list", "--models", "models", absent=("compression", "benchmarks"))
+    assert proc.returncode == 0, proc.stderr
+    assert "trimvlm-default/1" in proc.stdout
+    proc = cli("serve", "--help", absent=("compression", "benchmarks"))
+    assert proc.returncode == 0 and "--port" in proc.stdout, proc.stderr
+
+
+def test_a_broken_command_module_is_not_skipped_as_absent():
+    """Only a package missing from the install is skipped; an import error inside one is shown."""
+    proc = cli("--help", absent=("compression.cli",))
+    assert proc.returncode != 0 and "compression.cli" in proc.stderr
+
+
 # ---- an offline command without torch ------------------------------------------------------------
 
 
 @pytest.mark.parametrize("args", [("eval", "models/trimvlm-teacher/1"), ("info", "models/trimvlm-teacher/1")])
 def test_offline_command_without_torch_names_the_extra(args):
-    proc = cli(*args, no_torch=True)
+    proc = cli(*args, absent=("torch",))
     assert proc.returncode == 1
     line = one_line_error(proc)
     assert "torch" in line and "pip install 'trimvlm[train]'" in line and "make install" in line
@@ -56,9 +114,7 @@ def test_offline_command_without_torch_names_the_extra(args):
 
 def test_other_missing_modules_still_raise():
     """Only the train extra's modules get the one-line hint; any other import error is a bug to show."""
-    script = NO_TORCH.replace('== "torch"', '== "service"').replace("from compression.cli import main\nmain()", "")
-    script += "\nfrom compression.cli import main\n"
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = cli("info", "models/trimvlm-teacher/1", absent=("compression.report",))
     assert proc.returncode != 0 and "Traceback" in proc.stderr
 
 

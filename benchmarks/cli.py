@@ -1,0 +1,146 @@
+"""`trimvlm bench ...`: benchmarks that write reports (JSON + Markdown), added to the `trimvlm` command
+through the `trimvlm.commands` entry point. They need the dev extra (`make install-dev`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from compression.cli import LatencySamples, OfflineApp, ReportDir, Rounds
+from service.cli import ModelsDir
+
+PANEL = "Benchmarks: speed, accuracy, reliability reports (the dev extra)"
+app = OfflineApp(PANEL, help="Benchmarks that write reports (JSON + Markdown).")
+
+
+def register(main: typer.Typer) -> None:
+    """Add `trimvlm bench` to the `trimvlm` command (the `trimvlm.commands` entry point)."""
+    main.add_typer(app, name="bench", rich_help_panel=PANEL)
+
+
+@app.command("model")
+def bench_model(
+    out: ReportDir = Path("reports/bench-model"),
+    artifact: Annotated[
+        list[str], typer.Option(help="LABEL=PATH of a torch model folder; repeatable (default: the Makefile chain's).")
+    ] = [],  # noqa: B006
+    exported: Annotated[
+        list[str], typer.Option(help="PATH:BACKEND:PRECISION of an exported model; repeatable (default: the embedded default).")
+    ] = [],  # noqa: B006
+    limit: Annotated[Optional[int], typer.Option(help="Questions for accuracy (default: the whole test split).")] = None,
+    latency_samples: LatencySamples = 48,
+    throughput_batches: int = 6,
+    rounds: Rounds = 3,
+    reuse_accuracy: Annotated[
+        bool, typer.Option(help="Reuse accuracy measured on identical model files (OUT/accuracy_cache.json).")
+    ] = True,
+):
+    """Every artifact on VQA in one interleaved run: latency, throughput, accuracy, FLOPs, FLOP/s vs GEMM."""
+    from benchmarks.model_bench import run
+
+    arts = dict(a.split("=", 1) for a in artifact) or None
+    exp = [tuple(e.rsplit(":", 2)) for e in exported] or None
+    run(
+        out,
+        arts,
+        exp,
+        limit=limit,
+        latency_samples=latency_samples,
+        throughput_batches=throughput_batches,
+        rounds=rounds,
+        reuse_accuracy=reuse_accuracy,
+    )
+    typer.echo((out / "REPORT.md").read_text())
+
+
+@app.command("docs")
+def bench_docs(
+    model_dir: Annotated[str, typer.Option(help="`bench model` report folder.")] = "reports/bench-model",
+    service_dir: Annotated[str, typer.Option(help="`bench service` report folder.")] = "reports/service",
+    previous: Annotated[
+        Optional[str], typer.Option(help="Folder with the previous run's model.json/service.json (make bench keeps it).")
+    ] = "reports/bench-previous",
+):
+    """docs/BENCHMARKS.md and the README's headline block, from the benchmark reports."""
+    from benchmarks.bench_docs import write_docs
+
+    repro = write_docs(model_dir, service_dir, previous)
+    typer.echo("wrote docs/BENCHMARKS.md and the README headline block")
+    for name, r in (repro or {}).items():
+        if r is not None:
+            where = "same machine" if r["same_machine"] else "DIFFERENT machines, not a reproducibility check"
+            verdict = "all" if r["all_within"] else "NOT all"
+            typer.echo(f"{name} run-to-run ({where}): {verdict} timing ratios within ±{r['tolerance']:.0%}")
+
+
+@app.command("compare")
+def bench_compare(
+    before: Annotated[Path, typer.Argument(help="A benchmark report.json.")],
+    after: Annotated[Path, typer.Argument(help="The same benchmark's report.json from another run.")],
+    tolerance: float = 0.10,
+):
+    """Headline ratios of two runs side by side; exit 1 if a timing ratio moved more than the tolerance."""
+    from benchmarks.bench_docs import DESCRIPTIONS, compare, load
+
+    result = compare(load(before)["headline"], load(after)["headline"], tolerance)
+    for key, row in result["rows"].items():
+        flag = "" if row["within"] is None else ("ok" if row["within"] else "MOVED")
+        typer.echo(f"{row['change']:+8.1%}  {row['before']:>9} -> {row['after']:<9} {flag:5} {DESCRIPTIONS.get(key, key)}")
+    if not result["all_within"]:
+        raise typer.Exit(1)
+
+
+@app.command("service")
+def bench_service(
+    models: ModelsDir = Path("models"),
+    out: ReportDir = Path("reports/service"),
+    clients: int = 32,
+    requests: Annotated[int, typer.Option(help="Requests per round and server.")] = 640,
+    rounds: Rounds = 3,
+    baseline: Annotated[
+        Optional[Path], typer.Option(help="Torch model folder for the naive baseline server (benchmarks/baselines/).")
+    ] = Path("models/trimvlm-teacher/1"),
+    sweep_seconds: Annotated[float, typer.Option(help="Seconds per open-loop rate.")] = 6.0,
+):
+    """The service on loopback: a mixed-endpoint sweep (closed loop 1..64 clients, open-loop Poisson) against
+    no batching and a naive torch baseline; batching on vs off; HTTP overhead; adaptive compute under a deadline."""
+    from benchmarks.service_bench import run
+
+    run(models, out, clients, requests, rounds, baseline=baseline, sweep_seconds=sweep_seconds)
+    typer.echo((out / "REPORT.md").read_text())
+
+
+@app.command("overload")
+def bench_overload(
+    models: ModelsDir = Path("models"),
+    out: ReportDir = Path("reports/reliability/overload"),
+    duration: Annotated[float, typer.Option(help="Seconds of overload.")] = 60.0,
+    factor: Annotated[float, typer.Option(help="Offered rate as a multiple of the measured capacity.")] = 4.0,
+    capacity_seconds: Annotated[float, typer.Option(help="Seconds of closed-loop load to measure capacity.")] = 10.0,
+):
+    """Open-loop load at FACTOR x measured capacity: every request answered (200 or 429/503 + Retry-After)."""
+    from benchmarks.overload import run
+
+    report = run(models, out, duration_s=duration, factor=factor, capacity_s=capacity_seconds)
+    typer.echo((out / "REPORT.md").read_text())
+    raise typer.Exit(0 if report["passed"] else 1)
+
+
+@app.command("soak")
+def bench_soak(
+    models: ModelsDir = Path("models"),
+    out: ReportDir = Path("reports/reliability/soak"),
+    minutes: Annotated[float, typer.Option(help="Minutes of load per configuration.")] = 5.0,
+    clients: Annotated[int, typer.Option(help="Closed-loop clients (mixed endpoints).")] = 8,
+    compare_arena: Annotated[
+        bool, typer.Option(help="Also run with ORT's CPU memory arena off, for the RSS comparison.")
+    ] = False,
+):
+    """Mixed-endpoint load for MINUTES: RSS over time (PNG), errors, p99 drift first vs last window."""
+    from benchmarks.soak import run
+
+    report = run(models, out, minutes=minutes, clients=clients, compare_arena=compare_arena)
+    typer.echo((out / "REPORT.md").read_text())
+    raise typer.Exit(0 if report["passed"] else 1)

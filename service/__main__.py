@@ -1,0 +1,5 @@
+"""`python -m service ...` is `trimvlm ...`."""
+
+from service.entrypoint import main
+
+main()
