@@ -13,79 +13,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from compression import data as D
 from compression.artifacts import LoadedModel, load_model_dir
-from compression.tokenization import decode_ids
-from compression.train import pick_device
-from service.preprocess import encode_texts, normalize_uint8
+from compression.torch_runtime import TorchTasks, pick_device
 
 
 def _batches(n: int, size: int):
     for i in range(0, n, size):
         yield slice(i, min(n, i + size))
-
-
-class TorchTasks:
-    """A torch model folder behind the same numpy task interface as an exported model
-    (service/tasks.py::TaskModel), so both are evaluated by the same loops below."""
-
-    def __init__(self, lm: LoadedModel, device):
-        self.lm, self.model, self.device = lm, lm.model, device
-        self.tokenizer, self.pre = lm.tokenizer, lm.preprocessing
-
-    def _t(self, x: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(x).to(self.device)
-
-    def pixels(self, images_u8: np.ndarray) -> np.ndarray:
-        return normalize_uint8(images_u8, self.pre.image)
-
-    def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        return encode_texts(self.tokenizer, texts, self.pre.max_text_length)
-
-    @torch.no_grad()
-    def encode_images(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        states = self.model.encode_image(self._t(pixels)).last_hidden_state
-        return states.cpu().numpy(), self.model.image_embeds(states).cpu().numpy()
-
-    @torch.no_grad()
-    def encode_texts(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        ids_t, mask_t = self._t(ids), self._t(mask).bool()
-        states = self.model.text_encoder(ids_t, mask_t).last_hidden_state
-        itc = self.model.encode_text(ids_t, mask_t).last_hidden_state if self.model.config.itc_text_through_fusion else states
-        return states.cpu().numpy(), self.model.text_embeds(itc).cpu().numpy()
-
-    @torch.no_grad()
-    def fuse(self, text_states: np.ndarray, mask: np.ndarray, image_states: np.ndarray) -> dict[str, np.ndarray]:
-        fused = self.model.fuse(self._t(text_states), self._t(mask).bool(), self._t(image_states)).last_hidden_state
-        return {
-            "vqa_logits": self.model.vqa_logits(fused).cpu().numpy(),
-            "itm_logits": self.model.itm_logits(fused).cpu().numpy(),
-            "fused_states": fused.cpu().numpy(),
-        }
-
-    @torch.no_grad()
-    def captions(self, image_states: np.ndarray, max_length: int | None = None, num_beams: int = 1) -> list[str]:
-        ids = self.model.generate(self._t(image_states), max_new_tokens=max_length or self.pre.max_caption_length)
-        return [
-            decode_ids(self.tokenizer, row, self.model.config.sep_token_id, self.model.config.pad_token_id)
-            for row in ids.tolist()
-        ]
-
-    @torch.no_grad()
-    def generate_answers(self, fused_states: np.ndarray, mask: np.ndarray) -> list[str]:
-        cfg = self.model.config
-        gen = self.model.generate(self._t(fused_states), self._t(mask).bool(), max_new_tokens=self.pre.max_answer_length)
-        return [decode_ids(self.tokenizer, row, cfg.sep_token_id, cfg.pad_token_id) for row in gen.tolist()]
-
-    @property
-    def answer_vocab(self) -> list[str]:
-        return self.model.config.answers
-
-    @property
-    def generative_vqa(self) -> bool:
-        return bool(self.model.config.generative_vqa)
 
 
 def as_tasks(model, device=None):

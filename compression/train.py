@@ -29,6 +29,7 @@ from compression.config import ModelConfig
 from compression.config_file import check_fields, load_yaml
 from compression.modeling import TrimVLM
 from compression.tokenization import minilm_dir, special_ids, trim_wordpiece
+from compression.torch_runtime import pick_device
 from service.preprocess import ImageSpec, encode_texts
 
 # ----------------------------------------------------------------------------------------------
@@ -87,12 +88,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from PIL import Image
 
 from compression.artifacts import load_model_dir
-from compression.evaluate import TorchTasks
+from compression.torch_runtime import TorchTasks
 
 lm = load_model_dir(os.environ.get("NAIVE_MODEL", "models/trimvlm-teacher/1"))
 lm.model.float().eval()

@@ -7,31 +7,41 @@ Fallback chains (each step logged on "trimvlm.runtime"):
     tensorrt / auto        -> onnxruntime[cuda] -> onnxruntime[cpu]
     onnxruntime[tensorrt]  -> onnxruntime[cuda] -> onnxruntime[cpu]
     onnxruntime[cuda]      -> onnxruntime[cpu]
-    torch[cuda]            -> torch[cpu]          (parity checks only; never falls back to ONNX)
+    torch[cuda]            -> torch[cpu]          (any plugin backend: its GPU, then its CPU; never ONNX)
 A graph path may name either file: native TensorRT takes `<stem>.plan` next to `<stem>.onnx`,
 ONNX Runtime takes `<stem>.onnx` next to `<stem>.plan`, so one graphs dict serves every step.
+
+Backends are a registry: onnxruntime and tensorrt are built in; any other is found by name in the
+`trimvlm.runtimes` entry-point group and imported only when asked for. The torch backend (parity
+checks) is one, declared in pyproject.toml and living in compression/ with torch:
+
+    [project.entry-points."trimvlm.runtimes"]
+    torch = "compression.torch_runtime:TorchRuntime"
+
+An entry point names a Runtime subclass, constructed as `cls(options, model_dir=model_dir)`.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from service.runtime.base import Runtime, RuntimeOptions, RuntimeUnavailable, TensorSpec, prepare_feeds
 from service.runtime.onnxruntime_backend import OnnxRuntime
 from service.runtime.tensorrt_backend import TensorRTRuntime
-from service.runtime.torch_backend import TorchRuntime
 
 __all__ = [
-    "BACKENDS",
+    "BUILTIN",
     "OnnxRuntime",
     "Runtime",
     "RuntimeOptions",
     "RuntimeUnavailable",
     "TensorRTRuntime",
     "TensorSpec",
-    "TorchRuntime",
+    "backend_class",
+    "backend_names",
     "create_runtime",
     "load_runtime",
     "prepare_feeds",
@@ -39,8 +49,33 @@ __all__ = [
 
 log = logging.getLogger("trimvlm.runtime")
 
-BACKENDS = ("onnxruntime", "tensorrt", "torch", "auto")
+BUILTIN: dict[str, type[Runtime]] = {"onnxruntime": OnnxRuntime, "tensorrt": TensorRTRuntime}
+ENTRY_POINTS = "trimvlm.runtimes"
+EXTRAS = {"torch": "train"}  # the extra that brings a plugin backend's libraries, for the error message
 _ENGINE_SUFFIXES = (".plan", ".engine")
+
+
+def backend_names() -> list[str]:
+    """Every backend name create_runtime accepts here: built in, installed plugins, auto."""
+    plugins = sorted({ep.name for ep in entry_points(group=ENTRY_POINTS)} - set(BUILTIN))
+    return [*BUILTIN, *plugins, "auto"]
+
+
+def backend_class(name: str) -> type[Runtime]:
+    """The Runtime class of a backend, importing a plugin only now. RuntimeUnavailable (saying which
+    extra to install) when a known plugin is missing or can't import; ValueError for unknown names."""
+    if name in BUILTIN:
+        return BUILTIN[name]
+    found = list(entry_points(group=ENTRY_POINTS, name=name))
+    hint = f"the {name} backend needs the {EXTRAS[name]} extra: pip install 'trimvlm[{EXTRAS[name]}]'" if name in EXTRAS else ""
+    if not found:
+        if hint:
+            raise RuntimeUnavailable(f"{hint} (no {name!r} entry point in {ENTRY_POINTS!r}: is trimvlm installed?)")
+        raise ValueError(f"unknown runtime backend {name!r} (one of {backend_names()})")
+    try:
+        return found[0].load()
+    except ImportError as e:
+        raise RuntimeUnavailable(f"{hint or f'the {name} backend cannot be imported'} ({e})") from e
 
 
 def _chain(backend: str, options: RuntimeOptions) -> list[tuple[str, RuntimeOptions]]:
@@ -51,9 +86,8 @@ def _chain(backend: str, options: RuntimeOptions) -> list[tuple[str, RuntimeOpti
     if backend == "onnxruntime":
         steps = {"tensorrt": [options, cuda, cpu], "cuda": [cuda, cpu]}.get(options.device, [options])
         return [("onnxruntime", o) for o in steps]
-    if backend == "torch":
-        return [("torch", options)] + ([("torch", cpu)] if options.device != "cpu" else [])
-    raise ValueError(f"unknown runtime backend {backend!r} (one of {list(BACKENDS)})")
+    backend_class(backend)  # a plugin: known and importable, or say why not
+    return [(backend, options)] + ([(backend, cpu)] if options.device != "cpu" else [])
 
 
 def _label(backend: str, options: RuntimeOptions) -> str:
@@ -61,11 +95,9 @@ def _label(backend: str, options: RuntimeOptions) -> str:
 
 
 def _make(backend: str, options: RuntimeOptions, model_dir: str | Path | None) -> Runtime:
-    if backend == "tensorrt":
-        return TensorRTRuntime(options)
-    if backend == "torch":
-        return TorchRuntime(model_dir, options)
-    return OnnxRuntime(options)
+    if backend in BUILTIN:
+        return BUILTIN[backend](options)
+    return backend_class(backend)(options, model_dir=model_dir)
 
 
 def _files_for(backend: str, graphs: dict[str, Path]) -> dict[str, Path]:
@@ -121,7 +153,7 @@ def _open(
 def create_runtime(
     backend: str, options: RuntimeOptions | None = None, fallback: bool = True, model_dir: str | Path | None = None
 ) -> Runtime:
-    """A runtime of `backend` (onnxruntime | tensorrt | torch | auto) that can run here, not yet
+    """A runtime of `backend` (onnxruntime | tensorrt | auto | a plugin: torch) that can run here, not yet
     loaded; with fallback, the next one in its chain where it can't (logged); without, its
     RuntimeUnavailable propagates ("auto" always walks its chain). A provider that is listed but
     fails to start is only found by loading: prefer load_runtime."""

@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 
 from compression.artifacts import load_model_dir  # noqa: E402
 from compression.blip_import import BlipImportError, build_from_blip, import_blip  # noqa: E402
-from compression.evaluate import TorchTasks  # noqa: E402
+from compression.torch_runtime import TorchTasks  # noqa: E402
 
 TOL = 1e-4
 WORDS = "what color is the shape a picture of red blue green circle square triangle there how many one two yes no".split()

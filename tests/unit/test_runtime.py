@@ -9,7 +9,6 @@ import logging
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -17,13 +16,13 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import service.runtime as runtime_pkg
 from service.runtime import (
     OnnxRuntime,
     RuntimeOptions,
     RuntimeUnavailable,
     TensorRTRuntime,
     TensorSpec,
-    TorchRuntime,
     create_runtime,
     load_runtime,
 )
@@ -333,7 +332,7 @@ def test_tensorrt_engine_matches_numpy(tmp_path):
         assert rt.describe()["tensorrt_version"] == trt.__version__
 
 
-# ---------------------------------------------------------------------------------- torch (parity checks)
+# ---------------------------------------------------------------------------------- plugin backends (torch)
 
 
 def test_serving_imports_no_torch():
@@ -341,63 +340,64 @@ def test_serving_imports_no_torch():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
 
 
-def _torch_tiny(monkeypatch, with_sample: bool = True):
-    """A tiny module behind the compression registry contract (load_model_dir + graph_modules)."""
-    torch = pytest.importorskip("torch")
-    import compression.artifacts
-    import compression.export
+class _EntryPoint:
+    """Stands in for importlib.metadata.EntryPoint."""
 
-    torch.manual_seed(0)
-    module = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh()).eval()
-    axes = {"x": {0: "batch"}, "y": {0: "batch"}}
-    if with_sample:
-        gm = compression.export.GraphModule(module, ["x"], ["y"], lambda b, t: (torch.randn(b, 4),), axes)
-    else:  # the minimal contract: module, inputs, outputs
-        gm = SimpleNamespace(module=module, inputs=["x"], outputs=["y"])
-    monkeypatch.setattr(compression.artifacts, "load_model_dir", lambda path, device="cpu": SimpleNamespace(model="tiny-model"))
-    monkeypatch.setattr(
-        compression.export, "graph_modules", lambda model: {"tiny": gm, "other": gm} if model == "tiny-model" else {}
-    )
-    return torch, module, axes
+    def __init__(self, name: str, load):
+        self.name, self.load = name, load
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter, as compression/export.py uses
-def test_torch_runtime_matches_onnxruntime(tmp_path, monkeypatch):
-    torch, module, axes = _torch_tiny(monkeypatch)
-    path = tmp_path / "tiny.onnx"
-    torch.onnx.export(
-        module,
-        (torch.randn(2, 4),),
-        str(path),
-        input_names=["x"],
-        output_names=["y"],
-        dynamic_axes=axes,
-        opset_version=18,
-        dynamo=False,
-    )
-    x = np.random.default_rng(1).standard_normal((3, 4)).astype(np.float32)
-    with load_runtime("onnxruntime", {"tiny": path}, RuntimeOptions(intra_op_threads=1)) as ort_rt:
-        expected = ort_rt.run("tiny", {"x": x})["y"]
-        ort_specs = ort_rt.inputs("tiny"), ort_rt.outputs("tiny")
-    with load_runtime("torch", {"tiny": path}, RuntimeOptions(), model_dir=tmp_path) as rt:
-        assert isinstance(rt, TorchRuntime) and rt.graphs == ["tiny"]  # only the graphs asked for
-        assert (rt.inputs("tiny"), rt.outputs("tiny")) == ort_specs
-        got = rt.run("tiny", {"x": x.astype(np.float64)})  # cast like the other backends
-        assert rt.describe()["torch_version"] == torch.__version__
-        with pytest.raises(KeyError, match="loaded graphs: \\['tiny'\\]"):
-            rt.run("other", {"x": x})
-    np.testing.assert_allclose(got["y"], expected, rtol=1e-5, atol=1e-6)
+def _plugins(monkeypatch, *eps: _EntryPoint) -> None:
+    def entry_points(group: str, name: str | None = None):
+        assert group == runtime_pkg.ENTRY_POINTS
+        return [ep for ep in eps if name in (None, ep.name)]
+
+    monkeypatch.setattr(runtime_pkg, "entry_points", entry_points)
 
 
-def test_torch_runtime_minimal_contract_and_errors(tmp_path, monkeypatch):
-    _torch_tiny(monkeypatch, with_sample=False)
-    rt = TorchRuntime(tmp_path, RuntimeOptions())
-    rt.load({"tiny": tmp_path / "ignored.onnx"})
-    assert rt.inputs("tiny") == [TensorSpec("x", "unknown", ())]
-    assert rt.run("tiny", {"x": np.zeros((2, 4), np.float32)})["y"].shape == (2, 3)
-    with pytest.raises(ValueError, match="missing input"):
-        rt.run("tiny", {})
-    with pytest.raises(KeyError, match=r"no graph module\(s\) \['vision'\].*available: \['other', 'tiny'\]"):
-        TorchRuntime(tmp_path).load({"vision": Path("vision.onnx")})
-    with pytest.raises(ValueError, match="needs model_dir"):
-        TorchRuntime(None).load({"tiny": Path("x")})
+def test_plugin_backends_are_found_by_name_and_imported_only_when_asked_for(monkeypatch, graphs):
+    loaded = []
+
+    class Echo(OnnxRuntime):
+        name = "echo"
+
+        def __init__(self, options, model_dir=None):
+            super().__init__(options)
+            self.model_dir = model_dir
+
+    def load():
+        loaded.append("echo")
+        return Echo
+
+    _plugins(monkeypatch, _EntryPoint("echo", load))
+    assert runtime_pkg.backend_names() == ["onnxruntime", "tensorrt", "echo", "auto"]
+    with load_runtime("onnxruntime", graphs, RuntimeOptions()):
+        pass
+    assert loaded == []  # built-in backends never import a plugin
+    with load_runtime("echo", graphs, RuntimeOptions(), model_dir="m") as rt:
+        assert isinstance(rt, Echo) and rt.model_dir == "m" and loaded
+        feeds = _feeds(2)
+        np.testing.assert_allclose(rt.run("mlp", feeds)["y"], _reference(feeds)[0], rtol=1e-6, atol=1e-6)
+
+
+def test_a_missing_torch_backend_names_the_extra_to_install(monkeypatch, graphs):
+    _plugins(monkeypatch)  # trimvlm not installed: no entry point at all
+    with pytest.raises(RuntimeUnavailable, match=r"the torch backend needs the train extra: pip install 'trimvlm\[train\]'"):
+        load_runtime("torch", graphs, RuntimeOptions())
+
+    def load():
+        raise ModuleNotFoundError("No module named 'torch'")
+
+    _plugins(monkeypatch, _EntryPoint("torch", load))  # the serving install: compression's torch is absent
+    for fallback in (True, False):  # never falls back to ONNX Runtime
+        with pytest.raises(RuntimeUnavailable, match=r"needs the train extra: .*\(No module named 'torch'\)"):
+            create_runtime("torch", RuntimeOptions(device="cuda"), fallback=fallback)
+    with pytest.raises(ValueError, match=r"backend 'triton' \(one of \['onnxruntime', 'tensorrt', 'torch', 'auto'\]\)"):
+        create_runtime("triton", RuntimeOptions())
+
+
+def test_the_torch_entry_point_is_declared():
+    from importlib.metadata import entry_points
+
+    (ep,) = entry_points(group="trimvlm.runtimes", name="torch")
+    assert ep.value == "compression.torch_runtime:TorchRuntime"
