@@ -18,27 +18,7 @@ from tokenizers import Tokenizer
 
 from compression.config import ModelConfig
 from compression.modeling import TrimVLM
-from service.preprocess import ImageSpec
-
-
-@dataclass
-class Preprocessing:
-    image: ImageSpec
-    max_text_length: int = 32
-    max_answer_length: int = 8
-    max_caption_length: int = 32
-
-    def to_dict(self) -> dict:
-        return {
-            "image": self.image.to_dict(),
-            "max_text_length": self.max_text_length,
-            "max_answer_length": self.max_answer_length,
-            "max_caption_length": self.max_caption_length,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Preprocessing:
-        return cls(ImageSpec.from_dict(d["image"]), d["max_text_length"], d["max_answer_length"], d["max_caption_length"])
+from service.preprocess import Preprocessing
 
 
 @dataclass
@@ -67,7 +47,7 @@ def save_model_dir(
     metadata = {"format": "pt", "dtype": dtype, **{k: str(v) for k, v in (extra_metadata or {}).items()}}
     save_model(to_save, str(out / "model.safetensors"), metadata=metadata)
     tokenizer.save(str(out / "tokenizer.json"))
-    (out / "preprocess.json").write_text(json.dumps(preprocessing.to_dict(), indent=2) + "\n")
+    (out / "preprocess.json").write_text(json.dumps(preprocessing.model_dump(mode="json"), indent=2) + "\n")
     return out
 
 
@@ -88,5 +68,5 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> Load
     missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=True)
     model.float().to(device).eval()
     tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
-    pre = Preprocessing.from_dict(json.loads((path / "preprocess.json").read_text()))
+    pre = Preprocessing.model_validate_json((path / "preprocess.json").read_text())
     return LoadedModel(model, tokenizer, pre, path)

@@ -32,10 +32,10 @@ from pathlib import Path
 
 import torch
 
-from compression.artifacts import Preprocessing, save_model_dir
+from compression.artifacts import save_model_dir
 from compression.config import ModelConfig
 from compression.modeling import TrimVLM
-from service.preprocess import ImageSpec
+from service.preprocess import ImageSpec, Preprocessing
 
 # transformers' BlipTextConfig / BlipVisionConfig / BlipConfig defaults: config.json files written
 # by older versions omit fields left at their default.
@@ -455,7 +455,12 @@ def import_blip(
     model, tok, spec, report = build_from_blip(src, name, answers)
     if max_text_length > model.config.max_position_embeddings:
         raise BlipImportError(f"max_text_length {max_text_length} exceeds {model.config.max_position_embeddings} positions")
-    pre = Preprocessing(spec, max_text_length, max_answer_length, max_caption_length)
+    pre = Preprocessing(
+        image=spec,
+        max_text_length=max_text_length,
+        max_answer_length=max_answer_length,
+        max_caption_length=max_caption_length,
+    )
     out = Path(out)
     save_model_dir(
         out, model, tok, pre, dtype=dtype, extra_metadata={"source": "huggingface-blip", "architecture": report.architecture}

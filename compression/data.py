@@ -35,7 +35,7 @@ def cache_dir() -> Path:
 
 def load_images(paths: list[str | Path], spec: ImageSpec, use_cache: bool = True) -> np.ndarray:
     """Decode and resize images to uint8 [N, S, S, 3], cached by (paths, mtimes, sizes, spec)."""
-    key_src = json.dumps([spec.to_dict(), [(str(p), os.path.getsize(p), int(os.path.getmtime(p))) for p in paths]])
+    key_src = json.dumps([spec.model_dump(mode="json"), [(str(p), os.path.getsize(p), int(os.path.getmtime(p))) for p in paths]])
     key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
     cached = cache_dir() / "images" / f"{key}.npy"
     if use_cache and cached.is_file():

@@ -244,14 +244,7 @@ def export_model(
     from compression.artifacts import load_model_dir
     from compression.quantize import quantize_dynamic_int8, to_fp16
     from service.levels import load_levels
-    from service.repository import (
-        GraphInfo,
-        Manifest,
-        Preprocessing,
-        Tokens,
-        reference_key,
-        write_manifest,
-    )
+    from service.repository import GraphInfo, Manifest, Tokens, reference_key, write_manifest
 
     unknown = set(precisions) - {"fp32", "int8", "fp16"}
     if unknown:
@@ -312,13 +305,12 @@ def export_model(
     for extra in ("MODEL_CARD.md", "eval.json"):
         if (Path(model_dir) / extra).is_file():
             shutil.copy(Path(model_dir) / extra, out / f"source_{extra}")
-    pre = lm.preprocessing.to_dict()
     manifest = Manifest(
         name=name or cfg.name,
         version=version,
         tasks=["vqa", "caption", "retrieval"],
         graphs=infos,
-        preprocessing=Preprocessing.model_validate(pre),
+        preprocessing=lm.preprocessing,
         tokens=Tokens(pad=cfg.pad_token_id, cls=cfg.cls_token_id, sep=cfg.sep_token_id, bos=cfg.bos_token_id),
         answers=list(cfg.answers),
         itc_temperature=float(model.temp.detach().clamp(0.001, 0.5)),

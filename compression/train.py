@@ -24,13 +24,13 @@ from torch import nn
 from tqdm import tqdm
 
 from compression import data as D
-from compression.artifacts import LoadedModel, Preprocessing, save_model_dir
+from compression.artifacts import LoadedModel, save_model_dir
 from compression.config import ModelConfig
 from compression.config_file import check_fields, load_yaml
 from compression.modeling import TrimVLM
 from compression.tokenization import minilm_dir, special_ids, trim_wordpiece
 from compression.torch_runtime import pick_device
-from service.preprocess import ImageSpec, encode_texts
+from service.preprocess import ImageSpec, Preprocessing, encode_texts
 
 # ----------------------------------------------------------------------------------------------
 # Configuration
@@ -438,6 +438,16 @@ class RunContext:
         return self.rank == 0
 
 
+def preprocessing_for(cfg: TrainConfig, spec: ImageSpec) -> Preprocessing:
+    """What a model trained under `cfg` on images of `spec` expects of its inputs (its preprocess.json)."""
+    return Preprocessing(
+        image=spec,
+        max_text_length=cfg.max_text_length,
+        max_answer_length=cfg.max_answer_length,
+        max_caption_length=cfg.max_caption_length,
+    )
+
+
 def start_run(cfg: TrainConfig) -> RunContext:
     world, rank, local = _dist_info()
     device = pick_device(cfg.device)
@@ -450,7 +460,7 @@ def start_run(cfg: TrainConfig) -> RunContext:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     spec = ImageSpec(size=cfg.image_size)
-    pre = Preprocessing(spec, cfg.max_text_length, cfg.max_answer_length, cfg.max_caption_length)
+    pre = preprocessing_for(cfg, spec)
     return RunContext(device, world, rank, local, out, spec, pre)
 
 
@@ -460,7 +470,7 @@ def adopt_image_spec(ctx: RunContext, cfg: TrainConfig, spec: ImageSpec, whose: 
     if spec.size != cfg.image_size:
         raise ValueError(f"{whose} expects {spec.size}px images, config says {cfg.image_size}")
     ctx.spec = spec
-    ctx.pre = Preprocessing(spec, cfg.max_text_length, cfg.max_answer_length, cfg.max_caption_length)
+    ctx.pre = preprocessing_for(cfg, spec)
 
 
 def end_run(ctx: RunContext) -> None:

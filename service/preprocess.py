@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import io
 import struct
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageOps
+from pydantic import BaseModel, ConfigDict
 
 # CLIP/BLIP normalisation constants: BLIP checkpoints expect them, and our own models use them
 # too so an imported model and a trained one share one preprocessing path.
@@ -20,21 +21,27 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-@dataclass(frozen=True)
-class ImageSpec:
-    """How raw images become model input: square resize then per-channel normalisation."""
+class ImageSpec(BaseModel):
+    """How raw images become model input: square resize then per-channel normalisation. The
+    `image` entry of a manifest's preprocessing and of a model folder's preprocess.json."""
+
+    model_config = ConfigDict(frozen=True)
 
     size: int = 64
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
-    resample: str = "bicubic"
+    resample: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
 
-    def to_dict(self) -> dict:
-        return {"size": self.size, "mean": list(self.mean), "std": list(self.std), "resample": self.resample}
 
-    @classmethod
-    def from_dict(cls, d: dict) -> ImageSpec:
-        return cls(size=int(d["size"]), mean=tuple(d["mean"]), std=tuple(d["std"]), resample=d.get("resample", "bicubic"))
+class Preprocessing(BaseModel):
+    """Everything a model expects of its inputs: the image spec and the text lengths. A model
+    folder's preprocess.json (compression/artifacts.py) and a manifest's `preprocessing`
+    (service/repository.py) are this, in the same JSON."""
+
+    image: ImageSpec
+    max_text_length: int = 32
+    max_answer_length: int = 8
+    max_caption_length: int = 32
 
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST}

@@ -16,6 +16,8 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
+from service.preprocess import Preprocessing
+
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
 Precision = Literal["fp32", "fp16", "int8"]
@@ -33,20 +35,6 @@ class GraphInfo(BaseModel):
     files: dict[str, str]  # precision -> file (relative to the version folder)
     batch_one: bool = False  # data-dependent shapes baked for batch 1 (trimmed gather graph)
     parity: dict[str, float] = Field(default_factory=dict)  # precision -> max |ORT - torch| at export
-
-
-class ImagePreprocessing(BaseModel):
-    size: int
-    mean: list[float]
-    std: list[float]
-    resample: str = "bicubic"
-
-
-class Preprocessing(BaseModel):
-    image: ImagePreprocessing
-    max_text_length: int
-    max_answer_length: int = 8
-    max_caption_length: int = 32
 
 
 class Tokens(BaseModel):

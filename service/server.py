@@ -1,5 +1,10 @@
 """One served model: its TaskModel (graphs in a runtime), a batcher per graph group and compute
-level, the latency model behind `auto`, and warm-up. Async API for the routes; no HTTP here.
+level, the latency model behind `auto`, and warm-up. Async API for the routes, one method per task
+(`vqa`, `caption`, `rank`; `encode_images`, `encode_texts` and `itm` for the gallery); no HTTP here.
+
+Each batcher takes one small typed payload per item (VqaInput, TextInput, ItmInput, CaptionInput;
+a vision item is its pixel array) and gives back one typed result (VqaOutput, Encoding, a score,
+a caption). A request's part (its endpoint, deadline and how it waits) travels as a Call.
 """
 
 from __future__ import annotations
@@ -7,14 +12,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from service.adaptive import LatencyModel, LevelOption, PredictionErrors, choose_level
-from service.batching import Batcher
+from service.batching import Batcher, DeadlineExceeded, QueueFull
 from service.levels import LevelError
 from service.metrics import Metrics
 from service.settings import Settings
@@ -32,6 +39,74 @@ class Compute:
     tokens_kept: int | None = None
     tokens_total: int | None = None
     reason: str = "requested"
+
+
+@dataclass
+class TextInput:
+    """A tokenised text, unpadded: ids and attention mask [T]."""
+
+    ids: np.ndarray
+    mask: np.ndarray
+
+
+@dataclass
+class VqaInput:
+    pixels: np.ndarray  # normalised float32 [3, H, W]
+    question: TextInput
+
+
+@dataclass
+class VqaOutput:
+    logits: np.ndarray  # [answers]
+    tokens_kept: int | None  # image tokens a trimmed level kept (None: untrimmed)
+
+
+@dataclass
+class Encoding:
+    """An image's or a text's encoder output: token states [T, D] and the ITC embedding [E]."""
+
+    states: np.ndarray
+    embed: np.ndarray
+
+
+@dataclass
+class ItmInput:
+    text_states: np.ndarray  # [T, D], unpadded
+    image_states: np.ndarray  # [N, D]
+
+
+@dataclass
+class CaptionInput:
+    image_states: np.ndarray  # [N, D]
+    max_length: int
+    num_beams: int
+
+
+@dataclass
+class VqaAnswer:
+    top: list[tuple[str, float]]  # (answer, probability), best first
+    compute: Compute
+
+
+@dataclass
+class Ranking:
+    scores: list[float]  # ITM match probabilities when re-ranked, else the ITC scores
+    itc_scores: list[float]
+
+
+@dataclass
+class Call:
+    """One request's part in the server: the endpoint its metrics count under, its deadline, how it
+    waits for a queued item (`wait(future, queue_name)`; the HTTP routes' also watches the client,
+    routes.common), and who is told the compute level once chosen."""
+
+    endpoint: str
+    deadline: float | None
+    wait: Callable[[asyncio.Future, str], Awaitable[tuple[Any, float]]]  # -> (result, seconds queued)
+    on_level: Callable[[str], None] = field(default=lambda level: None)
+
+    def remaining_s(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.perf_counter()
 
 
 def _pad_stack(rows: list[np.ndarray], pad: int = 0) -> np.ndarray:
@@ -94,38 +169,38 @@ class ModelServer:
     def _vqa_runner(self, level: str):
         point = self.levels[level]
 
-        def run(items):
-            pixels = np.stack([it[0] for it in items])
-            ids, mask = _pad_stack([it[1] for it in items]), _pad_stack([it[2] for it in items])
+        def run(items: list[VqaInput]) -> list[VqaOutput]:
+            pixels = np.stack([it.pixels for it in items])
+            ids, mask = _pad_stack([it.question.ids for it in items]), _pad_stack([it.question.mask for it in items])
             res = self.tasks.vqa(pixels, ids, mask, level=level, point=point)
             kept = res.image_tokens_kept
-            return [(res.logits[i], None if kept is None else int(kept[i])) for i in range(len(items))]
+            return [VqaOutput(res.logits[i], None if kept is None else int(kept[i])) for i in range(len(items))]
 
         return run
 
-    def _run_vision(self, items):
+    def _run_vision(self, items: list[np.ndarray]) -> list[Encoding]:
         states, embeds = self.tasks.encode_images(np.stack(items))
-        return list(zip(states, embeds, strict=True))
+        return [Encoding(s, e) for s, e in zip(states, embeds, strict=True)]
 
-    def _run_text(self, items):
-        ids, mask = _pad_stack([it[0] for it in items]), _pad_stack([it[1] for it in items])
+    def _run_text(self, items: list[TextInput]) -> list[Encoding]:
+        ids, mask = _pad_stack([it.ids for it in items]), _pad_stack([it.mask for it in items])
         states, embeds = self.tasks.encode_texts(ids, mask)
-        return [(states[i, : len(items[i][0])], embeds[i]) for i in range(len(items))]
+        return [Encoding(states[i, : len(items[i].ids)], embeds[i]) for i in range(len(items))]
 
-    def _run_itm(self, items):
-        text = _pad_states([it[0] for it in items])
-        mask = _pad_stack([np.ones(len(it[0]), np.int64) for it in items])
-        image = np.stack([it[1] for it in items])
+    def _run_itm(self, items: list[ItmInput]) -> list[float]:
+        text = _pad_states([it.text_states for it in items])
+        mask = _pad_stack([np.ones(len(it.text_states), np.int64) for it in items])
+        image = np.stack([it.image_states for it in items])
         return list(self.tasks.itm_scores(text, mask, image))
 
-    def _run_caption(self, items):
-        # items: (image_states, max_length, num_beams); decode each setting as one batch
+    def _run_caption(self, items: list[CaptionInput]) -> list[str]:
+        # decode each (max_length, num_beams) setting as one batch
         out: list = [None] * len(items)
         groups: dict[tuple[int, int], list[int]] = {}
-        for i, (_, length, beams) in enumerate(items):
-            groups.setdefault((length, beams), []).append(i)
+        for i, it in enumerate(items):
+            groups.setdefault((it.max_length, it.num_beams), []).append(i)
         for (length, beams), idx in groups.items():
-            states = np.stack([items[i][0] for i in idx])
+            states = np.stack([items[i].image_states for i in idx])
             for i, text in zip(idx, self.tasks.captions(states, max_length=length, num_beams=beams), strict=True):
                 out[i] = text
         return out
@@ -167,18 +242,18 @@ class ModelServer:
                     continue
                 for _ in range(2):
                     t = time.perf_counter()
-                    runner.run_batch([(pixels, ids[0], mask[0])] * n)
+                    runner.run_batch([VqaInput(pixels, TextInput(ids[0], mask[0]))] * n)
                     self.latency.observe(runner.name, n, time.perf_counter() - t)
-            for name, payload in (("vision", pixels), ("text", (ids[0], mask[0]))):
+            for name, payload in (("vision", pixels), ("text", TextInput(ids[0], mask[0]))):
                 t = time.perf_counter()
                 self.batchers[name].run_batch([payload] * n)
                 self.latency.observe(name, n, time.perf_counter() - t)
         states, _ = self.tasks.encode_images(pixels[None])
         t = time.perf_counter()
-        caption = self._run_caption([(states[0], 8, 1)])
+        caption = self._run_caption([CaptionInput(states[0], 8, 1)])
         self.latency.observe("caption", 1, time.perf_counter() - t)
         text_states, _ = self.tasks.encode_texts(ids, mask)
-        score = self._run_itm([(text_states[0], states[0])])[0]
+        score = self._run_itm([ItmInput(text_states[0], states[0])])[0]
         if not (isinstance(caption[0], str) and 0.0 <= score <= 1.0):
             raise RuntimeError(f"warm-up produced invalid outputs (caption {caption!r}, itm {score})")
         self.warmup_s = time.perf_counter() - t0
@@ -235,3 +310,105 @@ class ModelServer:
 
     def answers(self, logits: np.ndarray, top_k: int) -> list[tuple[str, float]]:
         return self.tasks.answers(logits[None], top_k)[0]
+
+    # Tasks (one method per route) -----------------------------------------------------------------
+    async def _run(self, batcher: str, payload: Any, call: Call) -> Any:
+        """Queue one item on a batcher and wait for its result, the way `call` waits."""
+        b = self.batchers[batcher]
+        try:
+            fut = b.submit(payload, call.deadline)
+        except QueueFull:
+            self.metrics.rejections.labels(call.endpoint, "queue_full").inc()
+            raise
+        result, queued_s = await call.wait(fut, b.name)
+        self.metrics.queue_duration.labels(call.endpoint, self.id).observe(queued_s)
+        return result
+
+    async def vqa(self, pixels: np.ndarray, question: TextInput, compute, top_k: int, call: Call) -> VqaAnswer:
+        """compute: 'auto' | level name | {'max_flops_ratio': x}; 'auto' means the server's
+        default_compute when that is not 'auto' (reported as reason 'default')."""
+        defaulted = compute == "auto" and isinstance(compute, str) and self.settings.default_compute != "auto"
+        if defaulted:
+            compute = self.settings.default_compute
+        level, reason = self.pick_level(compute, call.remaining_s())
+        if defaulted and reason == "requested":  # the server's TRIMVLM_DEFAULT_COMPUTE level, not the client's
+            reason = "default"
+        self.metrics.level_decisions.labels("vqa", level, reason).inc()
+        call.on_level(level)
+        picked_at, predicted = time.perf_counter(), self.predicted_s(level)
+        try:
+            out: VqaOutput = await self._run(f"vqa/{level}", VqaInput(pixels, question), call)
+        except DeadlineExceeded:  # late ones count too (at least this long), or the margin learns only from successes
+            self.record_outcome(level, predicted, time.perf_counter() - picked_at)
+            raise
+        tp = time.perf_counter()
+        top = self.answers(out.logits, top_k)
+        self.record_outcome(level, predicted, time.perf_counter() - picked_at)
+        if out.tokens_kept is not None:
+            self.metrics.kept_token_ratio.labels(self.id, level).observe(out.tokens_kept / self.image_tokens)
+        self.metrics.postprocess_duration.labels("vqa").observe(time.perf_counter() - tp)
+        return VqaAnswer(top, self.compute_info(level, out.tokens_kept, reason))
+
+    async def caption(self, pixels: np.ndarray, max_length: int, num_beams: int, call: Call) -> tuple[str, Compute]:
+        """The caption and its compute (captions have no compute choice: always full)."""
+        [image] = await self.encode_images([pixels], call)
+        text = await self._run("caption", CaptionInput(image.states, max_length, num_beams), call)
+        self.metrics.generated_tokens.labels("caption").observe(max(1, len(text.split())))
+        return text, self.compute_info("full", None, "default")
+
+    async def encode_images(self, pixels: list[np.ndarray], call: Call) -> list[Encoding]:
+        return list(await asyncio.gather(*(self._run("vision", px, call) for px in pixels)))
+
+    async def encode_texts(self, texts: list[TextInput], call: Call) -> list[Encoding]:
+        return list(await asyncio.gather(*(self._run("text", t, call) for t in texts)))
+
+    async def itm(self, pairs: list[ItmInput], call: Call) -> list[float]:
+        return list(await asyncio.gather(*(self._run("itm", p, call) for p in pairs)))
+
+    async def rank(self, query: np.ndarray | TextInput, candidates: list, rerank: bool, call: Call) -> Ranking:
+        """An image query (pixels) against candidate texts, or a text query against candidate images:
+        ITC scores, and ITM match probabilities when `rerank`."""
+        if isinstance(query, TextInput):
+            [text] = await self.encode_texts([query], call)
+            images = await self.encode_images(candidates, call)
+            itc = [float(im.embed @ text.embed) for im in images]
+            pairs = [ItmInput(text.states, im.states) for im in images]
+        else:
+            [image] = await self.encode_images([query], call)
+            texts = await self.encode_texts(candidates, call)
+            itc = [float(image.embed @ t.embed) for t in texts]
+            pairs = [ItmInput(t.states, image.states) for t in texts]
+        return Ranking(await self.itm(pairs, call) if rerank else itc, itc)
+
+    # What the routes show -------------------------------------------------------------------------
+    @property
+    def max_caption_length(self) -> int:
+        return self.tasks.manifest.preprocessing.max_caption_length
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.tasks.manifest.graphs["vision"].outputs[1].shape[-1])
+
+    def unknown_words(self, text: str) -> list[str]:
+        return self.tasks.unknown_words(text)
+
+    def queue_depths(self) -> dict[str, int]:
+        return {name: b.depth for name, b in self.batchers.items()}
+
+    def describe(self) -> dict:
+        """The model as GET /v1/models lists it (less what the app knows: ready, default)."""
+        m = self.tasks.manifest
+        return {
+            "tasks": m.tasks,
+            "levels": {
+                name: {"flops_ratio": p["flops_ratio"], "accuracy": p.get("accuracy", {})} for name, p in self.levels.items()
+            },
+            "backend": self.tasks.runtime.describe(),
+            "precision": self.tasks.precision,
+            "description": m.description,
+            "answer_vocabulary": "closed" if m.answers else "open",
+            "answers": list(m.answers) or None,
+            "image_size": m.preprocessing.image.size,
+            "max_text_length": m.preprocessing.max_text_length,
+            "known_words": m.known_words,
+        }

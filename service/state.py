@@ -17,7 +17,7 @@ from service.errors import InvalidRequest, ModelUnavailable, UnknownModel
 from service.images import ImageError, ImageLimits, declared_pixels, load_request_image
 from service.metrics import Metrics
 from service.repository import ManifestError, check_files, find_models, load_manifest
-from service.server import ModelServer
+from service.server import ModelServer, TextInput
 from service.settings import Settings
 
 log = logging.getLogger("trimvlm.state")
@@ -116,8 +116,7 @@ class AppState:
 
         if srv.id not in self.galleries:
             folder = self.settings.gallery_dir / srv.id.replace("/", "-")
-            dim = int(srv.tasks.manifest.graphs["vision"].outputs[1].shape[-1])
-            self.galleries[srv.id] = Gallery.open(folder, dim, srv.id, max_items=self.settings.gallery_max_items)
+            self.galleries[srv.id] = Gallery.open(folder, srv.embed_dim, srv.id, max_items=self.settings.gallery_max_items)
         return self.galleries[srv.id]
 
     def preprocess_inline(self, payload: str | bytes) -> bool:
@@ -153,7 +152,7 @@ class AppState:
         self.metrics.preprocess_duration.labels(endpoint, "image").observe(time.perf_counter() - t0)
         return srv.tasks.pixels(loaded.array[None])[0]
 
-    def tokenize(self, texts: list[str], srv: ModelServer, endpoint: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    def tokenize(self, texts: list[str], srv: ModelServer, endpoint: str) -> list[TextInput]:
         t0 = time.perf_counter()
         limit = self.settings.max_text_chars
         for t in texts:
@@ -169,4 +168,4 @@ class AppState:
         ids, mask = srv.tasks.tokenize(texts)
         self.metrics.preprocess_duration.labels(endpoint, "tokenize").observe(time.perf_counter() - t0)
         lengths = mask.sum(1)
-        return [(ids[i, : lengths[i]], mask[i, : lengths[i]]) for i in range(len(texts))]
+        return [TextInput(ids[i, : lengths[i]], mask[i, : lengths[i]]) for i in range(len(texts))]

@@ -53,8 +53,7 @@ class TaskModel:
         files = {g: self.folder / self.manifest.graph_file(g, self.precision) for g in self.manifest.graphs}
         self.runtime: Runtime = load_runtime(backend, files, options, fallback=fallback, model_dir=self.folder)
         self.tokenizer = Tokenizer.from_file(str(self.folder / self.manifest.tokenizer))
-        pre = self.manifest.preprocessing
-        self.image_spec = ImageSpec(pre.image.size, tuple(pre.image.mean), tuple(pre.image.std), pre.image.resample)
+        self.image_spec: ImageSpec = self.manifest.preprocessing.image
         self.levels = self.manifest.levels
         known = self.manifest.known_words
         self.known_words: frozenset[str] | None = frozenset(known) if known is not None else None

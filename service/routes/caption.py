@@ -7,7 +7,7 @@ import time
 from fastapi import APIRouter, Request
 
 from service.errors import ServiceError
-from service.routes.common import deadline_for, field, gather_items, image_payload, json_model, ms_since, parse, state, submit
+from service.routes.common import call, deadline_for, field, gather_items, image_payload, json_model, ms_since, parse, state
 from service.schemas import CaptionBatch, CaptionBatchResponse, CaptionItem, CaptionResponse, ComputeOut
 
 router = APIRouter(tags=["tasks"])
@@ -18,7 +18,7 @@ async def caption_one(request: Request, item: CaptionItem, t0: float) -> Caption
     srv = st.server(item.model)
     request.state.model = srv.id
     s = st.settings
-    max_length = item.max_length or srv.tasks.manifest.preprocessing.max_caption_length
+    max_length = item.max_length or srv.max_caption_length
     if max_length > s.max_caption_length:
         raise ServiceError("invalid_request", 422, f"max_length {max_length} exceeds the limit of {s.max_caption_length}")
     if item.num_beams > s.max_beams:
@@ -27,11 +27,8 @@ async def caption_one(request: Request, item: CaptionItem, t0: float) -> Caption
     payload = image_payload(item)
     with field("image"):
         pixels = await st.run_pre(st.decode_image, payload, srv, "caption", inline=st.preprocess_inline(payload))
-    states, _ = await submit(request, srv.batchers["vision"], pixels, deadline, "caption", srv.id)
-    text = await submit(request, srv.batchers["caption"], (states, max_length, item.num_beams), deadline, "caption", srv.id)
-    st.metrics.generated_tokens.labels("caption").observe(max(1, len(text.split())))
-    info = srv.compute_info("full", None, "default")  # captions have no compute choice: always full
-    return CaptionResponse(caption=text, compute=ComputeOut(**info.__dict__), model=srv.id, latency_ms=ms_since(t0))
+    text, compute = await srv.caption(pixels, max_length, item.num_beams, call(request, "caption", deadline))
+    return CaptionResponse(caption=text, compute=ComputeOut(**compute.__dict__), model=srv.id, latency_ms=ms_since(t0))
 
 
 @router.post(

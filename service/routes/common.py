@@ -13,8 +13,9 @@ from fastapi import Request, Response
 from pydantic import BaseModel, ValidationError
 
 from service.adaptive import CannotMeetDeadline
-from service.batching import Batcher, DeadlineExceeded, QueueFull
+from service.batching import DeadlineExceeded
 from service.errors import ServiceError
+from service.server import Call
 from service.state import AppState
 
 
@@ -188,21 +189,19 @@ async def _wait_disconnect(request: Request) -> None:
             return
 
 
-async def submit(request: Request, batcher: Batcher, payload: Any, deadline: float | None, endpoint: str, model: str) -> Any:
-    """Queue one item and wait for it, dropping it if the client disconnects or the deadline
-    passes first. Returns the result; records queue wait."""
-    try:
-        fut = batcher.submit(payload, deadline)
-    except QueueFull:
-        state(request).metrics.rejections.labels(endpoint, "queue_full").inc()
-        raise
-    return await wait(request, fut, deadline, endpoint, model, batcher.name)
+def call(request: Request, endpoint: str, deadline: float | None) -> Call:
+    """This request's part in the model server: it waits for queued items while watching for the
+    client going away (`wait`), and its compute level goes into the request's metrics."""
+
+    def on_level(level: str) -> None:
+        request.state.level = level
+
+    return Call(endpoint, deadline, lambda fut, name: wait(request, fut, deadline, name), on_level)
 
 
-async def wait(
-    request: Request, fut: asyncio.Future, deadline: float | None, endpoint: str, model: str, name: str = "the model"
-) -> Any:
-    st = state(request)
+async def wait(request: Request, fut: asyncio.Future, deadline: float | None, name: str = "the model") -> tuple[Any, float]:
+    """A queued item's (result, seconds queued), dropping it (cancelling `fut`) if the client
+    disconnects or the deadline passes first."""
     submitted = time.perf_counter()
     disconnect = asyncio.ensure_future(_wait_disconnect(request))
     try:
@@ -219,15 +218,13 @@ async def wait(
                 break
         if fut in done:
             try:
-                result, queued_s = fut.result()
+                return fut.result()
             except DeadlineExceeded as e:  # told with the request's own figures
                 e.message = (
                     f"{deadline_text(request)} passed before the request's turn on {name}: it had spent"
                     f" {ms_since(request_start(request)):.1f} ms in all, {1000 * e.queued_s:.1f} ms of it in that queue"
                 )
                 raise
-            st.metrics.queue_duration.labels(endpoint, model).observe(queued_s)
-            return result
         fut.cancel()  # the batcher skips cancelled items
         if disconnect in done:
             raise ClientDisconnected()

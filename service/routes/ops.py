@@ -43,29 +43,7 @@ async def ready(request: Request):
 )
 async def models(request: Request):
     st = state(request)
-    out = []
-    for mid, srv in st.servers.items():
-        m = srv.tasks.manifest
-        out.append(
-            ModelInfo(
-                id=mid,
-                ready=srv.ready,
-                tasks=srv.tasks.manifest.tasks,
-                levels={
-                    name: {"flops_ratio": p["flops_ratio"], "accuracy": p.get("accuracy", {})} for name, p in srv.levels.items()
-                },
-                backend=srv.tasks.runtime.describe(),
-                precision=srv.tasks.precision,
-                default=mid == st.default,
-                description=m.description,
-                answer_vocabulary="closed" if m.answers else "open",
-                answers=list(m.answers) or None,
-                image_size=m.preprocessing.image.size,
-                max_text_length=m.preprocessing.max_text_length,
-                known_words=m.known_words,
-            )
-        )
-    return out
+    return [ModelInfo(id=mid, ready=srv.ready, default=mid == st.default, **srv.describe()) for mid, srv in st.servers.items()]
 
 
 @router.get(
@@ -77,6 +55,6 @@ async def models(request: Request):
 async def metrics(request: Request):
     st = state(request)
     for srv in st.servers.values():
-        for name, b in srv.batchers.items():
-            st.metrics.queue_size.labels(srv.id, name).set(b.depth)
+        for name, depth in srv.queue_depths().items():
+            st.metrics.queue_size.labels(srv.id, name).set(depth)
     return Response(generate_latest(st.metrics.registry), media_type=CONTENT_TYPE_LATEST)

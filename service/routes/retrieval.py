@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query, Request
 
 from service.errors import ServiceError
 from service.routes.common import (
+    call,
     deadline_for,
     field,
     image_payload,
@@ -18,7 +19,6 @@ from service.routes.common import (
     ms_since,
     parse,
     state,
-    submit,
 )
 from service.schemas import (
     IndexBatch,
@@ -33,27 +33,23 @@ from service.schemas import (
     SearchRequest,
     SearchResponse,
 )
-from service.server import ModelServer
+from service.server import ItmInput, ModelServer, TextInput
 
 router = APIRouter(prefix="/retrieval", tags=["retrieval"])
 
 
-async def _images(request: Request, srv: ModelServer, payloads: list, deadline) -> list[tuple[np.ndarray, np.ndarray]]:
+async def _pixels(request: Request, srv: ModelServer, payloads: list) -> list[np.ndarray]:
     st = state(request)
-    pixels = await asyncio.gather(
-        *(st.run_pre(st.decode_image, p, srv, "retrieval", inline=st.preprocess_inline(p)) for p in payloads)
+    return list(
+        await asyncio.gather(
+            *(st.run_pre(st.decode_image, p, srv, "retrieval", inline=st.preprocess_inline(p)) for p in payloads)
+        )
     )
-    return await asyncio.gather(*(submit(request, srv.batchers["vision"], px, deadline, "retrieval", srv.id) for px in pixels))
 
 
-async def _texts(request: Request, srv: ModelServer, texts: list[str], deadline) -> list[tuple[np.ndarray, np.ndarray]]:
+async def _tokens(request: Request, srv: ModelServer, texts: list[str]) -> list[TextInput]:
     st = state(request)
-    tokens = await st.run_pre(st.tokenize, texts, srv, "retrieval")
-    return await asyncio.gather(*(submit(request, srv.batchers["text"], tok, deadline, "retrieval", srv.id) for tok in tokens))
-
-
-async def _itm(request: Request, srv: ModelServer, pairs: list[tuple[np.ndarray, np.ndarray]], deadline) -> list[float]:
-    return list(await asyncio.gather(*(submit(request, srv.batchers["itm"], p, deadline, "retrieval", srv.id) for p in pairs)))
+    return await st.run_pre(st.tokenize, texts, srv, "retrieval")
 
 
 @router.post("/rank", response_model=RankResponse, summary="Rank candidate texts for an image, or candidate images for a text")
@@ -73,19 +69,22 @@ async def rank(request: Request, body: RankRequest):
     if len(candidates) > st.settings.max_candidates:
         raise ServiceError("too_many_items", 413, f"{len(candidates)} candidates; the limit is {st.settings.max_candidates}")
     if image_query:
-        [(img_states, img_emb)] = await _images(request, srv, [body.image], deadline)
-        texts = await _texts(request, srv, candidates, deadline)
-        itc = [float(img_emb @ emb) for _, emb in texts]
-        pairs = [(ts, img_states) for ts, _ in texts]
+        [query] = await _pixels(request, srv, [body.image])
+        candidates = await _tokens(request, srv, candidates)
     else:
-        [(txt_states, txt_emb)] = await _texts(request, srv, [body.text], deadline)
-        images = await _images(request, srv, candidates, deadline)
-        itc = [float(emb @ txt_emb) for _, emb in images]
-        pairs = [(txt_states, ims) for ims, _ in images]
-    scores = await _itm(request, srv, pairs, deadline) if body.rerank else itc
+        [query] = await _tokens(request, srv, [body.text])
+        candidates = await _pixels(request, srv, candidates)
+    ranked = await srv.rank(query, candidates, body.rerank, call(request, "retrieval", deadline))
+    scores = ranked.scores
     ranking = sorted(range(len(scores)), key=lambda i: -scores[i])
     return json_model(
-        RankResponse(scores=[float(s) for s in scores], itc_scores=itc, ranking=ranking, model=srv.id, latency_ms=ms_since(t0))
+        RankResponse(
+            scores=[float(s) for s in scores],
+            itc_scores=ranked.itc_scores,
+            ranking=ranking,
+            model=srv.id,
+            latency_ms=ms_since(t0),
+        )
     )
 
 
@@ -101,18 +100,19 @@ async def search(request: Request, body: SearchRequest):
         raise ServiceError("invalid_request", 422, f"top_k {body.top_k} exceeds the limit of {st.settings.max_top_k}")
     deadline = deadline_for(request, body.deadline_ms)
     gallery = st.gallery(srv)
+    model_call = call(request, "retrieval", deadline)
     if body.text is not None:
-        [(query_states, query)] = await _texts(request, srv, [body.text], deadline)
+        [query] = await srv.encode_texts(await _tokens(request, srv, [body.text]), model_call)
     else:
-        [(_, query)] = await _images(request, srv, [body.image], deadline)
+        [query] = await srv.encode_images(await _pixels(request, srv, [body.image]), model_call)
     pool = max(body.top_k, st.settings.rerank_top_k) if body.rerank and body.text is not None else body.top_k
-    hits = await asyncio.get_running_loop().run_in_executor(st.preprocess_pool, gallery.search, query, pool)
+    hits = await asyncio.get_running_loop().run_in_executor(st.preprocess_pool, gallery.search, query.embed, pool)
     itc = {h[0]: h[1] for h in hits}
     scores = dict(itc)
     if body.rerank and body.text is not None and hits:
         stored = [(h[0], gallery.states(h[0])) for h in hits]
         rerankable = [(hid, s) for hid, s in stored if s is not None]
-        itm = await _itm(request, srv, [(query_states, s.astype(np.float32)) for _, s in rerankable], deadline)
+        itm = await srv.itm([ItmInput(query.states, s.astype(np.float32)) for _, s in rerankable], model_call)
         scores.update({hid: float(p) for (hid, _), p in zip(rerankable, itm, strict=True)})
     meta = {h[0]: h[2] for h in hits}
     best = sorted(scores, key=lambda k: -scores[k])[: body.top_k]
@@ -137,10 +137,12 @@ async def index_add(request: Request):
         request.state.model = srv.id
         gallery = st.gallery(srv)
         with field("image"):
-            [(states, emb)] = await _images(request, srv, [image_payload(item)], None)
+            [image] = await srv.encode_images(
+                await _pixels(request, srv, [image_payload(item)]), call(request, "retrieval", None)
+            )
         metadata = item.metadata
         new_id = await asyncio.get_running_loop().run_in_executor(
-            st.preprocess_pool, lambda: gallery.add(emb, item.id, metadata, states.astype(np.float16))
+            st.preprocess_pool, lambda: gallery.add(image.embed, item.id, metadata, image.states.astype(np.float16))
         )
         return IndexResponse(id=new_id, gallery_size=len(gallery))
 

@@ -6,8 +6,8 @@ import time
 
 from fastapi import APIRouter, Request
 
-from service.errors import ServiceError
 from service.routes.common import (
+    call,
     deadline_figures,
     deadline_for,
     field,
@@ -16,9 +16,7 @@ from service.routes.common import (
     json_model,
     ms_since,
     parse,
-    remaining,
     state,
-    submit,
 )
 from service.schemas import AnswerScore, ComputeOut, MaxFlops, VQABatch, VQABatchResponse, VQAItem, VQAResponse
 
@@ -36,39 +34,18 @@ async def answer_one(request: Request, item: VQAItem, t0: float) -> VQAResponse:
         with field("image"):
             pixels = st.decode_image(payload, srv, "vqa")
         with field("question"):
-            ids_mask = st.tokenize([item.question], srv, "vqa")[0]  # validates the text first
-        return pixels, ids_mask, srv.tasks.unknown_words(item.question)
+            question = st.tokenize([item.question], srv, "vqa")[0]  # validates the text first
+        return pixels, question, srv.unknown_words(item.question)
 
-    pixels, (ids, mask), unknown = await st.run_pre(preprocess, inline=st.preprocess_inline(payload))
-    compute = item.compute
-    defaulted = compute == "auto" and isinstance(compute, str) and st.settings.default_compute != "auto"
-    if defaulted:
-        compute = st.settings.default_compute
+    pixels, question, unknown = await st.run_pre(preprocess, inline=st.preprocess_inline(payload))
+    compute = item.compute.model_dump() if isinstance(item.compute, MaxFlops) else item.compute
     async with deadline_figures(request):
-        level, reason = srv.pick_level(compute.model_dump() if isinstance(compute, MaxFlops) else compute, remaining(deadline))
-    if defaulted and reason == "requested":  # the server's TRIMVLM_DEFAULT_COMPUTE level, not the client's
-        reason = "default"
-    st.metrics.level_decisions.labels("vqa", level, reason).inc()
-    request.state.level = level
-    picked_at, predicted = time.perf_counter(), srv.predicted_s(level)
-    try:
-        logits, kept = await submit(request, srv.batchers[f"vqa/{level}"], (pixels, ids, mask), deadline, "vqa", srv.id)
-    except ServiceError as e:
-        if e.status == 504:  # late ones count too (at least this long), or the margin learns only from successes
-            srv.record_outcome(level, predicted, time.perf_counter() - picked_at)
-        raise
-    tp = time.perf_counter()
-    top = srv.answers(logits, item.top_k)
-    srv.record_outcome(level, predicted, time.perf_counter() - picked_at)
-    info = srv.compute_info(level, kept, reason)
-    if kept is not None:
-        st.metrics.kept_token_ratio.labels(srv.id, level).observe(kept / srv.image_tokens)
-    st.metrics.postprocess_duration.labels("vqa").observe(time.perf_counter() - tp)
+        answer = await srv.vqa(pixels, question, compute, item.top_k, call(request, "vqa", deadline))
     return VQAResponse(
-        answer=top[0][0],
-        score=top[0][1],
-        top_k=[AnswerScore(answer=a, score=s) for a, s in top],
-        compute=ComputeOut(**info.__dict__),
+        answer=answer.top[0][0],
+        score=answer.top[0][1],
+        top_k=[AnswerScore(answer=a, score=s) for a, s in answer.top],
+        compute=ComputeOut(**answer.compute.__dict__),
         model=srv.id,
         latency_ms=ms_since(t0),
         warnings=[f"words not in the model's vocabulary: {', '.join(unknown)}"] if unknown else [],

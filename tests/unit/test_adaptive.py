@@ -164,7 +164,7 @@ def test_wait_never_times_out_before_the_deadline(loop_factory):
         while time.perf_counter() - t < 0.002:
             pass
         with pytest.raises(ServiceError) as e:
-            await wait(_fake_request(), fut, deadline, "vqa", "m")
+            await wait(_fake_request(), fut, deadline)
         assert e.value.status == 504
         assert re.fullmatch(  # the deadline and the time spent, in all and waiting (here: since the request began)
             r"deadline of 3 ms passed before the answer was ready: the request had spent [\d.]+ ms in all,"
@@ -189,9 +189,9 @@ def test_wait_returns_result_before_deadline():
     async def go():
         fut = asyncio.get_running_loop().create_future()
         asyncio.get_running_loop().call_later(0.001, fut.set_result, ("answer", 0.0))
-        return await wait(_fake_request(), fut, time.perf_counter() + 1.0, "vqa", "m")
+        return await wait(_fake_request(), fut, time.perf_counter() + 1.0)
 
-    assert asyncio.run(go()) == "answer"
+    assert asyncio.run(go()) == ("answer", 0.0)  # the result and the time it spent queued
 
 
 def test_margin_quantile_is_a_validated_setting(monkeypatch):

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -6,10 +7,33 @@ import torch
 from PIL import Image
 
 from compression import data as D
-from compression.train import normalize_on_device
-from service.preprocess import ImageSpec, encode_texts, load_image, normalize_uint8, preprocess_image
+from compression.training import normalize_on_device
+from service.preprocess import ImageSpec, Preprocessing, encode_texts, load_image, normalize_uint8, preprocess_image
+from service.repository import load_manifest
 
 SPEC = ImageSpec(size=16)
+MODELS = Path(__file__).resolve().parents[2] / "models"
+
+
+@pytest.mark.parametrize("path", sorted(MODELS.glob("*/*/preprocess.json")), ids=lambda p: p.parent.parent.name)
+def test_a_model_folders_preprocessing_reads_and_writes_back_unchanged(path):
+    """One type for model folders (compression/artifacts.py) and manifests: the committed JSON is unchanged."""
+    text = path.read_text()
+    pre = Preprocessing.model_validate_json(text)
+    assert json.dumps(pre.model_dump(mode="json"), indent=2) + "\n" == text  # as save_model_dir writes it
+
+
+def test_the_manifest_carries_the_same_preprocessing_type():
+    folder = MODELS / "trimvlm-default" / "1"
+    pre = load_manifest(folder).preprocessing
+    assert type(pre) is Preprocessing and type(pre.image) is ImageSpec
+    assert pre.model_dump(mode="json") == json.loads((folder / "manifest.json").read_text())["preprocessing"]
+    assert pre.image == ImageSpec(size=64)  # CLIP mean/std, bicubic: the defaults
+
+
+def test_an_unknown_resampling_filter_is_refused():
+    with pytest.raises(ValueError, match="resample"):
+        ImageSpec(size=16, resample="lanczos")
 
 
 def _write_images(root, names, size=(20, 24)):

@@ -140,15 +140,15 @@ def test_embedding_kd_is_the_cosine_distance_of_itc_embeddings():
 
 
 def test_init_from_an_existing_student_keeps_its_pruned_shape(tmp_path):
-    from compression.artifacts import Preprocessing, save_model_dir
+    from compression.artifacts import save_model_dir
     from compression.distill import build_student
-    from service.preprocess import ImageSpec
+    from service.preprocess import ImageSpec, Preprocessing
     from tests.unit.test_modeling import _tokenizer
 
     torch.manual_seed(0)
     pruned = TrimVLM(tiny_config(vision_mlp=[7, 3], fusion_self_heads=[1, 2]))
     tok = _tokenizer()
-    save_model_dir(tmp_path / "s", pruned, tok, Preprocessing(ImageSpec(size=32)))
+    save_model_dir(tmp_path / "s", pruned, tok, Preprocessing(image=ImageSpec(size=32)))
     cfg = DistillConfig(init=str(tmp_path / "s"), student_name="again")
     student = build_student(cfg, TrimVLM(tiny_config()), tok)
     assert student.config.vision_mlp == [7, 3] and student.config.fusion_self_heads == [1, 2]

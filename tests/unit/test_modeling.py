@@ -2,11 +2,11 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from compression.artifacts import Preprocessing, load_model_dir, save_model_dir
+from compression.artifacts import load_model_dir, save_model_dir
 from compression.config import ModelConfig
 from compression.flops import TokenCounts, count_params, flops_per_sample
 from compression.modeling import TrimVLM
-from service.preprocess import ImageSpec
+from service.preprocess import ImageSpec, Preprocessing
 
 
 def tiny_config(**kw) -> ModelConfig:
@@ -189,7 +189,7 @@ def _tokenizer():
 
 
 def test_save_load_round_trip_is_bit_exact(model, tmp_path):
-    pre = Preprocessing(ImageSpec(size=32))
+    pre = Preprocessing(image=ImageSpec(size=32))
     save_model_dir(tmp_path / "m", model, _tokenizer(), pre)
     loaded = load_model_dir(tmp_path / "m")
     a, b = model.state_dict(), loaded.model.state_dict()
@@ -205,7 +205,7 @@ def test_save_load_round_trip_is_bit_exact(model, tmp_path):
 
 
 def test_fp16_save_loads_the_rounded_weights(model, tmp_path):
-    save_model_dir(tmp_path / "m16", model, _tokenizer(), Preprocessing(ImageSpec(size=32)), dtype="fp16")
+    save_model_dir(tmp_path / "m16", model, _tokenizer(), Preprocessing(image=ImageSpec(size=32)), dtype="fp16")
     loaded = load_model_dir(tmp_path / "m16")
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[k], v.half().float()), k

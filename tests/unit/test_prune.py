@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from compression.artifacts import Preprocessing, load_model_dir, save_model_dir
+from compression.artifacts import load_model_dir, save_model_dir
 from compression.distill import DistillConfig, Distiller
 from compression.flops import TokenCounts, count_params
 from compression.modeling import TrimVLM
@@ -21,8 +21,8 @@ from compression.prune import (
     slice_model,
     unit_costs,
 )
-from compression.train import task_forward
-from service.preprocess import ImageSpec
+from compression.training import task_forward
+from service.preprocess import ImageSpec, Preprocessing
 from tests.unit.test_modeling import tiny_config
 
 
@@ -165,7 +165,12 @@ def test_per_layer_sizes_survive_save_and_load(tmp_path):
     cfg = tiny_config()
     sliced = slice_model(TrimVLM(cfg).eval(), random_masks(cfg, seed=3)).eval()
     tok = Tokenizer(models.WordLevel({"[PAD]": 0, "[UNK]": 1}, unk_token="[UNK]"))
-    save_model_dir(tmp_path / "m", sliced, tok, Preprocessing(ImageSpec(size=32), 16, 4, 16))
+    save_model_dir(
+        tmp_path / "m",
+        sliced,
+        tok,
+        Preprocessing(image=ImageSpec(size=32), max_text_length=16, max_answer_length=4, max_caption_length=16),
+    )
     loaded = load_model_dir(tmp_path / "m").model
     for f in GROUPS.values():
         assert getattr(loaded.config, f) == getattr(sliced.config, f)

@@ -210,13 +210,13 @@ def test_objective_trains_trimmers_towards_the_flops_target():
 
 
 def test_trimmers_survive_save_and_load(tmp_path):
-    from compression.artifacts import Preprocessing, load_model_dir, save_model_dir
-    from service.preprocess import ImageSpec
+    from compression.artifacts import load_model_dir, save_model_dir
+    from service.preprocess import ImageSpec, Preprocessing
     from tests.unit.test_modeling import _tokenizer
 
     model = trimmed_model()
     assert isinstance(model.trimmers, Trimmers)
-    save_model_dir(tmp_path, model, _tokenizer(), Preprocessing(ImageSpec(size=32)))
+    save_model_dir(tmp_path, model, _tokenizer(), Preprocessing(image=ImageSpec(size=32)))
     loaded = load_model_dir(tmp_path).model
     pixels, ids, mask = inputs(2)
     with torch.no_grad():
