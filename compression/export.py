@@ -6,6 +6,7 @@ Graphs (names are the contract with `service/`, see `graph_modules`):
   fusion            text_states, attention_mask, image_states -> vqa_logits, itm_logits
   vqa_trimmed       batch-1 gather graph, thresholds as inputs (below)
   decoder_*         caption decoder with a KV cache (compression/export_decoder.py)
+Each is a `GraphModule` traced by `export_graph` (compression/export_graphs.py, the exporters' base).
 
 The VQA path (untrimmed, or trimmed in mask / batch-1 gather mode):
 
@@ -21,33 +22,16 @@ than they are worth; levels.json carries the calibrated ratio.
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from compression.export_decoder import decoder_graph_modules
+from compression.export_graphs import OPSET, GraphModule, export_graph
 from compression.modeling import TrimVLM
 from compression.trimmed import Trim, trimmed_vqa_forward
-
-OPSET = 18
-
-
-@dataclass
-class GraphModule:
-    """One exportable graph: a module whose forward takes `inputs` positionally and returns
-    `outputs` in order; `sample` makes example inputs (batch b, text length t) for tracing;
-    `dynamic_axes` names the dynamic dimensions per tensor (shared by export and manifest)."""
-
-    module: nn.Module
-    inputs: list[str]
-    outputs: list[str]
-    sample: Callable[[int, int], tuple] | None = None
-    dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
-    batch_one: bool = False  # data-dependent shapes baked for batch 1 (the gather graph)
 
 
 class VisionGraph(nn.Module):
@@ -117,8 +101,6 @@ def _text(cfg, b, t):
 
 def graph_modules(model: TrimVLM) -> dict[str, GraphModule]:
     """Every graph the service can run, by name (decoder graphs included)."""
-    from compression.export_decoder import decoder_graph_modules
-
     cfg = model.config
     n_img = (cfg.image_size // cfg.patch_size) ** 2 + 1
     batch, text = {0: "batch"}, {0: "batch", 1: "text"}
@@ -149,31 +131,6 @@ def graph_modules(model: TrimVLM) -> dict[str, GraphModule]:
         graphs["vqa_trimmed"] = vqa_graph_module(model, "gather")
     graphs.update(decoder_graph_modules(model))
     return graphs
-
-
-def export_graph(graph: GraphModule, path: str | Path, b: int = 2, t: int = 8) -> Path:
-    """Trace one graph to ONNX (TorchScript exporter, opset 18) and check it."""
-    import onnx
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad(), warnings.catch_warnings():
-        # The batch-1 gather graph branches on shapes at trace time on purpose (batch 1 is baked
-        # in); the tracer warns about every such branch.
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(
-            graph.module,
-            graph.sample(1 if graph.batch_one else b, t),
-            str(path),
-            input_names=graph.inputs,
-            output_names=graph.outputs,
-            dynamic_axes=graph.dynamic_axes,
-            opset_version=OPSET,
-            dynamo=False,
-        )
-    onnx.checker.check_model(str(path))
-    return path
 
 
 def vqa_graph_module(model: TrimVLM, mode: str = "gather", logits: str = "vqa_logits") -> GraphModule:

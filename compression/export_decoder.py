@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from compression.export import GraphModule, export_graph
+from compression.export_graphs import GraphModule, export_graph
 from compression.modeling import TextDecoder, TrimVLM
 
 STEP_TRACE_TOKENS = 3  # new tokens in the step graph's tracing example (not 1: keep T generic)
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from compression import data as D
     from compression.artifacts import load_model_dir
-    from compression.train import normalize_on_device
+    from service.preprocess import normalize_uint8
 
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("model_dir")
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     lm = load_model_dir(a.model_dir)
     split = D.load_scenes_captions(D.ensure_scenes(), "test", lm.preprocessing.image)
     with torch.no_grad():  # image states from torch: this measures the decoder only
-        pixels = normalize_on_device(torch.from_numpy(split.images[: a.images]), lm.preprocessing.image)
+        pixels = torch.from_numpy(normalize_uint8(split.images[: a.images], lm.preprocessing.image))
         states = lm.model.encode_image(pixels).last_hidden_state.numpy()
     result = measure_caption_speed(a.model_dir, states, a.max_length, a.rounds, a.threads, batch=a.batch)
     print(json.dumps(result, indent=2))
