@@ -15,8 +15,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -24,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from service.machine import machine_info
 
 BATCH_SIZES = (1, 8, 32)
 GEMM_N = 1024  # square fp32 GEMM: big enough to reach the BLAS's steady rate on a few cores
@@ -289,7 +289,6 @@ def _run(
     import torch
 
     from compression import data as D
-    from compression.compression_report import cpu_name
     from compression.flops import TokenCounts, flops_per_sample
     from service.preprocess import ImageSpec
 
@@ -369,7 +368,7 @@ def _run(
 
     report = {
         "command": "trimvlm bench model",
-        "machine": machine(cpu_name()),
+        "machine": machine_info("cpu", "cores", "torch_threads=threads", "python", "torch", "onnxruntime", "numpy"),
         "split": f"easy_vqa_{split_name}",
         "n_questions": len(eval_split.samples),
         "protocol": (
@@ -413,21 +412,6 @@ def _fill_exported_flops_ratios(rows: dict) -> None:
     for r in rows.values():
         if r["artifact"] == "exported" and r["measured_flops_ratio"] is None and r["level"] in measured:
             r["measured_flops_ratio"] = measured[r["level"]]
-
-
-def machine(cpu: str) -> dict:
-    import onnxruntime
-    import torch
-
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "numpy": np.__version__,
-    }
 
 
 # Headline ratios (what README and docs/BENCHMARKS.md quote) ------------------------------------

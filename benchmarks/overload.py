@@ -18,7 +18,6 @@ import base64
 import io
 import json
 import os
-import platform
 import random
 import time
 from collections import Counter
@@ -29,6 +28,7 @@ import httpx
 
 from benchmarks.loadgen import Result, RunStats, http_request, parse_head, percentile
 from benchmarks.service_bench import ServerProcess
+from service.machine import machine_info
 
 MiB = 2**20
 REFUSALS = (429, 503)
@@ -69,24 +69,9 @@ def vqa_factory():
 
 
 def machine() -> dict:
-    import onnxruntime
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "note": "shared with other jobs; client and server on the same cores (loopback)",
-        "python": platform.python_version(),
-        "onnxruntime": onnxruntime.__version__,
-        "platform": platform.platform(),
-    }
+    """The reliability reports' machine (overload and soak runs)."""
+    note = "shared with other jobs; client and server on the same cores (loopback)"
+    return machine_info("cpu", "cores", "python", "onnxruntime", "platform", note=note)
 
 
 def rss_bytes(pid: int) -> int:

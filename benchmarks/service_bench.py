@@ -19,7 +19,6 @@ import dataclasses
 import io
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -31,6 +30,7 @@ import httpx
 import numpy as np
 
 from benchmarks.loadgen import RawClient, closed_loop, open_loop, percentile
+from service.machine import machine_info
 
 TARGETS = {"batching_speedup": 4.0, "http_overhead_ms": 2.0, "deadline_miss_rate": 0.01}
 # The mixed workload of the sweeps: share of requests per endpoint (a VQA-heavy product).
@@ -285,7 +285,7 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     items = easy_vqa_requests(256)
     report: dict = {
-        "machine": _machine(),
+        "machine": machine_info("cpu", "cores", "python"),
         "models": str(models),
         "clients": clients,
         "requests_per_round": requests,
@@ -429,12 +429,6 @@ def _mean_batch(metrics_text: str, component: str) -> float | None:
         if line.startswith("vlm_batch_size_count") and f'component="{component}"' in line:
             count = float(line.rsplit(" ", 1)[1])
     return round(total / count, 2) if total is not None and count else None
-
-
-def _machine() -> dict:
-    from compression.compression_report import cpu_name
-
-    return {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()}
 
 
 def _markdown(r: dict) -> str:

@@ -11,8 +11,6 @@ Writes report.json, REPORT.md, allocation.png and pareto.png.
 from __future__ import annotations
 
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -26,6 +24,7 @@ from compression.evaluate import evaluate, flat_metrics
 from compression.flops import TokenCounts, count_params, flops_per_sample
 from compression.prune import GROUPS, remaining_units
 from compression.train import normalize_on_device
+from service.machine import machine_info
 from service.preprocess import encode_texts
 
 # The bars the pruned student must clear (issue 3), relative to the teacher.
@@ -36,16 +35,6 @@ TARGETS = {
     "r1_ratio_min": 0.96,
     "latency_speedup_min": 2.5,
 }
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _vqa_inputs(lm, image: np.ndarray, question: str):
@@ -148,13 +137,7 @@ def build_report(models: dict[str, Path], teacher: str = "teacher", limit: int |
             "latency": _at_least(v["vqa_latency_speedup"], TARGETS["latency_speedup_min"]),
         }
     return {
-        "machine": {
-            "platform": platform.platform(),
-            "processor": cpu_name(),
-            "cpu_count": os.cpu_count(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-        },
+        "machine": machine_info("platform", "processor=cpu", "cpu_count=cores", "torch", "threads"),
         "latency_protocol": f"batch 1, torch eager fp32 CPU, {rounds} interleaved rounds; VQA forward x5 per round, "
         "greedy captioning (up to max caption length) every 4th round; p50 over all samples",
         "targets": TARGETS,

@@ -14,7 +14,6 @@ machine (JSON + Markdown).
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -24,8 +23,8 @@ import torch
 
 from compression import data as D
 from compression.artifacts import load_model_dir
-from compression.compression_report import cpu_name
 from compression.trim_report import measure_latency
+from service.machine import machine_info
 from service.tasks import TaskModel
 
 TARGETS = {"latency_speedup": 5.0, "throughput_speedup": 5.0, "teacher_accuracy_fraction": 0.985, "caption_cache_speedup": 3.0}
@@ -169,12 +168,7 @@ def write_report(
     report = {
         "model": str(model),
         "teacher": str(teacher),
-        "machine": {
-            "cpu": cpu_name(),
-            "threads": torch.get_num_threads(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-        },
+        "machine": machine_info("cpu", "threads", "python", "torch"),
         "runtime": tasks.runtime.describe(),
         "n_questions": len(split.samples),
         "accuracy": accuracy,

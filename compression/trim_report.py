@@ -22,11 +22,11 @@ import torch
 
 from compression import data as D
 from compression.artifacts import load_model_dir
-from compression.compression_report import cpu_name
 from compression.train import normalize_on_device
 from compression.trim import evaluate_trimmed
 from compression.trimmed import Trim, trimmed_vqa_forward
 from service.levels import load_levels
+from service.machine import machine_info
 from service.preprocess import encode_texts
 
 TARGETS = {"flops_reduction": 2.5, "max_drop_points": 1.0, "latency_speedup": 1.8}
@@ -314,7 +314,7 @@ def write_report(model_dir: Path, out: Path, limit: int | None = None, latency_s
     }
     report = {
         "model": str(model_dir),
-        "machine": {"cpu": cpu_name(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "machine": machine_info("cpu", "torch", "threads"),
         "levels": level_results,
         "curve_easy_vqa_test": curve,
         "kept_tokens_balanced": {"image": spread(bal.image_kept), "question": spread(bal.text_kept), "image_tokens_total": n_img},
