@@ -55,7 +55,7 @@ def serve(
     except ValidationError as e:  # a TRIMVLM_* variable or .env line that does not parse
         fail(f"invalid settings: {e}")
     if settings.exit_on_load_error:
-        problem = repository_problem(settings.models_dir)
+        problem = repository_problem(settings.models_dir, settings.version_policy)
         if problem:
             fail(f"{problem} (TRIMVLM_EXIT_ON_LOAD_ERROR=false serves anyway, never ready)")
     sock = listen(settings.host, settings.port, settings.listen_backlog)  # before any model loads
@@ -68,17 +68,20 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
-def repository_problem(root: Path) -> str | None:
-    """What is wrong with a model repository that a cheap look can tell (the folder, its manifests);
-    None if it looks loadable. Checksums and graphs are checked as the models load."""
+def repository_problem(root: Path, version_policy: str = "latest:1") -> str | None:
+    """What is wrong with a model repository that a cheap look can tell (the folder, the manifests of
+    the versions the policy serves); None if it looks loadable. Checksums and graphs are checked as the
+    models load."""
     from service.repository import ManifestError, find_models, load_manifest
 
     hint = "set --models or TRIMVLM_MODELS_DIR to a model repository (folders <name>/<version>/manifest.json)"
     if not root.is_dir():
         return f"model repository {root} does not exist or is not a folder; {hint}"
-    folders = find_models(root)
-    if not folders:
+    if not find_models(root):
         return f"no exported models (manifest.json) under {root}; run `trimvlm export`, or {hint}"
+    folders = find_models(root, version_policy)
+    if not folders:
+        return f"no version under {root} is served by the version policy {version_policy} (TRIMVLM_VERSION_POLICY)"
     for folder in folders:
         try:
             load_manifest(folder)
@@ -194,19 +197,27 @@ def _torch_model_folders(root: Path) -> list[Path]:
 def models_list(
     models: ModelsDir = Path("models"),
     as_json: Annotated[bool, typer.Option("--json", help="JSON instead of a table.")] = False,
+    version_policy: Annotated[
+        str,
+        typer.Option(envvar="TRIMVLM_VERSION_POLICY", help="Which versions are served: latest:N, all or specific:V1,V2."),
+    ] = "latest:1",
 ):
-    """Models under the repository: exported ones (name/version, graphs, precisions, levels, size), and
-    torch model folders, listed as not servable until exported."""
+    """Models under the repository: exported ones (name/version, whether the version policy serves it,
+    graphs, precisions, levels, size), and torch model folders, listed as not servable until exported."""
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
-    from service.repository import ManifestError, find_models, summary
+    from service.repository import ManifestError, VersionPolicy, find_models, summary
 
+    try:
+        policy = VersionPolicy.parse(version_policy)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--version-policy") from None
     if not models.is_dir():
         typer.echo(f"error: {models} is not a folder (--models: the model repository, e.g. models/)", err=True)
         raise typer.Exit(1)
-    found = find_models(models)
+    found, served = find_models(models), set(find_models(models, policy))
     torch_folders = _torch_model_folders(models)
     if not found and not torch_folders:
         typer.echo(f"error: no models under {models} (exported: <name>/<version>/manifest.json)", err=True)
@@ -219,26 +230,37 @@ def models_list(
         rows = []
         for folder in found:
             try:
-                rows.append({**summary(folder), "servable": True})
+                rows.append({**summary(folder), "servable": True, "served": folder in served})
             except ManifestError as e:
-                rows.append({"model": name_of(folder), "path": str(folder), "servable": False, "reason": str(e)})
-        rows += [{"model": name_of(f), "path": str(f), "servable": False, "reason": NOT_SERVABLE_TORCH} for f in torch_folders]
+                row = {"model": name_of(folder), "path": str(folder), "servable": False, "served": False, "reason": str(e)}
+                rows.append(row)
+        rows += [
+            {"model": name_of(f), "path": str(f), "servable": False, "served": False, "reason": NOT_SERVABLE_TORCH}
+            for f in torch_folders
+        ]
         typer.echo(json.dumps(rows, indent=2))
         return
-    table = Table("model", "tasks", "precisions", "levels", "MB", "path")
+    table = Table("model", f"served ({policy})", "tasks", "precisions", "levels", "MB", "path")
     for column in table.columns:
         column.overflow = "fold"  # never cut an id or a path
     for folder in found:
         try:
             s = summary(folder)
         except ManifestError as e:
-            table.add_row(name_of(folder), f"[red]not servable: {escape(str(e))}[/red]", "", "", "", str(folder))
+            table.add_row(name_of(folder), "no", f"[red]not servable: {escape(str(e))}[/red]", "", "", "", str(folder))
             continue
         table.add_row(
-            s["model"], ",".join(s["tasks"]), ",".join(s["precisions"]), ",".join(s["levels"]), str(s["size_mb"]), s["path"]
+            s["model"],
+            "yes" if folder in served else "no",
+            ",".join(s["tasks"]),
+            ",".join(s["precisions"]),
+            ",".join(s["levels"]),
+            str(s["size_mb"]),
+            s["path"],
         )
     for folder in torch_folders:
-        table.add_row(name_of(folder), f"[yellow]not servable: {escape(NOT_SERVABLE_TORCH)}[/yellow]", "", "", "", str(folder))
+        not_servable = f"[yellow]not servable: {escape(NOT_SERVABLE_TORCH)}[/yellow]"
+        table.add_row(name_of(folder), "no", not_servable, "", "", "", str(folder))
     console = Console()
     if not console.is_terminal:  # piped or captured: the table at its natural width, no word cut in two
         console = Console(width=100_000)

@@ -10,6 +10,8 @@ produced it. `verify` re-checks all of it; `list_models` walks a repository (Tri
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -141,13 +143,85 @@ def write_manifest(folder: str | Path, manifest: Manifest) -> Path:
     return folder / MANIFEST
 
 
-def find_models(root: str | Path) -> list[Path]:
-    """Version folders holding a manifest under a repository root (`<name>/<version>/`), or the
-    root itself if it is one."""
+def version_key(version: str) -> tuple[int, str]:
+    """Sort key of a version folder name: numbers in numeric order (9 before 10), after any name
+    that is not a number."""
+    return (int(version), "") if is_version_number(version) else (-1, version)
+
+
+def is_version_number(version: str) -> bool:
+    return version.isascii() and version.isdigit()
+
+
+def latest(model_ids: Iterable[str]) -> str:
+    """The highest version among `name/version` ids (numeric order)."""
+    return max(model_ids, key=lambda mid: version_key(mid.rpartition("/")[2]))
+
+
+@dataclass(frozen=True)
+class VersionPolicy:
+    """Which versions of each model in a repository are served, as Triton's version_policy:
+    `latest:N` (the N highest version numbers, `latest:1` by default), `all`, or `specific:1,3`
+    (those of the listed versions each model has). Only version folders named by a number are
+    ever served (Triton ignores the others too); `trimvlm models list` shows what is served."""
+
+    kind: Literal["latest", "all", "specific"] = "latest"
+    latest: int = 1
+    versions: tuple[int, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> VersionPolicy:
+        kind, _, arg = text.strip().partition(":")
+        kind, arg = kind.strip().lower(), arg.strip()
+        usage = "latest:N (N >= 1), all, or specific:V1,V2,... (version numbers)"
+        if kind == "all" and not arg:
+            return cls("all")
+        if kind == "latest" and (not arg or is_version_number(arg)):
+            n = int(arg or 1)
+            if n >= 1:
+                return cls("latest", latest=n)
+        if kind == "specific":
+            listed = [v.strip() for v in arg.split(",")]
+            if arg and all(is_version_number(v) for v in listed):
+                return cls("specific", versions=tuple(sorted({int(v) for v in listed})))
+        raise ValueError(f"version policy {text!r} not understood: {usage}")
+
+    def __str__(self) -> str:
+        if self.kind == "latest":
+            return f"latest:{self.latest}"
+        if self.kind == "specific":
+            return "specific:" + ",".join(map(str, self.versions))
+        return "all"
+
+    def select(self, versions: Iterable[str]) -> list[str]:
+        """The served ones among one model's version folder names, in numeric order."""
+        numbers = sorted((v for v in versions if is_version_number(v)), key=int)
+        if self.kind == "latest":
+            return numbers[-self.latest :]
+        if self.kind == "specific":
+            return [v for v in numbers if int(v) in self.versions]
+        return numbers
+
+
+def find_models(root: str | Path, policy: VersionPolicy | str | None = None) -> list[Path]:
+    """Version folders holding a manifest under a repository root (`<name>/<version>/`), by name
+    then version in numeric order; with a version policy only those it serves, for each name. A
+    root that is itself a version folder is returned as it is (serving it was asked for)."""
     root = Path(root)
     if (root / MANIFEST).is_file():
         return [root]
-    return sorted(p.parent for p in root.glob(f"*/*/{MANIFEST}"))
+    folders = sorted((p.parent for p in root.glob(f"*/*/{MANIFEST}")), key=lambda f: (f.parent.name, version_key(f.name)))
+    if policy is None:
+        return folders
+    policy = VersionPolicy.parse(policy) if isinstance(policy, str) else policy
+    by_name: dict[str, list[Path]] = {}
+    for folder in folders:
+        by_name.setdefault(folder.parent.name, []).append(folder)
+    served: list[Path] = []
+    for group in by_name.values():
+        keep = set(policy.select(f.name for f in group))
+        served += [f for f in group if f.name in keep]
+    return served
 
 
 def check_files(folder: str | Path, manifest: Manifest) -> list[str]:

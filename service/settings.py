@@ -6,9 +6,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.repository import VersionPolicy
 from service.runtime.base import RuntimeOptions
 
 
@@ -28,7 +29,10 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     models_dir: Path = Path("models")
-    default_model: str | None = None  # name or name/version; None: the only/first exported model
+    default_model: str | None = None  # name or name/version (the highest served); None: the first name
+    # Which versions of each model under models_dir are served (Triton's version_policy): latest:N (the N
+    # highest version numbers), all, or specific:1,3. Folders not named by a number are never served.
+    version_policy: str = "latest:1"
     backend: str = "onnxruntime"  # onnxruntime | tensorrt | torch | auto (falls back, logged)
     device: str = "cpu"  # cpu | cuda | tensorrt (ORT execution provider)
     precision: str | None = None  # fp32 | int8 | fp16; None: the manifest's default for the device
@@ -114,6 +118,11 @@ class Settings(BaseSettings):
     exit_on_load_error: bool = True
     demo_page: bool = True
     warmup: bool = True
+
+    @field_validator("version_policy")
+    @classmethod
+    def _version_policy(cls, value: str) -> str:
+        return str(VersionPolicy.parse(value))  # a clear error now, rather than at model load
 
     def runtime_options(self) -> RuntimeOptions:
         """The backend settings `trimvlm serve` runs its models with (reports and benchmarks that

@@ -16,7 +16,7 @@ import numpy as np
 from service.errors import InvalidRequest, ModelUnavailable, UnknownModel
 from service.images import ImageError, ImageLimits, declared_pixels, load_request_image
 from service.metrics import Metrics
-from service.repository import ManifestError, check_files, find_models, load_manifest
+from service.repository import ManifestError, check_files, find_models, latest, load_manifest
 from service.server import ModelServer, TextInput
 from service.settings import Settings
 
@@ -72,13 +72,22 @@ class AppState:
         )
 
     def load_models(self) -> None:
-        """Load every exported model under models_dir (the default first)."""
-        folders = find_models(self.settings.models_dir)
+        """Load the exported models under models_dir that the version policy serves."""
+        root, policy = self.settings.models_dir, self.settings.version_policy
+        every, folders = find_models(root), find_models(root, policy)
+        if not every:
+            raise RuntimeError(f"no exported models (manifest.json) under {root}; run `trimvlm export`")
         if not folders:
-            raise RuntimeError(f"no exported models (manifest.json) under {self.settings.models_dir}; run `trimvlm export`")
+            there = ", ".join(f"{f.parent.name}/{f.name}" for f in every)
+            raise RuntimeError(f"no version under {root} is served by the version policy {policy} (there: {there})")
+        for folder in every:
+            if folder not in folders:
+                log.info("not serving %s: outside the version policy %s", folder, policy)
         for folder in folders:
             m = load_manifest(folder)
             mid = f"{m.name}/{m.version}"
+            if mid in self.servers:  # two folders whose manifests name the same version: one would hide the other
+                raise ManifestError(f"{folder}: its manifest names {mid}, as {self.servers[mid].tasks.folder} does")
             # A damaged or missing file must stop loading with a clear error (readiness shows it), not
             # surface later as an ORT parse error, or not at all for a file ORT reads without complaint.
             problems = check_files(folder, m) if self.settings.verify_checksums else []
@@ -86,14 +95,11 @@ class AppState:
                 raise ManifestError(f"{folder}: {'; '.join(problems)} (re-export, or restore the files)")
             self.servers[mid] = ModelServer(folder, self.settings, self.metrics, self.inference_pool)
             log.info("loaded %s from %s (%s)", mid, folder, self.servers[mid].tasks.runtime.describe())
-        wanted = self.settings.default_model
-        if wanted:
-            matches = [k for k in self.servers if k == wanted or k.split("/")[0] == wanted]
-            if not matches:
-                raise RuntimeError(f"default model {wanted!r} is not among {sorted(self.servers)}")
-            self.default = sorted(matches)[-1]
-        else:
-            self.default = next(iter(self.servers))
+        wanted = self.settings.default_model or next(iter(self.servers)).split("/")[0]  # else the first name
+        matches = [k for k in self.servers if k == wanted or k.split("/")[0] == wanted]
+        if not matches:
+            raise RuntimeError(f"default model {wanted!r} is not among {sorted(self.servers)}")
+        self.default = latest(matches)
 
     def server(self, model: str | None) -> ModelServer:
         if model is None:
@@ -103,10 +109,10 @@ class AppState:
         if model in self.servers:
             srv = self.servers[model]
         else:
-            versions = sorted(k for k in self.servers if k.split("/")[0] == model)
+            versions = [k for k in self.servers if k.split("/")[0] == model]
             if not versions:
                 raise UnknownModel(f"no model {model!r}; serving {sorted(self.servers)}")
-            srv = self.servers[versions[-1]]
+            srv = self.servers[latest(versions)]
         if not srv.ready:
             raise ModelUnavailable(f"{srv.id} is still loading")
         return srv
