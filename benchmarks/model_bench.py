@@ -120,7 +120,7 @@ def _torch_runners(label: str, path: Path) -> list[Runner]:
     from compression.train import normalize_on_device
     from compression.trim import evaluate_trimmed
     from compression.trimmed import Trim, trimmed_vqa_forward
-    from service.levels import load_levels
+    from service.levels import FULL, load_levels
     from service.preprocess import encode_texts
 
     lm = load_model_dir(path)
@@ -135,20 +135,18 @@ def _torch_runners(label: str, path: Path) -> list[Runner]:
         return pixels, torch.from_numpy(ids[:, :n]), torch.from_numpy(mask[:, :n]).bool()
 
     params = count_params(model)["total"]
-    levels = {"full": {"token_threshold": None}}
     stored = load_levels(path) if cfg.trimming else None
-    if stored:
-        levels = stored["levels"]
+    levels = stored.levels if stored else {"full": FULL}
     out = []
     for level, point in levels.items():
-        if point.get("token_threshold") is None:
+        if not point.trimmed:
             trim = Trim(mode="gather", enabled=False)
 
             def call(x, _m=model):
                 with torch.no_grad():
                     _m.vqa_forward(*x)
         else:
-            trim = Trim(mode="gather", token_threshold=point["token_threshold"], head_threshold=point["head_threshold"])
+            trim = Trim(mode="gather", token_threshold=point.token_threshold, head_threshold=point.head_threshold)
 
             def call(x, _m=model, _t=trim):
                 with torch.no_grad():
@@ -215,7 +213,7 @@ def _exported_runners(path: Path, backend: str, precision: str) -> list[Runner]:
                 accuracy=accuracy,
                 params=params,
                 config=cfg,
-                info={"path": str(path), "runtime": tasks.runtime.describe(), "calibrated_flops_ratio": point.get("flops_ratio")},
+                info={"path": str(path), "runtime": tasks.runtime.describe(), "calibrated_flops_ratio": point.flops_ratio},
             )
         )
     return out

@@ -34,7 +34,7 @@ TARGETS["int8_max_drop_points"] = 0.5
 def _accuracy(tasks: TaskModel, split: D.VQASplit, level: str) -> float:
     name, point = tasks.resolve_level(level)
     scores = []
-    batch = 64 if point.get("token_threshold") is None else 1
+    batch = 1 if point.trimmed else 64
     for i in range(0, len(split.samples), batch):
         chunk = split.samples[i : i + batch]
         ids, mask = tasks.tokenize([s.question for s in chunk])

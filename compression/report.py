@@ -166,10 +166,10 @@ def write_export_card(export_dir: str | Path, eval_dir: str | Path, source: str 
     levels = ""
     if m.levels:
         rows = ["| level | thresholds (token/head) | FLOPs ratio | calibration accuracy |", "|---|---|---:|---|"]
-        for name, lv in m.levels["levels"].items():
-            th = "untrimmed" if lv["token_threshold"] is None else f"{lv['token_threshold']}/{lv['head_threshold']}"
-            acc = ", ".join(f"{k} {v:.4f}" for k, v in lv["accuracy"].items())
-            rows.append(f"| {name} | {th} | {lv['flops_ratio']:.3f} | {acc} |")
+        for name, lv in m.levels.levels.items():
+            th = "untrimmed" if not lv.trimmed else f"{lv.token_threshold}/{lv.head_threshold}"
+            acc = ", ".join(f"{k} {v:.4f}" for k, v in lv.accuracy.items())
+            rows.append(f"| {name} | {th} | {lv.flops_ratio:.3f} | {acc} |")
         levels = "\n## Compute levels\nCalibrated on the validation splits (`trimvlm trim`):\n\n" + "\n".join(rows) + "\n"
     graphs = "\n".join(
         f"| {g} | {', '.join(t.name for t in info.inputs)} | {', '.join(t.name for t in info.outputs)} | "

@@ -7,7 +7,6 @@ The trimmed forward pass and its FLOPs count are compression/trimmed.py.
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,7 @@ from compression.training import (
     weighted_sum,
 )
 from compression.trimmed import Trim, flops_ratio, trimmed_vqa_forward
-from service.levels import choose_levels
+from service.levels import Level, Levels, choose_levels, save_levels
 from service.preprocess import encode_texts
 
 # ----------------------------------------------------------------------------------------------
@@ -186,33 +185,32 @@ def evaluate_trimmed(model: TrimVLM, split, tok, pre, device, trim: Trim, batch:
     )
 
 
-def sweep_point(model, splits, tok, pre, device, threshold: float | None) -> dict:
+def sweep_point(model, splits, tok, pre, device, threshold: float | None) -> Level:
     """One calibration point: accuracy per split and FLOPs ratio over all their questions.
     threshold None = untrimmed. Bucketed gather: the mask-mode results, faster."""
     trim = Trim(mode="gather", token_threshold=threshold or 0.5, head_threshold=threshold or 0.5, enabled=threshold is not None)
     evals = {s.name: evaluate_trimmed(model, s, tok, pre, device, trim) for s in splits}
     all_ratios = np.concatenate([e.ratios for e in evals.values()])
     acc = {k: round(e.accuracy, 4) for k, e in evals.items()}
-    return {
-        "token_threshold": threshold,
-        "head_threshold": threshold,
-        "flops_ratio": round(float(all_ratios.mean()), 4),
-        "accuracy": acc,
-        "min_accuracy": min(acc.values()),
-    }
+    return Level(
+        token_threshold=threshold,
+        head_threshold=threshold,
+        flops_ratio=round(float(all_ratios.mean()), 4),
+        accuracy=acc,
+        min_accuracy=min(acc.values()),
+    )
 
 
-def calibrate(model, splits, tok, pre, device, thresholds, level_drops: dict) -> dict:
+def calibrate(model, splits, tok, pre, device, thresholds, level_drops: dict) -> Levels:
     """Compute levels on validation splits: sweep the thresholds, then name levels (levels.py)."""
-    full = sweep_point(model, splits, tok, pre, device, None)
-    full["flops_ratio"] = 1.0
+    full = sweep_point(model, splits, tok, pre, device, None).model_copy(update={"flops_ratio": 1.0})
     curve = [sweep_point(model, splits, tok, pre, device, t) for t in thresholds]
     rule = "cheapest threshold whose accuracy on every calibration split is within the level's max_drop of full"
-    return {
-        "levels": choose_levels(curve, full, level_drops),
-        "curve": curve,
-        "calibration": {"splits": [s.name for s in splits], "questions": sum(len(s.samples) for s in splits), "rule": rule},
-    }
+    return Levels(
+        levels=choose_levels(curve, full, level_drops),
+        curve=curve,
+        calibration={"splits": [s.name for s in splits], "questions": sum(len(s.samples) for s in splits), "rule": rule},
+    )
 
 
 def trim(cfg: TrimConfig, resume: bool = True) -> Path:
@@ -245,7 +243,7 @@ def trim(cfg: TrimConfig, resume: bool = True) -> Path:
     levels = calibrate(model, splits, lm.tokenizer, lm.preprocessing, ctx.device, cfg.thresholds, cfg.level_drops)
     final = save_run(cfg, ctx, model, lm.tokenizer)
     if ctx.is_main:
-        (final / "levels.json").write_text(json.dumps(levels, indent=2) + "\n")
+        save_levels(final, levels)
         (ctx.out / "trim_config.yaml").write_text(yaml.safe_dump(cfg.__dict__, sort_keys=False))
         for name in ("trim_log.jsonl",):
             shutil.copy(ctx.out / name, final / name)

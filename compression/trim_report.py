@@ -25,17 +25,17 @@ from compression.artifacts import load_model_dir
 from compression.train import normalize_on_device
 from compression.trim import evaluate_trimmed
 from compression.trimmed import Trim, trimmed_vqa_forward
-from service.levels import load_levels
+from service.levels import Level, load_levels
 from service.machine import machine_info
 from service.preprocess import encode_texts
 
 TARGETS = {"flops_reduction": 2.5, "max_drop_points": 1.0, "latency_speedup": 1.8}
 
 
-def _trim_for(level: dict, mode: str) -> Trim:
-    if level["token_threshold"] is None:
+def _trim_for(level: Level, mode: str) -> Trim:
+    if not level.trimmed:
         return Trim(mode=mode, enabled=False)
-    return Trim(mode=mode, token_threshold=level["token_threshold"], head_threshold=level["head_threshold"])
+    return Trim(mode=mode, token_threshold=level.token_threshold, head_threshold=level.head_threshold)
 
 
 def _batch1_inputs(lm, split: D.VQASplit, n: int):
@@ -219,7 +219,7 @@ def write_report(model_dir: Path, out: Path, limit: int | None = None, latency_s
     levels_doc = load_levels(model_dir)
     if levels_doc is None or model.trimmers is None:
         raise ValueError(f"{model_dir} is not a trimmed model (no trimmers or levels.json): run `trimvlm trim` first")
-    levels = levels_doc["levels"]
+    levels = levels_doc.levels
     splits = [D.load_easy_vqa("test", pre.image), D.load_scenes_vqa(D.ensure_scenes(), "test", pre.image)]
     if limit:
         splits = [s.limit(limit) for s in splits]
@@ -232,9 +232,9 @@ def write_report(model_dir: Path, out: Path, limit: int | None = None, latency_s
         evs = {s.name: evaluate_trimmed(model, s, tok, pre, dev, _trim_for(lv, "gather")) for s in splits}
         level_evals[name] = evs
         level_results[name] = {
-            "token_threshold": lv["token_threshold"],
-            "head_threshold": lv["head_threshold"],
-            "calibrated_flops_ratio": lv["flops_ratio"],
+            "token_threshold": lv.token_threshold,
+            "head_threshold": lv.head_threshold,
+            "calibrated_flops_ratio": lv.flops_ratio,
             **{sp: ev.summary() for sp, ev in evs.items()},
         }
     full_acc = {
@@ -243,7 +243,7 @@ def write_report(model_dir: Path, out: Path, limit: int | None = None, latency_s
 
     # Accuracy vs FLOPs across the calibrated thresholds, on easy-VQA test.
     curve = []
-    for t in sorted({p["token_threshold"] for p in levels_doc["curve"]}):
+    for t in sorted({p.token_threshold for p in levels_doc.curve}):
         ev = evaluate_trimmed(model, easy, tok, pre, dev, Trim(mode="gather", token_threshold=t, head_threshold=t))
         curve.append({"threshold": t, "accuracy": round(ev.accuracy, 4), "flops_ratio": round(ev.flops_ratio, 4)})
     marks = {
@@ -326,7 +326,7 @@ def write_report(model_dir: Path, out: Path, limit: int | None = None, latency_s
         "parity": par,
         "checks": checks,
         "targets": TARGETS,
-        "calibration": levels_doc["calibration"],
+        "calibration": levels_doc.calibration,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "REPORT.md").write_text(markdown(report))
@@ -358,7 +358,7 @@ def ort_latency(model, rows: list, levels: dict, rounds: int) -> dict:
     feeds = [
         ({"pixel_values": p.numpy(), "input_ids": i.numpy(), "attention_mask": m.numpy().astype(np.int64)},) for p, i, m in rows
     ]
-    points = {name: (lv["token_threshold"], lv["head_threshold"]) for name, lv in levels.items()} | {"all trimmed": (1.0, 1.0)}
+    points = {name: (lv.token_threshold, lv.head_threshold) for name, lv in levels.items()} | {"all trimmed": (1.0, 1.0)}
     runners = {}
     for precision in ("", "int8 "):
         full, gather = sessions[precision + "full"], sessions[precision + "gather"]

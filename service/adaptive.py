@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.errors import ServiceError
+from service.levels import Level
 
 
 class LatencyModel:
@@ -121,7 +122,7 @@ class PredictionErrors:
 @dataclass
 class LevelOption:
     name: str
-    point: dict  # thresholds and flops_ratio (service/levels.py)
+    point: Level  # thresholds and flops_ratio
     accuracy: float  # calibrated min accuracy across splits: the ordering key
     predicted_s: float  # predicted time to finish if queued now
     safety: float = 1.2  # margin on predicted_s (PredictionErrors.factor of this level)
@@ -163,7 +164,7 @@ def choose_level(options: list[LevelOption], remaining_s: float | None) -> tuple
     each was calibrated as the cheapest point within its allowed accuracy drop, so more FLOPs
     means at least as accurate (calibration noise can invert tiny differences; that must not
     put a trimmed level above full). Returns (option, reason)."""
-    ranked = sorted(options, key=lambda o: (-o.point.get("flops_ratio", 1.0), -o.accuracy))
+    ranked = sorted(options, key=lambda o: (-o.point.flops_ratio, -o.accuracy))
     if remaining_s is None:
         return ranked[0], "no_deadline"
     for opt in ranked:

@@ -297,7 +297,7 @@ def levels_cmd(
     split: Annotated[list[str], typer.Option(help="Calibration split the drops apply to (default: all). Repeatable.")] = [],  # noqa: B006
 ):
     """Re-choose the named compute levels from the stored calibration curve (no re-measuring)."""
-    from service.levels import LEVELS_FILE, choose_levels, load_levels
+    from service.levels import LEVELS_FILE, choose_levels, load_levels, save_levels
 
     levels = load_levels(model_dir)
     if levels is None:
@@ -308,10 +308,11 @@ def levels_cmd(
         if not name or name == "full" or not value:
             raise typer.BadParameter(f"--drop takes NAME=MAX_DROP with NAME other than full, got {item!r}")
         drops[name] = float(value)
-    levels["levels"] = choose_levels(levels["curve"], levels["levels"]["full"], drops, split or None)
-    splits = split or list(levels["levels"]["full"]["accuracy"])
-    rule = f"cheapest threshold whose accuracy on {', '.join(splits)} is within the level's max_drop of full"
-    levels.setdefault("calibration", {})["rule"] = rule
-    (model_dir / LEVELS_FILE).write_text(json.dumps(levels, indent=2) + "\n")
-    for name, lv in levels["levels"].items():
-        typer.echo(f"{name}: threshold {lv['token_threshold']}, FLOPs ratio {lv['flops_ratio']}, accuracy {lv['accuracy']}")
+    levels.levels = choose_levels(levels.curve, levels.levels["full"], drops, split or None)
+    splits = split or list(levels.levels["full"].accuracy)
+    levels.calibration["rule"] = (
+        f"cheapest threshold whose accuracy on {', '.join(splits)} is within the level's max_drop of full"
+    )
+    save_levels(model_dir, levels)
+    for name, lv in levels.levels.items():
+        typer.echo(f"{name}: threshold {lv.token_threshold}, FLOPs ratio {lv.flops_ratio}, accuracy {lv.accuracy}")

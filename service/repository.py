@@ -18,6 +18,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
+from service.levels import Levels
 from service.preprocess import Preprocessing
 
 MANIFEST = "manifest.json"
@@ -84,7 +85,7 @@ class Manifest(BaseModel):
     # splits them; a question word outside it is flagged in the response's warnings. None: only words
     # the tokenizer maps to [UNK] are flagged.
     known_words: list[str] | None = None
-    levels: dict | None = None  # levels.json content (service/levels.py), None if untrimmed
+    levels: Levels | None = None  # levels.json content (service/levels.py), None if untrimmed
     metrics: dict = Field(default_factory=dict)  # measured, e.g. {"onnxruntime/int8": {"easy_vqa.accuracy": ...}}
     reference: Reference = Field(default_factory=Reference)
     files: dict[str, FileInfo] = Field(default_factory=dict)
@@ -317,7 +318,7 @@ def summary(folder: str | Path) -> dict:
     """One line of `trimvlm models list`."""
     m = load_manifest(folder)
     size = sum(f.bytes for f in m.files.values())
-    levels = sorted(m.levels["levels"]) if m.levels else ["full"]
+    levels = sorted(m.levels.levels) if m.levels else ["full"]
     return {
         "model": f"{m.name}/{m.version}",
         "path": str(folder),

@@ -216,11 +216,18 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+class LevelInfo(BaseModel):
+    """A compute level as GET /v1/models shows it (service.levels.Level, less its thresholds)."""
+
+    flops_ratio: float
+    accuracy: dict[str, float] = Field(description="Calibration accuracy per validation split (empty: not measured).")
+
+
 class ModelInfo(BaseModel):
     id: str
     ready: bool
     tasks: list[str]
-    levels: dict[str, dict]
+    levels: dict[str, LevelInfo]
     backend: dict
     precision: str
     default: bool

@@ -22,7 +22,7 @@ import numpy as np
 
 from service.adaptive import LatencyModel, LevelOption, PredictionErrors, choose_level
 from service.batching import Batcher, DeadlineExceeded, QueueFull
-from service.levels import LevelError
+from service.levels import Level, resolve
 from service.metrics import Metrics
 from service.settings import Settings
 from service.tasks import TaskModel
@@ -139,9 +139,7 @@ class ModelServer:
         self.warmup_s = 0.0
         m = self.tasks.manifest
         self.image_tokens = int(m.graphs["vision"].outputs[0].shape[1])
-        self.levels: dict[str, dict] = {}
-        for name in self.tasks.level_names:
-            self.levels[name] = self.tasks.resolve_level(name)[1]
+        self.levels: dict[str, Level] = dict(sorted(self.tasks.levels.items()))
         # per level: how far off its latency predictions run (auto's margin), read by /metrics on scrape
         self.prediction_errors = {lv: PredictionErrors(settings.auto_margin_quantile) for lv in self.levels}
         for lv, errors in self.prediction_errors.items():
@@ -271,7 +269,7 @@ class ModelServer:
         `auto` picks) until its answer is ready: the queue ahead plus its own batch."""
         out = []
         for name, point in self.levels.items():
-            acc = point.get("min_accuracy", 1.0 if name == "full" else 0.0)
+            acc = point.min_accuracy if point.min_accuracy is not None else 1.0 if name == "full" else 0.0
             out.append(LevelOption(name, point, acc, self.predicted_s(name), self.prediction_errors[name].factor()))
         return out
 
@@ -286,27 +284,18 @@ class ModelServer:
     def pick_level(self, compute, remaining_s: float | None) -> tuple[str, str]:
         """compute: 'auto' | level name | {'max_flops_ratio': x}. Returns (level, reason)."""
         if isinstance(compute, dict):
-            # only named levels have batchers: run the most compute-rich one within the budget
-            budget = compute["max_flops_ratio"]
-            within = [lv for lv, p in self.levels.items() if p["flops_ratio"] <= budget]
-            if not within:
-                raise LevelError(f"no compute level of {self.id} runs within {budget:g} of full FLOPs")
-            return max(within, key=lambda lv: self.levels[lv]["flops_ratio"]), "max_flops_ratio"
+            return resolve(self.levels, max_flops_ratio=compute["max_flops_ratio"])[0], "max_flops_ratio"
         if compute == "auto":
             if remaining_s is None:
                 fallback = self.settings.auto_without_deadline
                 return (fallback if fallback in self.levels else "full"), "no_deadline"
             opt, reason = choose_level(self.level_options(), remaining_s)
             return opt.name, reason
-        if compute not in self.levels:
-            raise LevelError(f"unknown compute level {compute!r}; {self.id} has {sorted(self.levels)}")
-        return compute, "requested"
+        return resolve(self.levels, compute)[0], "requested"
 
     def compute_info(self, level: str, kept: int | None, reason: str) -> Compute:
         point = self.levels[level]
-        return Compute(
-            level, float(point["flops_ratio"]), kept if kept is not None else self.image_tokens, self.image_tokens, reason
-        )
+        return Compute(level, point.flops_ratio, kept if kept is not None else self.image_tokens, self.image_tokens, reason)
 
     def answers(self, logits: np.ndarray, top_k: int) -> list[tuple[str, float]]:
         return self.tasks.answers(logits[None], top_k)[0]
@@ -400,9 +389,7 @@ class ModelServer:
         m = self.tasks.manifest
         return {
             "tasks": m.tasks,
-            "levels": {
-                name: {"flops_ratio": p["flops_ratio"], "accuracy": p.get("accuracy", {})} for name, p in self.levels.items()
-            },
+            "levels": {name: {"flops_ratio": p.flops_ratio, "accuracy": p.accuracy} for name, p in self.levels.items()},
             "backend": self.tasks.runtime.describe(),
             "precision": self.tasks.precision,
             "description": m.description,

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from service.levels import LevelError, resolve
+from service.levels import FULL, Level, resolve
 from service.preprocess import ImageSpec, encode_texts, normalize_uint8, unknown_words
 from service.repository import Manifest, load_manifest
 from service.runtime import RuntimeOptions, load_runtime
@@ -54,7 +54,8 @@ class TaskModel:
         self.runtime: Runtime = load_runtime(backend, files, options, fallback=fallback, model_dir=self.folder)
         self.tokenizer = Tokenizer.from_file(str(self.folder / self.manifest.tokenizer))
         self.image_spec: ImageSpec = self.manifest.preprocessing.image
-        self.levels = self.manifest.levels
+        trimmed = self.manifest.levels is not None and self.has("vqa_trimmed")
+        self.levels: dict[str, Level] = self.manifest.levels.levels if trimmed else {"full": FULL}  # the named levels
         known = self.manifest.known_words
         self.known_words: frozenset[str] | None = frozenset(known) if known is not None else None
 
@@ -68,7 +69,7 @@ class TaskModel:
 
     @property
     def level_names(self) -> list[str]:
-        return sorted(self.levels["levels"]) if self.levels else ["full"]
+        return sorted(self.levels)
 
     def has(self, graph: str) -> bool:
         return graph in self.manifest.graphs
@@ -99,31 +100,25 @@ class TaskModel:
         return self.runtime.run("fusion", {"text_states": text_states, "attention_mask": mask, "image_states": image_states})
 
     # Tasks --------------------------------------------------------------------------------------
-    def resolve_level(self, level: str | None = None, max_flops_ratio: float | None = None) -> tuple[str, dict]:
-        """A level by name or FLOPs budget; an untrimmed model only has `full`."""
-        if self.levels is None or not self.has("vqa_trimmed"):
-            if (level or "full") != "full" and max_flops_ratio is None:
-                raise LevelError(f"{self.id} is not trimmed: its only compute level is 'full'")
-            if max_flops_ratio is not None and max_flops_ratio < 1:
-                raise LevelError(f"{self.id} is not trimmed: it cannot run below the full FLOPs")
-            return "full", {"flops_ratio": 1.0, "token_threshold": None, "head_threshold": None}
+    def resolve_level(self, level: str | None = None, max_flops_ratio: float | None = None) -> tuple[str, Level]:
+        """A level by name or FLOPs budget (service.levels.resolve); an untrimmed model only has `full`."""
         return resolve(self.levels, level, max_flops_ratio)
 
     def vqa(
-        self, pixels: np.ndarray, ids: np.ndarray, mask: np.ndarray, level: str = "full", point: dict | None = None
+        self, pixels: np.ndarray, ids: np.ndarray, mask: np.ndarray, level: str = "full", point: Level | None = None
     ) -> VQAResult:
         """VQA logits for a batch at one compute level. `full` runs vision, text and fusion
         batched; a trimmed level runs the batch-1 gather graph per item (data-dependent lengths)."""
         if point is None:
             level, point = self.resolve_level(level)
-        if point.get("token_threshold") is None:
+        if not point.trimmed:
             image_states, _ = self.encode_images(pixels)
             text_states, _ = self.encode_texts(ids, mask)
             logits = self.fuse(text_states, mask, image_states)["vqa_logits"]
             return VQAResult(logits, level, 1.0, None)
         thresholds = {
-            "token_threshold": np.array(point["token_threshold"], np.float32),
-            "head_threshold": np.array(point["head_threshold"], np.float32),
+            "token_threshold": np.array(point.token_threshold, np.float32),
+            "head_threshold": np.array(point.head_threshold, np.float32),
         }
         logits, kept = [], []
         for i in range(len(pixels)):
@@ -139,7 +134,7 @@ class TaskModel:
             )
             logits.append(out["vqa_logits"])
             kept.append(np.asarray(out["image_tokens_kept"]).reshape(-1))
-        return VQAResult(np.concatenate(logits), level, float(point["flops_ratio"]), np.concatenate(kept))
+        return VQAResult(np.concatenate(logits), level, point.flops_ratio, np.concatenate(kept))
 
     def answers(self, logits: np.ndarray, top_k: int = 1) -> list[list[tuple[str, float]]]:
         probs = softmax(logits.astype(np.float32))

@@ -73,7 +73,7 @@ def test_pipeline_exports_a_complete_model_folder(pipeline):
     for name, graph in m.graphs.items():
         assert set(graph.files) == {"fp32", "int8"}, name
         assert graph.parity["fp32"] <= 1e-4, (name, graph.parity)
-    assert m.levels is not None and {"full", "balanced", "fast"} <= set(m.levels["levels"])
+    assert m.levels is not None and {"full", "balanced", "fast"} <= set(m.levels.levels)
     assert m.metrics["onnxruntime/fp32"]["easy_vqa.accuracy"] >= 0.0
     card = (pipeline["export"] / "MODEL_CARD.md").read_text()
     assert "trimvlm pipeline run" in card
@@ -163,7 +163,7 @@ def test_trimmed_vqa_runs_per_level_through_the_task_model(pipeline):
     fast = tasks.vqa(tasks.pixels(images), ids, mask, level="fast")
     assert full.logits.shape == fast.logits.shape == (3, len(tasks.manifest.answers))
     n_tokens = tasks.manifest.graphs["vision"].outputs[0].shape[1]
-    assert fast.flops_ratio == tasks.levels["levels"]["fast"]["flops_ratio"] and full.flops_ratio == 1.0
+    assert fast.flops_ratio == tasks.levels["fast"].flops_ratio and full.flops_ratio == 1.0
     assert fast.image_tokens_kept is not None and all(1 <= k <= n_tokens for k in fast.image_tokens_kept)
     captions = tasks.captions(tasks.encode_images(tasks.pixels(images))[0], max_length=6)
     assert len(captions) == 3 and all(isinstance(c, str) for c in captions)
@@ -178,7 +178,7 @@ def test_committed_default_verifies_and_matches_its_recorded_metrics():
     assert verify(default) == []
     m = load_manifest(default)
     assert m.precisions() == ["int8"] and m.levels is not None
-    assert {"full", "balanced", "fast"} <= set(m.levels["levels"])
+    assert {"full", "balanced", "fast"} <= set(m.levels.levels)
     assert m.metrics["onnxruntime/int8"]["easy_vqa.accuracy"] >= 0.97
     assert "trimvlm pipeline run configs/pipeline-default.yaml" in (default / "MODEL_CARD.md").read_text()
 

@@ -11,6 +11,7 @@ import pytest
 
 from service.adaptive import CannotMeetDeadline, LatencyModel, LevelOption, PredictionErrors, choose_level
 from service.errors import ServiceError
+from service.levels import Level
 from service.routes.common import wait
 
 
@@ -77,8 +78,8 @@ def test_prediction_errors_is_a_high_quantile_clipped():
 
 def _options(full_s, full_safety, balanced_s, balanced_safety):
     return [
-        LevelOption("balanced", {}, 0.99, balanced_s, balanced_safety),
-        LevelOption("full", {}, 1.0, full_s, full_safety),
+        LevelOption("balanced", Level(), 0.99, balanced_s, balanced_safety),
+        LevelOption("full", Level(), 1.0, full_s, full_safety),
     ]
 
 
@@ -104,9 +105,9 @@ def test_choose_level_refuses_when_no_margin_fits():
 def test_refusal_names_the_fastest_level_and_never_a_negative_time():
     # full needs least with its margin (6.8 x 1.0) but fast is predicted fastest (2.1 ms): fast is named
     options = [
-        LevelOption("full", {"flops_ratio": 1.0}, 1.0, 0.0068, 1.0),
-        LevelOption("fast", {"flops_ratio": 0.3}, 0.9, 0.0021, 4.0),
-        LevelOption("balanced", {"flops_ratio": 0.4}, 0.95, 0.0030, 4.0),
+        LevelOption("full", Level(flops_ratio=1.0), 1.0, 0.0068, 1.0),
+        LevelOption("fast", Level(flops_ratio=0.3), 0.9, 0.0021, 4.0),
+        LevelOption("balanced", Level(flops_ratio=0.4), 0.95, 0.0030, 4.0),
     ]
     with pytest.raises(CannotMeetDeadline) as e:
         choose_level(options, 0.001)
@@ -124,7 +125,7 @@ def test_server_level_options_do_not_count_preprocessing(monkeypatch):
     from service.server import ModelServer
 
     srv = ModelServer.__new__(ModelServer)
-    srv.levels = {"full": {"flops_ratio": 1.0}, "balanced": {"flops_ratio": 0.4, "min_accuracy": 0.99}}
+    srv.levels = {"full": Level(flops_ratio=1.0), "balanced": Level(flops_ratio=0.4, min_accuracy=0.99)}
     srv.prediction_errors = {"full": PredictionErrors(), "balanced": PredictionErrors(min_samples=1)}
     srv.prediction_errors["balanced"].observe(0.001, 0.0015)
     srv.batchers = {

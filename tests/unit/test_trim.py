@@ -15,7 +15,6 @@ from compression.trimmed import (
     trimmed_flops,
     trimmed_vqa_forward,
 )
-from service.levels import LevelError, choose_levels, resolve
 from tests.unit.test_modeling import tiny_config
 
 
@@ -223,40 +222,6 @@ def test_trimmers_survive_save_and_load(tmp_path):
         a, _ = trimmed_vqa_forward(model, pixels, ids, mask, Trim())
         b, _ = trimmed_vqa_forward(loaded, pixels, ids, mask, Trim())
     assert torch.allclose(a, b, atol=1e-6)
-
-
-def levels_fixture():
-    full = {"token_threshold": None, "flops_ratio": 1.0, "accuracy": {"a": 0.90, "b": 0.80}, "min_accuracy": 0.80}
-    curve = [
-        {"token_threshold": 0.3, "flops_ratio": 0.6, "accuracy": {"a": 0.90, "b": 0.80}, "min_accuracy": 0.80},
-        {"token_threshold": 0.5, "flops_ratio": 0.4, "accuracy": {"a": 0.899, "b": 0.797}, "min_accuracy": 0.797},
-        {"token_threshold": 0.7, "flops_ratio": 0.3, "accuracy": {"a": 0.90, "b": 0.77}, "min_accuracy": 0.77},
-        {"token_threshold": 0.9, "flops_ratio": 0.2, "accuracy": {"a": 0.85, "b": 0.70}, "min_accuracy": 0.70},
-    ]
-    return full, curve
-
-
-def test_levels_keep_their_accuracy_promise_on_every_split():
-    full, curve = levels_fixture()
-    levels = choose_levels(curve, full, {"balanced": 0.005, "fast": 0.05})
-    assert levels["balanced"]["token_threshold"] == 0.5  # 0.7 is fine on "a" but drops 3 points on "b"
-    assert levels["fast"]["token_threshold"] == 0.7
-    assert levels["full"]["flops_ratio"] == 1.0
-
-
-def test_resolve_by_name_or_flops_budget():
-    full, curve = levels_fixture()
-    doc = {"levels": choose_levels(curve, full, {"balanced": 0.005, "fast": 0.05}), "curve": curve}
-    assert resolve(doc)[0] == "balanced"
-    assert resolve(doc, "fast")[1]["token_threshold"] == 0.7
-    assert resolve(doc, max_flops_ratio=0.45)[1]["token_threshold"] == 0.5
-    assert resolve(doc, max_flops_ratio=1.0)[1]["flops_ratio"] == 0.6  # as accurate as full, cheaper
-    with pytest.raises(LevelError):
-        resolve(doc, "turbo")
-    with pytest.raises(LevelError):
-        resolve(doc, max_flops_ratio=0.1)
-    with pytest.raises(LevelError):
-        resolve(doc, max_flops_ratio=0)
 
 
 def test_joint_training_can_keep_every_task_on_the_untrimmed_pass():
