@@ -117,7 +117,7 @@ def _torch_runners(label: str, path: Path) -> list[Runner]:
 
     from compression.artifacts import load_model_dir
     from compression.flops import count_params
-    from compression.train import normalize_on_device
+    from compression.training import normalize_on_device
     from compression.trim import evaluate_trimmed
     from compression.trimmed import Trim, trimmed_vqa_forward
     from service.levels import FULL, load_levels

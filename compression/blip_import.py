@@ -488,7 +488,7 @@ def answers_for_config(yaml_path: str | Path) -> list[str]:
     teacher of those runs."""
     from compression import data as D
     from compression.config_file import load_yaml
-    from compression.train import TrainConfig, load_training_splits
+    from compression.training import TrainConfig, load_training_splits
 
     raw = load_yaml(yaml_path)
     keys = ("easy_vqa", "easy_vqa_val_images", "scenes", "scenes_seed", "scenes_counts", "limit")

@@ -377,7 +377,8 @@ def export_cmd(
     import shlex
     import sys
 
-    from compression.export import export_model, training_words
+    from compression.export import export_model
+    from compression.training import training_words
     from service.repository import summary
 
     command = "trimvlm " + " ".join(shlex.quote(a) for a in sys.argv[1:])

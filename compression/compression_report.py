@@ -23,7 +23,7 @@ from compression.artifacts import load_model_dir
 from compression.evaluate import evaluate, flat_metrics
 from compression.flops import TokenCounts, count_params, flops_per_sample
 from compression.prune import GROUPS, remaining_units
-from compression.train import normalize_on_device
+from compression.training import normalize_on_device
 from service.machine import machine_info
 from service.preprocess import encode_texts
 

@@ -31,7 +31,7 @@ from torch import nn
 from compression.artifacts import load_model_dir
 from compression.config import ModelConfig
 from compression.modeling import TrimVLM
-from compression.train import (
+from compression.training import (
     MultiTaskLoss,
     TaskOutputs,
     TrainConfig,

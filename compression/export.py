@@ -192,7 +192,7 @@ def export_model(
     tokenizer, reference inputs/outputs and manifest.json. fp32 parity against torch is measured
     for every graph and recorded; keep_fp32=False drops the fp32 files after the variants are
     made (a small committed artifact). `description` (what the model knows) and `known_words`
-    (the words of its training texts, see `training_words`) go into the manifest as they are."""
+    (the words of its training texts, see `compression.training.training_words`) go into the manifest as they are."""
     import datetime
     import shutil
 
@@ -287,23 +287,6 @@ def export_model(
     )
     write_manifest(out, manifest)
     return out
-
-
-def training_words(train_config: str | Path, tokenizer_json: str | Path) -> list[str]:
-    """Every word of the training texts a training config names (VQA questions and answers,
-    captions), split as the service splits questions (`service.preprocess.text_words`): the
-    manifest's `known_words`, against which served questions are checked."""
-    from tokenizers import Tokenizer
-
-    from compression.train import TrainConfig, load_training_splits
-    from service.preprocess import ImageSpec, text_words
-
-    cfg = TrainConfig.from_yaml(train_config)
-    vqa, _, captions, _ = load_training_splits(cfg, ImageSpec(size=cfg.image_size))
-    texts = [t for sp in vqa for s in sp.samples for t in (s.question, s.answer, *s.answers)]
-    texts += [c for sp in captions for cs in sp.captions for c in cs]
-    tok = Tokenizer.from_file(str(tokenizer_json))
-    return sorted({w for t in set(texts) for w in text_words(tok, t)})
 
 
 def _git_commit() -> str | None:

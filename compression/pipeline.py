@@ -59,7 +59,8 @@ def load_pipeline(path: str | Path) -> dict:
 
 
 def _train_teacher(st: dict, upstream, out: Path, device) -> Path:
-    from compression.train import TrainConfig, train
+    from compression.train import train
+    from compression.training import TrainConfig
 
     cfg = TrainConfig.from_yaml(st["config"], out=str(out), steps=st.get("steps"), device=device)
     return train(cfg)
@@ -148,7 +149,8 @@ def run_pipeline(path: str | Path, force: set[str] | None = None) -> dict[str, P
     export_dir = Path(ex["out"])
 
     def run_export() -> Path:
-        from compression.export import export_model, training_words
+        from compression.export import export_model
+        from compression.training import training_words
 
         precisions = ("fp32", *ex.get("precisions", ["int8"]))
         name = cfg.get("name")

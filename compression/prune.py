@@ -31,7 +31,7 @@ from compression.config import ModelConfig
 from compression.distill import DistillConfig, Distiller
 from compression.flops import TokenCounts, attention_flops, ffn_flops
 from compression.modeling import TrimVLM
-from compression.train import adopt_image_spec, end_run, fit, load_data_for, save_run, start_run
+from compression.training import adopt_image_spec, end_run, fit, load_data_for, save_run, start_run
 
 # (stack, kind) -> the config field with its per-layer sizes
 GROUPS: dict[tuple[str, str], str] = {

@@ -22,7 +22,7 @@ import torch
 
 from compression import data as D
 from compression.artifacts import load_model_dir
-from compression.train import normalize_on_device
+from compression.training import normalize_on_device
 from compression.trim import evaluate_trimmed
 from compression.trimmed import Trim, trimmed_vqa_forward
 from service.levels import Level, load_levels

@@ -15,7 +15,7 @@ from compression.distill import (
     student_layers,
 )
 from compression.modeling import TrimVLM
-from compression.train import task_forward
+from compression.training import task_forward
 from tests.unit.test_modeling import tiny_config
 from tests.unit.test_prune import synthetic_batches
 
