@@ -154,6 +154,25 @@ def test_static_entropy_calibration_is_not_minmax(graph, tmp_path):
     assert np.isfinite(run(tmp_path / "entropy.onnx", feed())).all()
 
 
+def _max_int8_weight(path):
+    inits = onnx.load(str(path)).graph.initializer
+    weights = [numpy_helper.to_array(t) for t in inits if t.data_type == onnx.TensorProto.INT8 and t.dims]
+    assert weights
+    return max(int(np.abs(w.astype(np.int32)).max()) for w in weights)
+
+
+def test_cpu_int8_weights_are_7_bit_and_tensorrt_ones_8_bit(graph, tmp_path):
+    """CPU graphs must not saturate ORT's U8S8 kernels on x86 without VNNI (VPMADDUBSW adds two
+    uint8 x int8 products into int16: 255 * 64 * 2 fits, 255 * 127 * 2 does not), whatever CPU the
+    tests run on; TensorRT graphs keep the full int8 range."""
+    assert q.INT8_REDUCE_RANGE
+    assert _max_int8_weight(q.quantize_dynamic_int8(graph, tmp_path / "dyn.onnx")) <= 64
+    assert _max_int8_weight(q.quantize_dynamic_int8(graph, tmp_path / "dyn-pc.onnx", per_channel=True)) <= 64
+    assert _max_int8_weight(q.quantize_static_int8(graph, tmp_path / "st.onnx", calibration())) <= 64
+    assert _max_int8_weight(q.quantize_dynamic_int8(graph, tmp_path / "dyn8.onnx", reduce_range=False)) == 127
+    assert _max_int8_weight(q.quantize_static_int8(graph, tmp_path / "trt.onnx", calibration(), target="tensorrt")) == 127
+
+
 def test_static_int8_rejects_empty_or_mismatched_calibration(graph, tmp_path):
     with pytest.raises(ValueError, match="empty"):
         q.quantize_static_int8(graph, tmp_path / "x.onnx", [])
