@@ -27,7 +27,7 @@ from compression.training import normalize_on_device
 from service.machine import machine_info
 from service.preprocess import encode_texts
 
-# The bars the pruned student must clear (issue 3), relative to the teacher.
+# The bars the pruned student must clear, relative to the teacher.
 TARGETS = {
     "params_ratio_max": 0.35,
     "easy_vqa_ratio_min": 0.985,

@@ -282,7 +282,7 @@ def create_app(settings: Settings | None = None, on_load_error: Callable[[str], 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
         codes = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}  # 400: unparsable body or multipart
-        # e.headers: a 405 carries the Allow header RFC 9110 requires (it was dropped here)
+        # e.headers: a 405 carries the Allow header RFC 9110 requires
         return _error(request, e.status_code, codes.get(e.status_code, "http_error"), str(e.detail), getattr(e, "headers", None))
 
     @app.exception_handler(ClientDisconnected)

@@ -104,7 +104,7 @@ class AppState:
     def server(self, model: str | None) -> ModelServer:
         if model is None:
             model = self.default
-            if model is None:  # still loading, or loading failed: not the client's fault (was a 404)
+            if model is None:  # still loading, or loading failed: not the client's fault, so 503 rather than 404
                 raise ModelUnavailable("no model is ready yet (see /readyz)")
         if model in self.servers:
             srv = self.servers[model]

@@ -80,7 +80,7 @@ def test_index_build_real_photos_then_search(photos, tmp_path):
 
 def test_index_build_default_gallery_is_user_data_not_the_working_directory(photos, tmp_path):
     """Without --gallery (or TRIMVLM_GALLERY_DIR) the gallery goes to $XDG_DATA_HOME/trimvlm/gallery/<model>:
-    `make run` and `trimvlm index build` in a checkout used to leave an untracked gallery/ there."""
+    a checkout stays clean after `make run` and `trimvlm index build`."""
     folder, sizes = photos
     work, data = tmp_path / "work", tmp_path / "data"
     work.mkdir()

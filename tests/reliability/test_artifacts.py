@@ -1,4 +1,4 @@
-"""Damaged model artifacts at start-up (issue 10, item 6): a copy of the default model, damaged
+"""Damaged model artifacts at start-up: a copy of the default model, damaged
 one way per case. The server must stay live (/healthz 200), never turn ready (/readyz 503 with the
 reason, naming the file), refuse task requests with 503 model_not_ready, and say so in its log."""
 

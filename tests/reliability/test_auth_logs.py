@@ -1,4 +1,4 @@
-"""API key (issue 10, item 7) on a real server: every task route answers 401 without the right key,
+"""API key on a real server: every task route answers 401 without the right key,
 and neither the key nor a wrong key a client sent ever reaches the server's log (captured at
 debug level, every line, including 4xx/5xx error paths and shutdown) or its public outputs.
 tests/e2e/test_service.py::test_api_key covers the 401 shapes in process; this is the log side."""

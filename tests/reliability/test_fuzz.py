@@ -1,4 +1,4 @@
-"""Schemathesis against the service's own OpenAPI (issue 10, item 1): a real server on loopback,
+"""Schemathesis against the service's own OpenAPI: a real server on loopback,
 every operation fuzzed from the schema (valid and invalid bodies, parameters, content types,
 methods), at least MIN_CASES generated cases in all; Hypothesis derandomised (schemathesis adds a
 little variation of its own, e.g. which media type a case uses).

@@ -1,4 +1,4 @@
-"""Hostile images and payloads (issue 10, item 2), one place for the whole list.
+"""Hostile images and payloads, one place for the whole list.
 
 Most cases already run in tests/e2e/test_service.py (BAD_INPUTS: 4xx JSON error and the server
 keeps serving; GOOD_VARIANTS: decoded and answered correctly). `HOSTILE` below names every case

@@ -1,4 +1,4 @@
-"""Overload and soak, shortened for CI (issue 10, items 4 and 8); the full runs are commands:
+"""Overload and soak, shortened for CI; the full runs are commands:
 `trimvlm bench overload` (60 s at 4x capacity) and `trimvlm bench soak --minutes 5`, whose
 reports are in reports/reliability/. Here: the same code, a few seconds, checks not timings."""
 

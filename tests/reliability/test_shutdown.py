@@ -1,4 +1,4 @@
-"""SIGTERM during load (issue 10, item 5). tests/e2e/test_service.py::test_sigterm_finishes_in_flight_requests
+"""SIGTERM during load. tests/e2e/test_service.py::test_sigterm_finishes_in_flight_requests
 signals a server holding a fixed set of requests; this one signals it in the middle of steady load
 and counts every request: sent = 200s + explicit refusals, and no connection error for any request
 the server had accepted before the signal. Requests sent after the signal must be refused

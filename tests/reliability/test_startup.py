@@ -1,4 +1,4 @@
-"""`trimvlm serve` start-up failures (issue 23, items 2-4): a model repository that cannot load, a
+"""`trimvlm serve` start-up failures: a model repository that cannot load, a
 port in use and more than one worker each end the real CLI (a subprocess) with one readable line
 on stderr and a non-zero exit, at once where a cheap check can tell, not after loading the model;
 never a traceback, never a server that stays up and is never ready. TRIMVLM_EXIT_ON_LOAD_ERROR=false

@@ -1,4 +1,4 @@
-"""Image URLs, end to end through POST /vqa (issue 10, item 3): the real app with URLs enabled
+"""Image URLs, end to end through POST /vqa: the real app with URLs enabled
 (private targets not allowed), a real HTTP server the test starts on loopback, and two seams of
 service/images.py patched: the resolver (names of our choosing resolve to public, private,
 loopback and link-local addresses) and the TCP connect (the made-up public address reaches the
