@@ -29,6 +29,7 @@ from service.state import AppState, lower_priority
 log = logging.getLogger("trimvlm.app")
 access = logging.getLogger("trimvlm.access")
 
+
 class TrimVLMApp(FastAPI):
     """FastAPI with admission (the in-flight limit) outside its own middleware stack: under
     overload most requests are refused, and each layer a refusal passes through costs the event
