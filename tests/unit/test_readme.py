@@ -39,5 +39,5 @@ def test_readme_says_where_trimvlm_is():
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 def test_make_run_prints_where_trimvlm_is():
-    out = subprocess.run(["make", "-n", "run"], cwd=REPO, capture_output=True, text=True, timeout=60).stdout
+    out = subprocess.run(["make", "-n", "run", "VENV=.venv"], cwd=REPO, capture_output=True, text=True, timeout=60).stdout
     assert "trimvlm is at .venv/bin/trimvlm (source .venv/bin/activate to use it directly)" in out
