@@ -95,6 +95,14 @@ class Ranking:
 
 
 @dataclass
+class Hit:
+    id: str
+    score: float  # the ITM match probability when re-ranked, else the ITC score
+    itc_score: float
+    metadata: dict
+
+
+@dataclass
 class Call:
     """One request's part in the server: the endpoint its metrics count under, its deadline, how it
     waits for a queued item (`wait(future, queue_name)`; the HTTP routes' also watches the client,
@@ -368,6 +376,34 @@ class ModelServer:
             itc = [float(image.embed @ t.embed) for t in texts]
             pairs = [ItmInput(t.states, image.states) for t in texts]
         return Ranking(await self.itm(pairs, call) if rerank else itc, itc)
+
+    async def search(self, query: np.ndarray | TextInput, gallery, top_k: int, rerank: int, call: Call, io) -> list[Hit]:
+        """A text or image query (pixels) against a gallery: its `top_k` best by ITC; with `rerank` > 0
+        (text queries), the `max(top_k, rerank)` best by ITC re-ranked by ITM where the gallery stored
+        the image's states. Gallery reads run on the `io` executor (SQLite, the index)."""
+        if isinstance(query, TextInput):
+            [q] = await self.encode_texts([query], call)
+        else:
+            [q] = await self.encode_images([query], call)
+            rerank = 0
+        loop = asyncio.get_running_loop()
+        hits = await loop.run_in_executor(io, gallery.search, q.embed, max(top_k, rerank))
+        itc = {h[0]: h[1] for h in hits}
+        scores = dict(itc)
+        if rerank and hits:
+            stored = await loop.run_in_executor(io, lambda: [(h[0], gallery.states(h[0])) for h in hits])
+            rerankable = [(hid, st) for hid, st in stored if st is not None]
+            itm = await self.itm([ItmInput(q.states, st.astype(np.float32)) for _, st in rerankable], call)
+            scores.update({hid: float(p) for (hid, _), p in zip(rerankable, itm, strict=True)})
+        meta = {h[0]: h[2] for h in hits}
+        return [Hit(k, scores[k], itc[k], meta[k]) for k in sorted(scores, key=lambda k: -scores[k])[:top_k]]
+
+    async def index(self, pixels: np.ndarray, gallery, item_id: str | None, metadata: dict, call: Call, io) -> str:
+        """Encode an image and store it in a gallery (its ITC embedding, and its states in fp16 for ITM
+        re-ranking); returns the id. Gallery writes run on the `io` executor."""
+        [image] = await self.encode_images([pixels], call)
+        states = image.states.astype(np.float16)
+        return await asyncio.get_running_loop().run_in_executor(io, lambda: gallery.add(image.embed, item_id, metadata, states))
 
     # What the routes show -------------------------------------------------------------------------
     @property

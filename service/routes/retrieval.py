@@ -33,7 +33,7 @@ from service.schemas import (
     SearchRequest,
     SearchResponse,
 )
-from service.server import ItmInput, ModelServer, TextInput
+from service.server import ModelServer, TextInput
 
 router = APIRouter(prefix="/retrieval", tags=["retrieval"])
 
@@ -100,23 +100,13 @@ async def search(request: Request, body: SearchRequest):
         raise ServiceError("invalid_request", 422, f"top_k {body.top_k} exceeds the limit of {st.settings.max_top_k}")
     deadline = deadline_for(request, body.deadline_ms)
     gallery = st.gallery(srv)
-    model_call = call(request, "retrieval", deadline)
     if body.text is not None:
-        [query] = await srv.encode_texts(await _tokens(request, srv, [body.text]), model_call)
+        [query] = await _tokens(request, srv, [body.text])
     else:
-        [query] = await srv.encode_images(await _pixels(request, srv, [body.image]), model_call)
-    pool = max(body.top_k, st.settings.rerank_top_k) if body.rerank and body.text is not None else body.top_k
-    hits = await asyncio.get_running_loop().run_in_executor(st.preprocess_pool, gallery.search, query.embed, pool)
-    itc = {h[0]: h[1] for h in hits}
-    scores = dict(itc)
-    if body.rerank and body.text is not None and hits:
-        stored = [(h[0], gallery.states(h[0])) for h in hits]
-        rerankable = [(hid, s) for hid, s in stored if s is not None]
-        itm = await srv.itm([ItmInput(query.states, s.astype(np.float32)) for _, s in rerankable], model_call)
-        scores.update({hid: float(p) for (hid, _), p in zip(rerankable, itm, strict=True)})
-    meta = {h[0]: h[2] for h in hits}
-    best = sorted(scores, key=lambda k: -scores[k])[: body.top_k]
-    results = [SearchHit(id=k, score=scores[k], itc_score=itc[k], metadata=meta[k]) for k in best]
+        [query] = await _pixels(request, srv, [body.image])
+    rerank = st.settings.rerank_top_k if body.rerank else 0
+    hits = await srv.search(query, gallery, body.top_k, rerank, call(request, "retrieval", deadline), st.preprocess_pool)
+    results = [SearchHit(id=h.id, score=h.score, itc_score=h.itc_score, metadata=h.metadata) for h in hits]
     return json_model(SearchResponse(results=results, gallery_size=len(gallery), model=srv.id, latency_ms=ms_since(t0)))
 
 
@@ -137,13 +127,8 @@ async def index_add(request: Request):
         request.state.model = srv.id
         gallery = st.gallery(srv)
         with field("image"):
-            [image] = await srv.encode_images(
-                await _pixels(request, srv, [image_payload(item)]), call(request, "retrieval", None)
-            )
-        metadata = item.metadata
-        new_id = await asyncio.get_running_loop().run_in_executor(
-            st.preprocess_pool, lambda: gallery.add(image.embed, item.id, metadata, image.states.astype(np.float16))
-        )
+            [pixels] = await _pixels(request, srv, [image_payload(item)])
+        new_id = await srv.index(pixels, gallery, item.id, item.metadata, call(request, "retrieval", None), st.preprocess_pool)
         return IndexResponse(id=new_id, gallery_size=len(gallery))
 
     results = []
