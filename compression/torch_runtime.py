@@ -24,6 +24,7 @@ from compression.modeling import TrimVLM
 from compression.tokenization import decode_ids
 from service.preprocess import encode_texts, normalize_uint8
 from service.runtime.base import Runtime, RuntimeOptions, RuntimeUnavailable, TensorSpec, prepare_feeds
+from service.tasks import Encoders
 
 
 def pick_device(name: str) -> torch.device:
@@ -147,7 +148,7 @@ class TorchRuntime(Runtime):
         self._specs.clear()
 
 
-class TorchTasks:
+class TorchTasks(Encoders):
     """A loaded torch model folder behind TaskModel's task methods (numpy in, numpy out)."""
 
     def __init__(self, lm: LoadedModel, device: str | torch.device = "cpu"):
@@ -163,14 +164,6 @@ class TorchTasks:
 
     def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         return encode_texts(self.tokenizer, texts, self.pre.max_text_length)
-
-    def encode_images(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        out = self.runtime.run("vision", {"pixel_values": pixels})
-        return out["image_states"], out["image_embeds"]
-
-    def encode_texts(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        out = self.runtime.run("text", {"input_ids": ids, "attention_mask": mask})
-        return out["text_states"], out["text_embeds"]
 
     @torch.no_grad()
     def fuse(self, text_states: np.ndarray, mask: np.ndarray, image_states: np.ndarray) -> dict[str, np.ndarray]:

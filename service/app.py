@@ -170,19 +170,16 @@ class RequestContext:
         except TimeoutError:
             pass
 
-    async def _reject(self, scope, send, rid, t0, status, code, message, retry_after: int | None = None, drain=None):
-        """Answer without running the app. `drain`: the request's receive, to read and discard the
-        body after the answer (an oversized one); the connection is closed after either way."""
+    async def _reject(self, scope, send, rid, t0, status, code, message, drain=None):
+        """Answer an oversized body without running the app. `drain`: the request's receive, to read
+        and discard the body after the answer; the connection is closed after either way."""
         body = json.dumps(error_body(code, message)).encode()
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
             (b"x-request-id", rid.encode()),
+            (b"connection", b"close"),
         ]
-        if retry_after is not None:
-            headers.append((b"retry-after", str(retry_after).encode()))
-        if status == 413:
-            headers.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": drain is not None})
         if drain is not None:

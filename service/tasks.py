@@ -33,7 +33,22 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(-1, keepdims=True)
 
 
-class TaskModel:
+class Encoders:
+    """The vision and text encoders of a model whose graphs run in `self.runtime`: shared by the
+    exported model (ONNX Runtime, TensorRT) and the torch parity path (compression/torch_runtime.py)."""
+
+    runtime: Runtime
+
+    def encode_images(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = self.runtime.run("vision", {"pixel_values": pixels})
+        return out["image_states"], out["image_embeds"]
+
+    def encode_texts(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = self.runtime.run("text", {"input_ids": ids, "attention_mask": mask})
+        return out["text_states"], out["text_embeds"]
+
+
+class TaskModel(Encoders):
     """Load a `<name>/<version>` folder's graphs in one runtime at one precision."""
 
     def __init__(
@@ -88,14 +103,6 @@ class TaskModel:
         return unknown_words(self.tokenizer, text, self.known_words)
 
     # Graphs -------------------------------------------------------------------------------------
-    def encode_images(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        out = self.runtime.run("vision", {"pixel_values": pixels})
-        return out["image_states"], out["image_embeds"]
-
-    def encode_texts(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        out = self.runtime.run("text", {"input_ids": ids, "attention_mask": mask})
-        return out["text_states"], out["text_embeds"]
-
     def fuse(self, text_states: np.ndarray, mask: np.ndarray, image_states: np.ndarray) -> dict[str, np.ndarray]:
         return self.runtime.run("fusion", {"text_states": text_states, "attention_mask": mask, "image_states": image_states})
 

@@ -88,6 +88,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def server_env(**overrides: str) -> dict[str, str]:
+    """The environment of a `python -m service serve` subprocess: this checkout's code, one thread
+    each, no demo page, and none of the test runner's TRIMVLM_* variables but the cache."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIMVLM_") or k == "TRIMVLM_CACHE"}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TRIMVLM_INTRA_OP_THREADS="1", TRIMVLM_DEMO_PAGE="false")
+    env.update(overrides)
+    return env
+
+
 class ServerProcess:
     """`trimvlm serve` (python -m service serve) on a free loopback port. TRIMVLM_*
     variables of the test runner are dropped; `env` sets the ones a test needs. Logs go to a
@@ -97,15 +106,7 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("TRIMVLM_") or k == "TRIMVLM_CACHE"}
-        full_env.update(
-            PYTHONPATH=str(REPO),
-            OMP_NUM_THREADS="1",
-            TRIMVLM_LOG_LEVEL="info",
-            TRIMVLM_DEMO_PAGE="false",
-            TRIMVLM_INTRA_OP_THREADS="1",
-        )
-        full_env.update(env)
+        full_env = server_env(**{"TRIMVLM_LOG_LEVEL": "info", **env})
         cmd = [sys.executable, "-m", "service", "serve", "--port", str(self.port), "--models", str(MODELS)]
         self._log = open(log_path, "ab")  # noqa: SIM115 (closed in stop())
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)

@@ -6,7 +6,6 @@ keeps the old behaviour for debugging: live, never ready, the error on /readyz."
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import socket
@@ -19,7 +18,7 @@ import httpx
 import pytest
 
 from tests.e2e import conftest as e2e_conftest
-from tests.e2e.conftest import DEFAULT_MODEL, MODELS, READY_TIMEOUT_S, REPO, ServerProcess
+from tests.e2e.conftest import DEFAULT_MODEL, MODELS, READY_TIMEOUT_S, REPO, ServerProcess, server_env
 from tests.e2e.test_service import RED_CIRCLE, SHAPE_Q
 from tests.reliability.test_artifacts import _flip_byte, _truncate_and_restamp
 
@@ -28,15 +27,7 @@ FAST_S = 5.0  # a start-up check that needs no model load (~1 s here; loading th
 
 def serve(tmp: Path, *args: str, env: dict[str, str] | None = None, timeout_s: float = 60) -> tuple[int, float, str, str]:
     """Run `python -m service serve ARGS` to its end: (exit code, seconds, stdout, stderr)."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("TRIMVLM_") or k == "TRIMVLM_CACHE"}
-    full_env.update(
-        PYTHONPATH=str(REPO),
-        OMP_NUM_THREADS="1",
-        TRIMVLM_INTRA_OP_THREADS="1",
-        TRIMVLM_DEMO_PAGE="false",
-        TRIMVLM_GALLERY_DIR=str(tmp / "gallery"),
-        **(env or {}),
-    )
+    full_env = server_env(**{"TRIMVLM_GALLERY_DIR": str(tmp / "gallery"), **(env or {})})
     if "--port" not in args:  # 0: any free port, bound by the server itself (no race with other tests)
         args = (*args, "--port", "0")
     t0 = time.monotonic()
