@@ -119,11 +119,18 @@ def bench_overload(
     duration: Annotated[float, typer.Option(help="Seconds of overload.")] = 60.0,
     factor: Annotated[float, typer.Option(help="Offered rate as a multiple of the measured capacity.")] = 4.0,
     capacity_seconds: Annotated[float, typer.Option(help="Seconds of closed-loop load to measure capacity.")] = 10.0,
+    client: Annotated[
+        str, typer.Option(help="Overload client: h2load (nghttp2-client, C), python, or auto (h2load when installed).")
+    ] = "auto",
 ):
     """Open-loop load at FACTOR x measured capacity: every request answered (200 or 429/503 + Retry-After)."""
-    from benchmarks.overload import run
+    from benchmarks.overload import pick_client, run
 
-    report = run(models, out, duration_s=duration, factor=factor, capacity_s=capacity_seconds)
+    try:
+        pick_client(client)
+    except (RuntimeError, ValueError) as e:
+        raise typer.BadParameter(str(e), param_hint="--client") from None
+    report = run(models, out, duration_s=duration, factor=factor, capacity_s=capacity_seconds, client=client)
     typer.echo((out / "REPORT.md").read_text())
     raise typer.Exit(0 if report["passed"] else 1)
 

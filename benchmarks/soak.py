@@ -210,7 +210,13 @@ def combine(root: Path) -> dict:
     runs = {name: {k: v for k, v in r.items() if k != "rss_series"} for name, r in soak["runs"].items()}
     out = {
         "machine": overload["machine"],
-        "overload": {k: overload[k] for k in ("command", "capacity", "overload", "server_side_200", "rss", "after", "checks")},
+        "overload": {
+            k: overload.get(k)
+            for k in (
+                *("command", "client", "capacity", "overload", "goodput", "cpu_cores_used"),
+                *("server_side_200", "rss", "after", "checks"),
+            )
+        },
         "soak": {"command": soak["command"], "runs": runs, "checks": soak["checks"]},
         "passed": overload["passed"] and soak["passed"],
     }
@@ -226,10 +232,12 @@ def combine(root: Path) -> dict:
         f"## Overload (`{overload['command']}`)",
         "",
         f"- capacity {c['throughput_rps']} req/s (closed loop, {c['clients']} clients); offered {o['offered_rps']} req/s "
-        f"({o['factor']:g}x) for {o['duration_s']:.0f} s: {o['sent']} requests sent",
+        f"({o['factor']:g}x, {overload.get('client', {}).get('overload', 'python')}) for {o['duration_s']:.0f} s: "
+        f"{o['sent']} requests sent",
         f"- {o['ok']} answered 200 ({o['ok_rps']} req/s), {o['refused']} refused with 429/503 "
-        f"({o['refused_without_retry_after']} without Retry-After), {o['connection_errors']} connection errors, "
-        f"other statuses: {o['other_statuses'] or 'none'}",
+        f"({o['refused_without_retry_after']} without Retry-After of {o.get('refusals_checked_for_retry_after', o['refused'])} "
+        f"checked), {o['connection_errors']} connection errors, other statuses: {o['other_statuses'] or 'none'}",
+        f"- goodput under overload: {overload['goodput']['ratio']} of capacity (target {overload['goodput']['target_ratio']})",
         f"- 200s inside the server: p50 <= {overload['server_side_200'].get('p50_ms_at_most')} ms, "
         f"p99 <= {overload['server_side_200'].get('p99_ms_at_most')} ms; seen by the client p50 {o['ok_p50_ms']} ms, "
         f"p99 {o['ok_p99_ms']} ms",
