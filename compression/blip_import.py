@@ -428,6 +428,7 @@ def build_from_blip(
     cross_key = state.get("text_decoder.bert.encoder.layer.0.crossattention.self.key.weight")
     cross_width = int(cross_key.shape[1]) if cross_key is not None else None
     cfg = blip_model_config(top, text, vision, cls_id, name or src.resolve().name, answers or [], cross_width)
+    cfg.decoder_answers = arch == "BlipForQuestionAnswering"  # a captioning decoder reads image tokens only
     torch.manual_seed(seed)  # the parts the checkpoint lacks start from a reproducible initialisation
     model = TrimVLM(cfg)
     mapping, ignored = load_blip_weights(model, state, parts)

@@ -51,6 +51,9 @@ class ModelConfig:
     # Width of the states the decoder cross-attends to. Captions attend to image tokens and
     # generative VQA to fused question states (as BLIP does), so both must have this width.
     decoder_cross_width: int | None = None
+    # Whether the decoder was trained to write VQA answers from fused question states (our own
+    # training does both tasks; of the imported BLIPs only BlipForQuestionAnswering does).
+    decoder_answers: bool = True
 
     # Heads
     embed_dim: int = 128  # ITC projection
@@ -100,8 +103,8 @@ class ModelConfig:
 
     @property
     def generative_vqa(self) -> bool:
-        """The decoder can answer from fused question states only if their width matches."""
-        return self.cross_width == self.text_width
+        """The decoder answers from fused question states: trained to, and their width matches."""
+        return self.decoder_answers and self.cross_width == self.text_width
 
     @property
     def layer_counts(self) -> dict[str, int]:

@@ -3,9 +3,10 @@
 Graphs (names are the contract with `service/`, see `graph_modules`):
   vision            pixel_values -> image_states, image_embeds (ITC projection, normalised)
   text              input_ids, attention_mask -> text_states (fusion input), text_embeds (ITC)
-  fusion            text_states, attention_mask, image_states -> vqa_logits, itm_logits
+  fusion            text_states, attention_mask, image_states -> vqa_logits, itm_logits (+ fused_states
+                    when the decoder can answer from them: generative VQA, as BLIP's VQA models)
   vqa_trimmed       batch-1 gather graph, thresholds as inputs (below)
-  decoder_*         caption decoder with a KV cache (compression/export_decoder.py)
+  decoder_*         caption / answer decoder with a KV cache (compression/export_decoder.py)
 Each is a `GraphModule` traced by `export_graph` (compression/export_graphs.py, the exporters' base).
 
 The VQA path (untrimmed, or trimmed in mask / batch-1 gather mode):
@@ -61,13 +62,17 @@ class TextGraph(nn.Module):
 
 
 class FusionGraph(nn.Module):
-    def __init__(self, model: TrimVLM):
+    """VQA and ITM logits; with `states`, also the fused question states a generative answer
+    decoder cross-attends to (BLIP's VQA)."""
+
+    def __init__(self, model: TrimVLM, states: bool = False):
         super().__init__()
-        self.model = model.eval()
+        self.model, self.states = model.eval(), states
 
     def forward(self, text_states, attention_mask, image_states):
         fused = self.model.fuse(text_states, attention_mask, image_states).last_hidden_state
-        return self.model.vqa_logits(fused), self.model.itm_logits(fused)
+        out = (self.model.vqa_logits(fused), self.model.itm_logits(fused))
+        return (*out, fused) if self.states else out
 
 
 class VQAGraph(nn.Module):
@@ -120,11 +125,18 @@ def graph_modules(model: TrimVLM) -> dict[str, GraphModule]:
             {"input_ids": text, "attention_mask": text, "text_states": text, "text_embeds": batch},
         ),
         "fusion": GraphModule(
-            FusionGraph(model),
+            FusionGraph(model, states=cfg.generative_vqa),
             ["text_states", "attention_mask", "image_states"],
-            ["vqa_logits", "itm_logits"],
+            ["vqa_logits", "itm_logits", *(["fused_states"] if cfg.generative_vqa else [])],
             lambda b, t: (torch.randn(b, t, cfg.text_width), _text(cfg, b, t)[1], torch.randn(b, n_img, cfg.vision_width)),
-            {"text_states": text, "attention_mask": text, "image_states": batch, "vqa_logits": batch, "itm_logits": batch},
+            {
+                "text_states": text,
+                "attention_mask": text,
+                "image_states": batch,
+                "vqa_logits": batch,
+                "itm_logits": batch,
+                **({"fused_states": text} if cfg.generative_vqa else {}),
+            },
         ),
     }
     if model.trimmers is not None:
@@ -164,6 +176,14 @@ def export_vqa(model: TrimVLM, path: str | Path, mode: str = "full") -> Path:
 # ----------------------------------------------------------------------------------------------
 # A whole model folder -> a model-repository version folder with manifest.json
 # ----------------------------------------------------------------------------------------------
+
+
+def vqa_kind(cfg) -> str | None:
+    """How the exported model answers: from its closed answer list (a classifier), by generating
+    with its decoder from the fused question states (BLIP's VQA models), or not at all."""
+    if cfg.answers:
+        return "classifier"
+    return "generative" if cfg.generative_vqa else None
 
 
 def _spec(name: str, array: np.ndarray, axes: dict[int, str]):
@@ -270,6 +290,12 @@ def export_model(
         preprocessing=lm.preprocessing,
         tokens=Tokens(pad=cfg.pad_token_id, cls=cfg.cls_token_id, sep=cfg.sep_token_id, bos=cfg.bos_token_id),
         answers=list(cfg.answers),
+        vqa=vqa_kind(cfg),
+        # what `serve` loads when no precision is asked for: only precisions this export wrote
+        default_precision={
+            "cpu": "int8" if "int8" in precisions else "fp32",
+            "cuda": "fp16" if "fp16" in precisions else "fp32",
+        },
         itc_temperature=float(model.temp.detach().clamp(0.001, 0.5)),
         levels=load_levels(model_dir) if model.trimmers is not None else None,
         description=description,

@@ -1,4 +1,4 @@
-"""ONNX export of the caption decoder as four small graphs with a KV cache.
+"""ONNX export of the text decoder (captions, generative answers) as four small graphs with a KV cache.
 
 - `decoder_cross_kv`: image_states [B, N, D] -> `cross_key.{i}`, `cross_value.{i}` [B, N, C_i]
   (run once per image; every later graph takes them as inputs).
@@ -9,6 +9,11 @@
   [B, P+T, S_i].
 - `decoder_nocache`: input_ids [B, T] (the whole prefix), attention_mask [B, T], cross K/V ->
   logits [B, T, V]: the reference path, and the scorer of whole sequences.
+
+The decoder cross-attends to image tokens for captions and, in a model that answers VQA
+generatively (BLIP's VQA), to the fused question states. Those are padded in a batch, so such a
+model's prefill / step / nocache graphs take `cross_attention_mask` [B, N] (1: attend) after
+attention_mask; `decoder_cross_kv` projects either kind of states.
 
 K/V stay in the model's own layout [B, tokens, heads * head_dim] (no head split), so a cache
 entry is one contiguous array per layer and reordering beams is one `take` on axis 0.
@@ -60,34 +65,44 @@ class CrossKVGraph(nn.Module):
         return tuple(t for kv in self.decoder.cross_kv(image_states) for t in kv)
 
 
-class StepGraph(nn.Module):
-    """Prefill (with_past=False) or one cached step: logits and the grown self-attention cache."""
+def _split_mask(masked: bool, rest: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor | None, tuple[torch.Tensor, ...]]:
+    """(cross_attention_mask or None, the K/V tensors) from a graph's trailing inputs."""
+    return (rest[0].bool(), rest[1:]) if masked else (None, rest)
 
-    def __init__(self, decoder: TextDecoder, with_past: bool):
+
+class StepGraph(nn.Module):
+    """Prefill (with_past=False) or one cached step: logits and the grown self-attention cache.
+    `masked`: a cross_attention_mask input follows attention_mask (padded question states)."""
+
+    def __init__(self, decoder: TextDecoder, with_past: bool, masked: bool = False):
         super().__init__()
-        self.decoder, self.with_past = decoder, with_past
+        self.decoder, self.with_past, self.masked = decoder, with_past, masked
         self.n_layers = len(decoder.bert.encoder.layer)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *kv: torch.Tensor):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *rest: torch.Tensor):
+        cross_mask, kv = _split_mask(self.masked, rest)
         n = 2 * self.n_layers
         past = _pairs(kv[:n]) if self.with_past else None
         cross = _pairs(kv[n:] if self.with_past else kv)
-        logits, out = self.decoder(input_ids, attention_mask, cross_kv=cross, past_key_values=past, use_cache=True)
+        logits, out = self.decoder(
+            input_ids, attention_mask, encoder_mask=cross_mask, cross_kv=cross, past_key_values=past, use_cache=True
+        )
         return (logits, *(t for pair in out.past_key_values for t in pair))
 
 
 class NoCacheGraph(nn.Module):
-    def __init__(self, decoder: TextDecoder):
+    def __init__(self, decoder: TextDecoder, masked: bool = False):
         super().__init__()
-        self.decoder = decoder
+        self.decoder, self.masked = decoder, masked
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *cross: torch.Tensor) -> torch.Tensor:
-        return self.decoder(input_ids, attention_mask, cross_kv=_pairs(cross))[0]
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        cross_mask, cross = _split_mask(self.masked, rest)
+        return self.decoder(input_ids, attention_mask, encoder_mask=cross_mask, cross_kv=_pairs(cross))[0]
 
 
 def _dynamic_axes(name: str) -> dict[int, str]:
     """Axis names by tensor name: batch everywhere, then the token axis each tensor has."""
-    if name == "image_states" or name.startswith("cross_"):
+    if name == "image_states" or name.startswith("cross_"):  # cross_key/value.i and cross_attention_mask
         return {0: "batch", 1: "image_tokens"}
     if name.startswith("past_"):
         return {0: "batch", 1: "past_tokens"}
@@ -107,6 +122,9 @@ def example_inputs(
     states = torch.randn(batch, image_tokens or cfg.num_image_tokens, cfg.vision_width, generator=g)
     ids = torch.randint(4, cfg.vocab_size, (batch, new), generator=g)
     ex = {"image_states": states, "input_ids": ids, "attention_mask": torch.ones(batch, past + new, dtype=torch.long)}
+    cross_mask = torch.ones(batch, states.shape[1], dtype=torch.long)
+    cross_mask[0, states.shape[1] // 2 :] = 0  # a padded row: the trace must keep the mask
+    ex["cross_attention_mask"] = cross_mask
     n = len(dec.bert.encoder.layer)
     cross = dec.cross_kv(states)
     ex |= dict(zip(kv_names("cross", n), (t for kv in cross for t in kv), strict=True))
@@ -123,13 +141,15 @@ def decoder_graph_modules(model: TrimVLM) -> dict[str, GraphModule]:
     tokens after t cached ones."""
     dec = model.eval().text_decoder
     n = len(dec.bert.encoder.layer)
-    text, cross = ["input_ids", "attention_mask"], kv_names("cross", n)
+    # a decoder that can answer from fused question states (padded, unlike image tokens) takes their mask
+    masked = model.config.generative_vqa
+    text, cross = ["input_ids", "attention_mask", *(["cross_attention_mask"] if masked else [])], kv_names("cross", n)
     present = ["logits", *kv_names("present", n)]
     specs = {
         "decoder_cross_kv": (CrossKVGraph(dec), ["image_states"], cross),
-        "decoder_prefill": (StepGraph(dec, with_past=False), text + cross, present),
-        "decoder_step": (StepGraph(dec, with_past=True), text + kv_names("past", n) + cross, present),
-        "decoder_nocache": (NoCacheGraph(dec), text + cross, ["logits"]),
+        "decoder_prefill": (StepGraph(dec, with_past=False, masked=masked), text + cross, present),
+        "decoder_step": (StepGraph(dec, with_past=True, masked=masked), text + kv_names("past", n) + cross, present),
+        "decoder_nocache": (NoCacheGraph(dec, masked=masked), text + cross, ["logits"]),
     }
 
     def sampler(name: str, inputs: list[str]) -> Callable[[int, int], tuple]:

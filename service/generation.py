@@ -19,8 +19,13 @@ import numpy as np
 Run = Callable[[str, dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
-def _cross(run: Run, image_states: np.ndarray) -> dict[str, np.ndarray]:
-    return run("decoder_cross_kv", {"image_states": np.ascontiguousarray(image_states)})
+def _cross(run: Run, states: np.ndarray, mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Cross-attention K/V of the states decoded from (image tokens, or fused question states),
+    with their mask when given: it travels with them (one row per row, selected alike)."""
+    out = dict(run("decoder_cross_kv", {"image_states": np.ascontiguousarray(states)}))
+    if mask is not None:
+        out["cross_attention_mask"] = np.ascontiguousarray(mask, np.int64)
+    return out
 
 
 def _start_ids(b: int, bos_id: int, prompt_ids: np.ndarray | None) -> np.ndarray:
@@ -40,7 +45,6 @@ class _Decoder:
     def __init__(self, run: Run, cross: dict[str, np.ndarray], use_cache: bool):
         self.run, self.cross, self.use_cache = run, cross, use_cache
         self.past: dict[str, np.ndarray] | None = None
-        self.n_layers = len(cross) // 2
 
     def logits(self, ids: np.ndarray, new: int) -> np.ndarray:
         """Last-position logits [rows, V] after feeding the `new` last tokens of ids [rows, L]."""
@@ -69,17 +73,26 @@ def greedy_decode(
     max_length: int,
     use_cache: bool = True,
     prompt_ids: np.ndarray | None = None,
+    memory_mask: np.ndarray | None = None,
+    logprobs: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Greedy captions for image_states [B, N, D]: ids [B, <=max_length] as `TrimVLM.generate`
-    returns them ([SEP] kept, [PAD] after it, prompt excluded, stop when every row is done)."""
+    """Greedy decoding from image_states [B, N, D] (or fused question states, padded: then
+    memory_mask [B, N] marks the real ones): ids [B, <=max_length] as `TrimVLM.generate` returns
+    them ([SEP] kept, [PAD] after it, prompt excluded, stop when every row is done). `logprobs`
+    [B], when given, receives each row's summed token log-probabilities ([SEP] included)."""
     b = image_states.shape[0]
-    dec = _Decoder(run, _cross(run, image_states), use_cache)
+    dec = _Decoder(run, _cross(run, image_states, memory_mask), use_cache)
     ids = _start_ids(b, bos_id, prompt_ids)
     out = np.full((b, max_length), pad_id, np.int64)
     rows = np.arange(b)  # original index of each live row
     new, steps = ids.shape[1], 0
+    if logprobs is not None:
+        logprobs[:] = 0.0
     while steps < max_length and len(rows):
-        tok = dec.logits(ids, new).argmax(-1)
+        step_logits = dec.logits(ids, new)
+        tok = step_logits.argmax(-1)
+        if logprobs is not None:
+            logprobs[rows] += np.take_along_axis(_log_softmax(step_logits), tok[:, None], 1)[:, 0]
         out[rows, steps] = tok
         ids = np.concatenate([ids, tok[:, None]], 1)
         new, steps = 1, steps + 1
@@ -97,7 +110,7 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-def _done(hyps: list[tuple[float, np.ndarray]], k: int, best_running: float, length: int, lp: float) -> bool:
+def _done(hyps: list[tuple[float, np.ndarray, float]], k: int, best_running: float, length: int, lp: float) -> bool:
     """HF's early_stopping=False rule: k hypotheses have finished and the best running beam, at
     its current length, would not beat the worst of the k best (with k = 1: greedy's stop)."""
     if len(hyps) < k:
@@ -115,6 +128,8 @@ def beam_search(
     num_beams: int = 3,
     length_penalty: float = 1.0,
     prompt_ids: np.ndarray | None = None,
+    memory_mask: np.ndarray | None = None,
+    logprobs: np.ndarray | None = None,
 ) -> np.ndarray:
     """Beam-search captions for image_states [B, N, D]: the best hypothesis per image, ids
     [B, <=max_length] laid out as greedy_decode's.
@@ -123,16 +138,17 @@ def beam_search(
     its token log-probs / length ** length_penalty. As in Hugging Face's beam search, each step
     keeps the 2K best (beam, token) extensions: [SEP] among the top K finishes a hypothesis, the
     best K others continue; an image stops by HF's default rule (`_done`), under which
-    num_beams=1 is exactly greedy decoding.
+    num_beams=1 is exactly greedy decoding. memory_mask and logprobs as in greedy_decode (the
+    best hypothesis's summed log-probs, before the length penalty).
     """
     b, k = image_states.shape[0], num_beams
     if max_length < 1 or k < 1:
         raise ValueError(f"need max_length >= 1 and num_beams >= 1, got {max_length}, {num_beams}")
-    cross = _cross(run, image_states)
+    cross = _cross(run, image_states, memory_mask)
     dec = _Decoder(run, cross, use_cache=True)
     ids = _start_ids(b, bos_id, prompt_ids)
     start = ids.shape[1]
-    hyps: list[list[tuple[float, np.ndarray]]] = [[] for _ in range(b)]
+    hyps: list[list[tuple[float, np.ndarray, float]]] = [[] for _ in range(b)]  # (score, ids, log-prob)
     images = np.arange(b)  # original index of each live image; its rows are i*k .. i*k+k-1
     scores = np.zeros((b, k), np.float32)
     scores[:, 1:] = -np.inf  # all beams start identical: only beam 0 may extend at step 0
@@ -154,7 +170,7 @@ def beam_search(
         for i, r in zip(*np.nonzero(is_sep[:, :k]), strict=True):  # finished hypotheses (rare)
             if np.isfinite(top_score[i, r]):
                 seq = np.append(ids[i * k + beam[i, r], start:], sep_id)
-                hyps[images[i]].append((float(top_score[i, r]) / length**length_penalty, seq))
+                hyps[images[i]].append((float(top_score[i, r]) / length**length_penalty, seq, float(top_score[i, r])))
         # Continue with the K best non-[SEP] extensions (a stable sort keeps their rank order);
         # at most K of the 2K candidates are [SEP], one per beam.
         cont = np.argsort(is_sep, axis=1, kind="stable")[:, :k]
@@ -179,8 +195,11 @@ def beam_search(
             continue
         for r in range(k):
             if np.isfinite(scores[i, r]):
-                hyps[j].append((float(scores[i, r]) / max_length**length_penalty, ids[i * k + r, start:]))
-    best = [max(h, key=lambda t: t[0])[1] for h in hyps]
+                hyps[j].append((float(scores[i, r]) / max_length**length_penalty, ids[i * k + r, start:], float(scores[i, r])))
+    winners = [max(h, key=lambda t: t[0]) for h in hyps]
+    best = [w[1] for w in winners]
+    if logprobs is not None:
+        logprobs[:] = [w[2] for w in winners]
     out = np.full((b, max(len(s) for s in best)), pad_id, np.int64)
     for j, seq in enumerate(best):
         out[j, : len(seq)] = seq

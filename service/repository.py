@@ -39,6 +39,14 @@ class GraphInfo(BaseModel):
     batch_one: bool = False  # data-dependent shapes baked for batch 1 (trimmed gather graph)
     parity: dict[str, float] = Field(default_factory=dict)  # precision -> max |ORT - torch| at export
 
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
 
 class Tokens(BaseModel):
     """Special token ids the service needs to build inputs and stop decoding."""
@@ -78,6 +86,10 @@ class Manifest(BaseModel):
     tokenizer: str = "tokenizer.json"
     tokens: Tokens
     answers: list[str]  # the closed VQA answer list (the classifier's outputs, in order)
+    # classifier: the answer is picked from `answers`; generative: the decoder writes it from the
+    # fused question states (BLIP's VQA models); None: the manifest predates the field (classifier
+    # when it has answers)
+    vqa: Literal["classifier", "generative"] | None = None
     itc_temperature: float
     # What the model knows, in words: its training domain and what it cannot do (shown by /v1/models)
     description: str | None = None
@@ -90,6 +102,11 @@ class Manifest(BaseModel):
     reference: Reference = Field(default_factory=Reference)
     files: dict[str, FileInfo] = Field(default_factory=dict)
     produced_by: dict = Field(default_factory=dict)  # command, source model, versions, git commit, time
+
+    @property
+    def vqa_mode(self) -> str | None:
+        """classifier | generative | None (the model cannot answer questions)."""
+        return self.vqa or ("classifier" if self.answers else None)
 
     def graph_file(self, graph: str, precision: str) -> str:
         info = self.graphs[graph]

@@ -39,7 +39,16 @@ class Strict(BaseModel):
 class VQAItem(Strict):
     image: str = Field(description=_IMAGE_DOC)
     question: str = Field(min_length=1)
-    top_k: int = Field(1, ge=1, le=20)
+    top_k: int = Field(
+        1,
+        ge=1,
+        le=20,
+        description="Closed-vocabulary models: the k most likely answers. Generative models (GET /v1/models: "
+        "`vqa: generative`) write one answer, so `top_k` lists that one.",
+    )
+    num_beams: int = Field(
+        1, ge=1, description="Generative models only: 1 greedy, more: beam search (at most the server's max_beams)."
+    )
     compute: Compute = Field("auto", description=_COMPUTE_DOC)
     deadline_ms: float | None = Field(
         None, gt=0, description="Answer within this many ms of arrival, or get 504 (also X-Deadline-Ms)."
@@ -234,8 +243,14 @@ class ModelInfo(BaseModel):
     description: str | None = Field(
         None, description="What the model was trained on and can answer (from its manifest); null if the exporter gave none."
     )
-    answer_vocabulary: Literal["closed", "open"] = Field(
-        description="`closed`: VQA answers are always one of `answers`; `open`: answers are generated (no fixed list)."
+    vqa: Literal["classifier", "generative"] | None = Field(
+        description="How /vqa answers: `classifier` picks from `answers`; `generative` writes the answer with the "
+        "model's decoder from the fused question states (BLIP's VQA models; `num_beams` applies); null: this model "
+        "cannot answer questions (/vqa answers 422)."
+    )
+    answer_vocabulary: Literal["closed", "open"] | None = Field(
+        description="`closed`: VQA answers are always one of `answers`; `open`: answers are generated (no fixed list); "
+        "null: no VQA."
     )
     answers: list[str] | None = Field(description="The closed VQA answer list, in the classifier's order; null when open.")
     image_size: int = Field(description="Images are resized to image_size x image_size pixels before the model sees them.")

@@ -22,6 +22,7 @@ import numpy as np
 
 from service.adaptive import LatencyModel, LevelOption, PredictionErrors, choose_level
 from service.batching import Batcher, DeadlineExceeded, QueueFull
+from service.errors import InvalidRequest
 from service.levels import Level, resolve
 from service.metrics import Metrics
 from service.settings import Settings
@@ -53,12 +54,14 @@ class TextInput:
 class VqaInput:
     pixels: np.ndarray  # normalised float32 [3, H, W]
     question: TextInput
+    num_beams: int = 1  # generative answers only
 
 
 @dataclass
 class VqaOutput:
-    logits: np.ndarray  # [answers]
+    logits: np.ndarray | None  # [answers] (a classifier's)
     tokens_kept: int | None  # image tokens a trimmed level kept (None: untrimmed)
+    generated: tuple[str, float] | None = None  # a generative model's (answer, probability)
 
 
 @dataclass
@@ -126,6 +129,14 @@ def _pad_stack(rows: list[np.ndarray], pad: int = 0) -> np.ndarray:
     return out
 
 
+def _groups(items: list, key: Callable[[Any], Any]) -> dict[Any, list[int]]:
+    """Indices of items by key, in order: items decoded with one setting run as one batch."""
+    out: dict[Any, list[int]] = {}
+    for i, it in enumerate(items):
+        out.setdefault(key(it), []).append(i)
+    return out
+
+
 def _pad_states(rows: list[np.ndarray]) -> np.ndarray:
     length = max(r.shape[0] for r in rows)
     out = np.zeros((len(rows), length, rows[0].shape[1]), dtype=rows[0].dtype)
@@ -182,7 +193,16 @@ class ModelServer:
             kept = res.image_tokens_kept
             return [VqaOutput(res.logits[i], None if kept is None else int(kept[i])) for i in range(len(items))]
 
-        return run
+        def generate(items: list[VqaInput]) -> list[VqaOutput]:
+            out: list = [None] * len(items)
+            for beams, idx in _groups(items, lambda it: it.num_beams).items():  # one decode per beam width
+                pixels = np.stack([items[i].pixels for i in idx])
+                ids, mask = _pad_stack([items[i].question.ids for i in idx]), _pad_stack([items[i].question.mask for i in idx])
+                for i, answer in zip(idx, self.tasks.vqa_generate(pixels, ids, mask, num_beams=beams), strict=True):
+                    out[i] = VqaOutput(None, None, answer)
+            return out
+
+        return generate if self.tasks.vqa_mode == "generative" else run
 
     def _run_vision(self, items: list[np.ndarray]) -> list[Encoding]:
         states, embeds = self.tasks.encode_images(np.stack(items))
@@ -202,10 +222,7 @@ class ModelServer:
     def _run_caption(self, items: list[CaptionInput]) -> list[str]:
         # decode each (max_length, num_beams) setting as one batch
         out: list = [None] * len(items)
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, it in enumerate(items):
-            groups.setdefault((it.max_length, it.num_beams), []).append(i)
-        for (length, beams), idx in groups.items():
+        for (length, beams), idx in _groups(items, lambda it: (it.max_length, it.num_beams)).items():
             states = np.stack([items[i].image_states for i in idx])
             for i, text in zip(idx, self.tasks.captions(states, max_length=length, num_beams=beams), strict=True):
                 out[i] = text
@@ -242,7 +259,7 @@ class ModelServer:
         ids, mask = self.tasks.tokenize(["what shape is in the image?"])
         sizes = sorted({1, min(8, self.batchers["vision"].max_batch), self.batchers["vision"].max_batch})
         for n in sizes:
-            for level in self.levels:
+            for level in self.levels if self.tasks.vqa_mode else ():
                 runner = self.batchers[f"vqa/{level}"]
                 if level != "full" and n > 8:  # per-item graph: linear in n, 8 points suffice
                     continue
@@ -321,9 +338,14 @@ class ModelServer:
         self.metrics.queue_duration.labels(call.endpoint, self.id).observe(queued_s)
         return result
 
-    async def vqa(self, pixels: np.ndarray, question: TextInput, compute, top_k: int, call: Call) -> VqaAnswer:
+    async def vqa(
+        self, pixels: np.ndarray, question: TextInput, compute, top_k: int, call: Call, num_beams: int = 1
+    ) -> VqaAnswer:
         """compute: 'auto' | level name | {'max_flops_ratio': x}; 'auto' means the server's
-        default_compute when that is not 'auto' (reported as reason 'default')."""
+        default_compute when that is not 'auto' (reported as reason 'default'). A generative model
+        answers with one generated answer (greedy, or beam search with num_beams)."""
+        if self.tasks.vqa_mode is None:
+            raise InvalidRequest(f"model {self.id} cannot answer questions: it has no closed answer list and no answer decoder")
         defaulted = compute == "auto" and isinstance(compute, str) and self.settings.default_compute != "auto"
         if defaulted:
             compute = self.settings.default_compute
@@ -334,12 +356,12 @@ class ModelServer:
         call.on_level(level)
         picked_at, predicted = time.perf_counter(), self.predicted_s(level)
         try:
-            out: VqaOutput = await self._run(f"vqa/{level}", VqaInput(pixels, question), call)
+            out: VqaOutput = await self._run(f"vqa/{level}", VqaInput(pixels, question, num_beams), call)
         except DeadlineExceeded:  # late ones count too (at least this long), or the margin learns only from successes
             self.record_outcome(level, predicted, time.perf_counter() - picked_at)
             raise
         tp = time.perf_counter()
-        top = self.answers(out.logits, top_k)
+        top = [out.generated] if out.generated is not None else self.answers(out.logits, top_k)
         self.record_outcome(level, predicted, time.perf_counter() - picked_at)
         if out.tokens_kept is not None:
             self.metrics.kept_token_ratio.labels(self.id, level).observe(out.tokens_kept / self.image_tokens)
@@ -429,7 +451,8 @@ class ModelServer:
             "backend": self.tasks.runtime.describe(),
             "precision": self.tasks.precision,
             "description": m.description,
-            "answer_vocabulary": "closed" if m.answers else "open",
+            "vqa": self.tasks.vqa_mode,
+            "answer_vocabulary": "closed" if m.answers else ("open" if self.tasks.vqa_mode == "generative" else None),
             "answers": list(m.answers) or None,
             "image_size": m.preprocessing.image.size,
             "max_text_length": m.preprocessing.max_text_length,

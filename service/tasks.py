@@ -69,10 +69,17 @@ class TaskModel(Encoders):
         self.runtime: Runtime = load_runtime(backend, files, options, fallback=fallback, model_dir=self.folder)
         self.tokenizer = Tokenizer.from_file(str(self.folder / self.manifest.tokenizer))
         self.image_spec: ImageSpec = self.manifest.preprocessing.image
-        trimmed = self.manifest.levels is not None and self.has("vqa_trimmed")
+        self.vqa_mode = self.manifest.vqa_mode
+        # trimmed levels: the gather graph gives classifier logits, so a generative model runs full
+        trimmed = self.manifest.levels is not None and self.has("vqa_trimmed") and self.vqa_mode == "classifier"
         self.levels: dict[str, Level] = self.manifest.levels.levels if trimmed else {"full": FULL}  # the named levels
         known = self.manifest.known_words
         self.known_words: frozenset[str] | None = frozenset(known) if known is not None else None
+        graphs = self.manifest.graphs
+        # decoder graphs of a model that answers generatively take the padded question states' mask
+        self.decoder_masked = "decoder_prefill" in graphs and "cross_attention_mask" in graphs["decoder_prefill"].input_names
+        if self.vqa_mode == "generative" and not ("fused_states" in graphs["fusion"].output_names and self.decoder_masked):
+            raise ValueError(f"{self.id}: manifest says generative VQA but its fusion/decoder graphs cannot (re-export it)")
 
     @property
     def id(self) -> str:
@@ -143,6 +150,49 @@ class TaskModel(Encoders):
             kept.append(np.asarray(out["image_tokens_kept"]).reshape(-1))
         return VQAResult(np.concatenate(logits), level, point.flops_ratio, np.concatenate(kept))
 
+    @property
+    def generative_vqa(self) -> bool:
+        return self.vqa_mode == "generative"
+
+    def generate_answers(
+        self, fused_states: np.ndarray, mask: np.ndarray, max_length: int | None = None, num_beams: int = 1
+    ) -> list[str]:
+        """Answers written by the decoder from fused question states [B, T, D] (padding masked)."""
+        return [a for a, _ in self.generate_scored(fused_states, mask, max_length, num_beams)]
+
+    def generate_scored(
+        self, fused_states: np.ndarray, mask: np.ndarray, max_length: int | None = None, num_beams: int = 1
+    ) -> list[tuple[str, float]]:
+        """(answer, probability of the whole answer under the model: exp of its summed token
+        log-probs, [SEP] included) per row, greedy or beam search as for captions."""
+        max_length = max_length or self.manifest.preprocessing.max_answer_length
+        ids, logprobs = self._decode_ids(fused_states, max_length, num_beams, mask)
+        return [(self.decode(row), float(np.exp(lp))) for row, lp in zip(np.asarray(ids).tolist(), logprobs, strict=True)]
+
+    def vqa_generate(self, pixels: np.ndarray, ids: np.ndarray, mask: np.ndarray, num_beams: int = 1) -> list[tuple[str, float]]:
+        """Generative VQA for a batch: vision, text and fusion batched, then the decoder from the
+        fused question states."""
+        image_states, _ = self.encode_images(pixels)
+        text_states, _ = self.encode_texts(ids, mask)
+        fused = self.fuse(text_states, mask, image_states)["fused_states"]
+        return self.generate_scored(fused, mask, num_beams=num_beams)
+
+    def _decode_ids(
+        self, states: np.ndarray, max_length: int, num_beams: int, mask: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        from service.generation import beam_search, greedy_decode
+
+        t = self.manifest.tokens
+        if mask is None and self.decoder_masked:
+            mask = np.ones(states.shape[:2], np.int64)
+        logprobs = np.zeros(len(states), np.float32)
+        decode = beam_search if num_beams > 1 else greedy_decode
+        extra = {"num_beams": num_beams} if num_beams > 1 else {}
+        ids = decode(
+            self.runtime.run, states, t.bos, t.sep, t.pad, max_length=max_length, memory_mask=mask, logprobs=logprobs, **extra
+        )
+        return ids, logprobs
+
     def answers(self, logits: np.ndarray, top_k: int = 1) -> list[list[tuple[str, float]]]:
         probs = softmax(logits.astype(np.float32))
         order = np.argsort(-probs, axis=1)[:, :top_k]
@@ -153,14 +203,7 @@ class TaskModel(Encoders):
         return softmax(self.fuse(text_states, mask, image_states)["itm_logits"].astype(np.float32))[:, 1]
 
     def captions(self, image_states: np.ndarray, max_length: int | None = None, num_beams: int = 1) -> list[str]:
-        from service.generation import beam_search, greedy_decode
-
-        t = self.manifest.tokens
-        max_length = max_length or self.manifest.preprocessing.max_caption_length
-        if num_beams > 1:
-            ids = beam_search(self.runtime.run, image_states, t.bos, t.sep, t.pad, max_length=max_length, num_beams=num_beams)
-        else:
-            ids = greedy_decode(self.runtime.run, image_states, t.bos, t.sep, t.pad, max_length=max_length)
+        ids, _ = self._decode_ids(image_states, max_length or self.manifest.preprocessing.max_caption_length, num_beams)
         return [self.decode(row) for row in np.asarray(ids).tolist()]
 
     def decode(self, ids: list[int]) -> str:

@@ -6,6 +6,7 @@ import time
 
 from fastapi import APIRouter, Request
 
+from service.errors import InvalidRequest
 from service.routes.common import (
     call,
     deadline_figures,
@@ -27,6 +28,11 @@ async def answer_one(request: Request, item: VQAItem, t0: float) -> VQAResponse:
     st = state(request)
     srv = st.server(item.model)
     request.state.model = srv.id
+    if item.num_beams > 1:
+        if srv.tasks.vqa_mode != "generative":
+            raise InvalidRequest(f"model {srv.id} picks answers from a closed list: num_beams applies to generative models")
+        if item.num_beams > st.settings.max_beams:
+            raise InvalidRequest(f"num_beams {item.num_beams} exceeds the limit of {st.settings.max_beams}")
     deadline = deadline_for(request, item.deadline_ms)
     payload = image_payload(item)
 
@@ -40,7 +46,7 @@ async def answer_one(request: Request, item: VQAItem, t0: float) -> VQAResponse:
     pixels, question, unknown = await st.run_pre(preprocess, inline=st.preprocess_inline(payload))
     compute = item.compute.model_dump() if isinstance(item.compute, MaxFlops) else item.compute
     async with deadline_figures(request):
-        answer = await srv.vqa(pixels, question, compute, item.top_k, call(request, "vqa", deadline))
+        answer = await srv.vqa(pixels, question, compute, item.top_k, call(request, "vqa", deadline), item.num_beams)
     return VQAResponse(
         answer=answer.top[0][0],
         score=answer.top[0][1],
@@ -61,8 +67,10 @@ async def answer_one(request: Request, item: VQAItem, t0: float) -> VQAResponse:
 async def vqa(request: Request):
     """JSON (one item, or `{"items": [...]}` -> `{"results": [...]}`) or multipart (`image` file +
     `question` form field). `compute`: auto | full | accurate | balanced | fast | {"max_flops_ratio": x}.
-    Question words the model never saw in training are named in `warnings` (it still answers, from
-    its closed answer list: see GET /v1/models for what each model knows)."""
+    Question words the model never saw in training are named in `warnings` (it still answers).
+    A model answers from its closed answer list or, if GET /v1/models shows `vqa: generative`
+    (BLIP's VQA checkpoints), writes an open-vocabulary answer with its decoder (greedy, or beam
+    search with `num_beams`); `score` is then the probability of the whole answer."""
     st = state(request)
     t0 = time.perf_counter()
     items, is_batch = await parse(request, VQAItem, VQABatch, st.settings.max_items)
