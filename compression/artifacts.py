@@ -42,6 +42,7 @@ def save_model_dir(
 ) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    preprocessing = with_positions(preprocessing, model.config)
     model.config.save(out / "config.json")
     to_save = model if dtype == "fp32" else copy.deepcopy(model).to(_DTYPES[dtype])
     metadata = {"format": "pt", "dtype": dtype, **{k: str(v) for k, v in (extra_metadata or {}).items()}}
@@ -68,5 +69,12 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> Load
     missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=True)
     model.float().to(device).eval()
     tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
-    pre = Preprocessing.model_validate_json((path / "preprocess.json").read_text())
+    pre = with_positions(Preprocessing.model_validate_json((path / "preprocess.json").read_text()), cfg)
     return LoadedModel(model, tokenizer, pre, path)
+
+
+def with_positions(pre: Preprocessing, cfg: ModelConfig) -> Preprocessing:
+    """The preprocessing with the model's text positions recorded (`max_positions`): the config is
+    the truth, also for folders written before the field existed, so every export's manifest carries
+    the limit the service checks caption lengths against."""
+    return pre.model_copy(update={"max_positions": cfg.max_position_embeddings})

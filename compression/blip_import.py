@@ -138,7 +138,41 @@ class ImportReport:
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise BlipImportError(f"{path.parent} is not a BLIP checkpoint folder: {path.name} is missing")
-    return json.loads(path.read_text())
+    return _json_object(path)
+
+
+def _json_object(path: Path) -> dict:
+    """A JSON file that must hold an object; anything else is a one-line BlipImportError."""
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BlipImportError(f"{path} is not valid JSON: {_first_line(e)}") from None
+    if not isinstance(data, dict):
+        raise BlipImportError(f"{path} holds a JSON {type(data).__name__}, expected an object")
+    return data
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
+def _weights_file(path: Path, load):
+    """load(path), with a clear one-line error for a file that is not weights: a Git LFS pointer (a
+    clone without git-lfs), a truncated download, or another format under the expected name."""
+    if not path.is_file():
+        raise BlipImportError(f"{path} is missing")
+    with open(path, "rb") as f:
+        head = f.read(len(LFS_POINTER))
+    if head == LFS_POINTER:
+        raise BlipImportError(f"{path} is a Git LFS pointer, not the weights: fetch them (git lfs pull) and import again")
+    try:
+        return load(path)
+    except Exception as e:  # safetensors, pickle and zip errors have no common base
+        raise BlipImportError(f"{path} cannot be read as weights ({type(e).__name__}: {_first_line(e)})") from None
 
 
 def read_hf_config(src: Path) -> tuple[dict, dict, dict]:
@@ -166,15 +200,20 @@ def read_weights(src: Path) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors as fp32, from safetensors (single or sharded) or a torch .bin."""
     from safetensors.torch import load_file
 
+    def safetensors(path: Path) -> dict[str, torch.Tensor]:
+        return _weights_file(path, lambda p: load_file(str(p)))
+
     if (src / "model.safetensors").is_file():
-        state = load_file(str(src / "model.safetensors"))
+        state = safetensors(src / "model.safetensors")
     elif (src / "model.safetensors.index.json").is_file():
-        shards = sorted(set(_read_json(src / "model.safetensors.index.json")["weight_map"].values()))
+        index = _read_json(src / "model.safetensors.index.json").get("weight_map")
+        if not isinstance(index, dict) or not index:
+            raise BlipImportError(f"{src}/model.safetensors.index.json has no weight_map")
         state = {}
-        for shard in shards:
-            state.update(load_file(str(src / shard)))
+        for shard in sorted(set(index.values())):
+            state.update(safetensors(src / shard))
     elif (src / "pytorch_model.bin").is_file():
-        state = torch.load(src / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        state = _weights_file(src / "pytorch_model.bin", lambda p: torch.load(p, map_location="cpu", weights_only=True))
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise BlipImportError(f"{src}/pytorch_model.bin is not a flat state dict of tensors")
     else:
@@ -187,13 +226,16 @@ def read_tokenizer(src: Path):
     from tokenizers import Tokenizer
 
     if (src / "tokenizer.json").is_file():
-        tok = Tokenizer.from_file(str(src / "tokenizer.json"))
+        try:
+            tok = Tokenizer.from_file(str(src / "tokenizer.json"))
+        except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
+            raise BlipImportError(f"{src}/tokenizer.json cannot be read: {_first_line(e)}") from None
     elif (src / "vocab.txt").is_file():
         from tokenizers import AddedToken
         from tokenizers.implementations import BertWordPieceTokenizer
 
-        tcfg = json.loads((src / "tokenizer_config.json").read_text()) if (src / "tokenizer_config.json").is_file() else {}
-        smap = json.loads((src / "special_tokens_map.json").read_text()) if (src / "special_tokens_map.json").is_file() else {}
+        tcfg = _json_object(src / "tokenizer_config.json") if (src / "tokenizer_config.json").is_file() else {}
+        smap = _json_object(src / "special_tokens_map.json") if (src / "special_tokens_map.json").is_file() else {}
         bert = BertWordPieceTokenizer(str(src / "vocab.txt"), lowercase=tcfg.get("do_lower_case", True))
         tok = Tokenizer.from_str(bert.to_str())
         extra = []
@@ -454,8 +496,11 @@ def import_blip(
 ) -> ImportReport:
     """Write a TrimVLM model folder for the BLIP checkpoint in `src` and return what was mapped."""
     model, tok, spec, report = build_from_blip(src, name, answers)
-    if max_text_length > model.config.max_position_embeddings:
-        raise BlipImportError(f"max_text_length {max_text_length} exceeds {model.config.max_position_embeddings} positions")
+    positions = model.config.max_position_embeddings
+    if max_text_length > positions:
+        raise BlipImportError(f"max_text_length {max_text_length} exceeds {positions} positions")
+    if max_caption_length > positions:  # [DEC] at position 0, a caption of n tokens feeds positions 0..n-1
+        raise BlipImportError(f"max_caption_length {max_caption_length} exceeds the decoder's {positions} positions")
     pre = Preprocessing(
         image=spec,
         max_text_length=max_text_length,

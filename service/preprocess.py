@@ -13,7 +13,7 @@ from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageOps
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_serializer
 
 # CLIP/BLIP normalisation constants: BLIP checkpoints expect them, and our own models use them
 # too so an imported model and a trained one share one preprocessing path.
@@ -41,7 +41,19 @@ class Preprocessing(BaseModel):
     image: ImageSpec
     max_text_length: int = 32
     max_answer_length: int = 8
-    max_caption_length: int = 32
+    max_caption_length: int = 32  # the default caption length (a request may ask for more, up to max_positions)
+    # Text positions the model embeds (its config's max_position_embeddings), the hard limit of what it
+    # can read or write: a caption of n tokens feeds [DEC] and its first n - 1 tokens, positions
+    # 0..n-1, so n <= max_positions. None: not recorded (folders and manifests written before it was;
+    # such a preprocess.json or manifest is written back without the key, unchanged).
+    max_positions: int | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_unrecorded(self, handler):
+        data = handler(self)
+        if data.get("max_positions") is None:
+            data.pop("max_positions", None)
+        return data
 
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST}

@@ -13,14 +13,26 @@ from service.schemas import CaptionBatch, CaptionBatchResponse, CaptionItem, Cap
 router = APIRouter(tags=["tasks"])
 
 
+def caption_limit(srv, service_limit: int) -> tuple[int, str]:
+    """The longest caption a request may ask of this model, and why when the model sets it: the
+    service's TRIMVLM_MAX_CAPTION_LENGTH, or less when the model's decoder has fewer text positions
+    (the manifest's preprocessing.max_positions: [DEC] at position 0, a caption of n tokens feeds
+    positions 0..n-1). Beyond them the decoder graph fails, so they are refused (422) up front."""
+    positions = srv.tasks.manifest.preprocessing.max_positions
+    if positions is not None and positions < service_limit:
+        return positions, f" (the model's decoder has {positions} text positions)"
+    return service_limit, ""
+
+
 async def caption_one(request: Request, item: CaptionItem, t0: float) -> CaptionResponse:
     st = state(request)
     srv = st.server(item.model)
     request.state.model = srv.id
     s = st.settings
-    max_length = item.max_length or srv.max_caption_length
-    if max_length > s.max_caption_length:
-        raise ServiceError("invalid_request", 422, f"max_length {max_length} exceeds the limit of {s.max_caption_length}")
+    limit, why = caption_limit(srv, s.max_caption_length)
+    max_length = item.max_length or min(srv.max_caption_length, limit)
+    if max_length > limit:
+        raise ServiceError("invalid_request", 422, f"max_length {max_length} exceeds the limit of {limit}{why}")
     if item.num_beams > s.max_beams:
         raise ServiceError("invalid_request", 422, f"num_beams {item.num_beams} exceeds the limit of {s.max_beams}")
     deadline = deadline_for(request, item.deadline_ms)
