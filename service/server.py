@@ -433,6 +433,11 @@ class ModelServer:
         return self.tasks.manifest.preprocessing.max_caption_length
 
     @property
+    def decoder_positions(self) -> int | None:
+        """Text positions of the model's decoder (None: not recorded by an older export)."""
+        return self.tasks.manifest.preprocessing.max_positions
+
+    @property
     def embed_dim(self) -> int:
         return int(self.tasks.manifest.graphs["vision"].outputs[1].shape[-1])
 

@@ -165,7 +165,10 @@ class TaskModel(Encoders):
     ) -> list[tuple[str, float]]:
         """(answer, probability of the whole answer under the model: exp of its summed token
         log-probs, [SEP] included) per row, greedy or beam search as for captions."""
-        max_length = max_length or self.manifest.preprocessing.max_answer_length
+        pre = self.manifest.preprocessing
+        max_length = max_length or pre.max_answer_length
+        if pre.max_positions is not None:  # as for captions: an n-token answer feeds positions 0..n-1
+            max_length = min(max_length, pre.max_positions)
         ids, logprobs = self._decode_ids(fused_states, max_length, num_beams, mask)
         return [(self.decode(row), float(np.exp(lp))) for row, lp in zip(np.asarray(ids).tolist(), logprobs, strict=True)]
 

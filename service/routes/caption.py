@@ -18,7 +18,7 @@ def caption_limit(srv, service_limit: int) -> tuple[int, str]:
     service's TRIMVLM_MAX_CAPTION_LENGTH, or less when the model's decoder has fewer text positions
     (the manifest's preprocessing.max_positions: [DEC] at position 0, a caption of n tokens feeds
     positions 0..n-1). Beyond them the decoder graph fails, so they are refused (422) up front."""
-    positions = srv.tasks.manifest.preprocessing.max_positions
+    positions = srv.decoder_positions
     if positions is not None and positions < service_limit:
         return positions, f" (the model's decoder has {positions} text positions)"
     return service_limit, ""

@@ -138,6 +138,10 @@ def test_a_camera_sized_jpeg_is_resized_to_the_models_384_px_and_answered(server
     r = post(server, "/retrieval/rank", json={"image": b64(photo), "texts": ["a red circle", "a blue square"]})
     assert r.status_code == 200, r.text
     assert len(r.json()["scores"]) == 2 and sorted(r.json()["ranking"]) == [0, 1]
+    assert model["vqa"] == "generative"  # BlipForQuestionAnswering: the answer is written by its decoder
+    r = post(server, "/vqa", json={"image": b64(photo), "question": "what color is the circle"})
+    assert r.status_code == 200, r.text
+    assert isinstance(r.json()["answer"], str) and r.json()["compute"]["tokens_total"] == IMAGE_TOKENS
 
 
 def test_an_image_over_the_pixel_limit_is_413(server):
