@@ -296,8 +296,12 @@ def eval_cmd(
     precision: Annotated[
         Optional[str], typer.Option(help="Exported folders: fp32 | int8 | fp16 (default: the manifest's).")
     ] = None,
+    rerank_k: Annotated[
+        int, typer.Option(help="Retrieval: ITC candidates re-ranked by ITM per query (the *_rerank keys); 0: ITC only.")
+    ] = 16,
 ):
-    """VQA accuracy (easy-VQA, scenes), caption BLEU-4/CIDEr and retrieval R@K (scenes).
+    """VQA accuracy (easy-VQA, scenes), caption BLEU-4/CIDEr and retrieval R@K (scenes): by ITC
+    alone and with the ITC top-k re-ranked by ITM, as BLIP and EfficientVLM report it.
 
     MODEL_DIR is a torch model folder, or an exported one (manifest.json), which then runs
     through the service's runtime by the same evaluation code."""
@@ -307,7 +311,9 @@ def eval_cmd(
     from compression.evaluate import evaluate
     from compression.report import metrics_table
 
-    results = evaluate(model_dir, limit=limit, device=device, scenes_root=scenes, backend=backend, precision=precision)
+    results = evaluate(
+        model_dir, limit=limit, device=device, scenes_root=scenes, backend=backend, precision=precision, rerank_k=rerank_k
+    )
     Console().print(Markdown(metrics_table(results)))
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""Retrieval recall with duplicate captions: exact ties must rank the same way every time."""
+"""Retrieval recall: exact ties (duplicate captions) rank the same way every time; ITM re-ranking of
+the ITC top-k changes the ranking within the top-k only."""
 
 import numpy as np
 
@@ -40,6 +41,44 @@ def test_tied_duplicate_captions_rank_by_position_not_by_sort_accident():
     images = np.zeros((n + 1, 1, 1, 3), np.uint8)
     images[:, 0, 0, 0] = np.arange(n + 1)
     split = D.CaptionSplit("ties", images, list(range(n + 1)), [[t] for t in texts[:n]] + [texts[n:]])
-    r = evaluate_retrieval(_Tasks(image_emb, text_emb, texts), split)
+    r = evaluate_retrieval(_Tasks(image_emb, text_emb, texts), split, rerank_k=0)
     # every real image hits at R@1; the decoy's all-tied row puts caption 0 (not its own) first
     assert r["r1_i2t"] == n / (n + 1)
+
+
+class _Matcher(_Tasks):
+    """ITC embeddings that rank each image's own caption second; an ITM head that knows the truth:
+    text and image states carry their index, and "match" wins only for a caption and its image."""
+
+    def tokenize(self, texts):
+        ids = np.array([[self.texts.index(t)] for t in texts])
+        return ids, np.ones_like(ids)
+
+    def encode_images(self, pixels):
+        idx = pixels[:, 0, 0, 0].astype(np.float32)
+        return np.repeat(idx[:, None, None], 2, 1), self.image_emb[pixels[:, 0, 0, 0]]
+
+    def encode_texts(self, ids, mask):
+        return ids[:, :, None].astype(np.float32), self.text_emb[ids[:, 0]]
+
+    def fuse(self, text_states, mask, image_states):
+        same = text_states[:, 0, 0] == image_states[:, 0, 0]
+        return {"itm_logits": np.stack([np.zeros(len(same)), np.where(same, 5.0, -5.0)], 1)}
+
+
+def test_itm_reranking_fixes_the_order_within_the_itc_top_k_only():
+    n = 12
+    # ITC: caption j is most similar to image j+1 and second most to its own image j
+    image_emb = np.eye(n, dtype=np.float32)
+    text_emb = (np.roll(np.eye(n), 1, axis=1) + 0.5 * np.eye(n)).astype(np.float32)
+    texts = [f"caption {j}" for j in range(n)]
+    images = np.zeros((n, 1, 1, 3), np.uint8)
+    images[:, 0, 0, 0] = np.arange(n)
+    split = D.CaptionSplit("rerank", images, list(range(n)), [[t] for t in texts])
+    tasks = _Matcher(image_emb, text_emb, texts)
+    r = evaluate_retrieval(tasks, split, rerank_k=2)
+    assert r["r1_i2t"] == 0.0 and r["r1_t2i"] == 0.0  # ITC alone: every query's top-1 is wrong
+    assert r["r1_i2t_rerank"] == 1.0 and r["r1_t2i_rerank"] == 1.0 and r["rerank_k"] == 2
+    assert r["r5_i2t_rerank"] == r["r5_i2t"]  # re-ranking moves nothing out of the top-k
+    r = evaluate_retrieval(tasks, split, rerank_k=1)  # a top-1 of one re-ranks nothing
+    assert r["r1_i2t_rerank"] == 0.0
