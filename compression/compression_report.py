@@ -146,6 +146,37 @@ def build_report(models: dict[str, Path], teacher: str = "teacher", limit: int |
     }
 
 
+# What each metric keeps of the teacher, the unsaturated first: easy-VQA near 1.0 hides what is lost
+RETENTION = [
+    ("scenes VQA", "scenes.vqa_accuracy"),
+    *[(f"scenes VQA: {t}", f"scenes.vqa_{t}") for t in ("color", "count", "existence", "relation", "shape")],
+    ("R@1 image->text, ITC top-16 re-ranked by ITM", "scenes.r1_i2t_rerank"),
+    ("R@1 text->image, ITC top-16 re-ranked by ITM", "scenes.r1_t2i_rerank"),
+    ("R@1 image->text, ITC only", "scenes.r1_i2t"),
+    ("R@1 text->image, ITC only", "scenes.r1_t2i"),
+    ("CIDEr", "scenes.cider"),
+    ("easy-VQA (saturated)", "easy_vqa.accuracy"),
+]
+
+
+def retention_table(rows: dict, teacher: str) -> list[str]:
+    """Markdown lines: each metric of each model over the teacher's (metrics a report lacks are left out)."""
+    names = [n for n in rows if n != teacher]
+    tm = rows[teacher]["metrics"]
+    lines = [
+        "## Retention: each metric over the teacher's",
+        "",
+        f"| metric | {teacher} | " + " | ".join(f"{n} | kept" for n in names) + " |",
+        "|---|---:|" + "---:|---:|" * len(names),
+    ]
+    for label, key in RETENTION:
+        if key not in tm or not all(key in rows[n]["metrics"] for n in names):
+            continue
+        cells = [f"{rows[n]['metrics'][key]:.3f} | {_f(_ratio(rows[n]['metrics'][key], tm[key]), '.1%')}" for n in names]
+        lines.append(f"| {label} | {tm[key]:.3f} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(report: dict) -> str:
     rows = report["models"]
     lines = [
@@ -180,6 +211,7 @@ def markdown(report: dict) -> str:
             f"| {name} | {v['params']:.3f} | {_f(v['easy_vqa'], '.4f')} | {_f(v['cider'], '.4f')} | {_f(v['r1_i2t'], '.4f')} "
             f"| {_f(v['r1_t2i'], '.4f')} | {_f(v['vqa_latency_speedup'], '.2f')}x | {verdict} |"
         )
+    lines += ["", *retention_table(rows, report["teacher"])]
     t = report["targets"]
     lines += [
         "",

@@ -210,4 +210,6 @@ def flat_metrics(results: dict) -> dict[str, float]:
         for k, v in results.get(section, {}).items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 out[f"{section}.{k}"] = v
+        for qtype, v in results.get(section, {}).get("vqa_by_type", {}).items():  # per question type
+            out[f"{section}.vqa_{qtype}"] = v
     return out

@@ -69,6 +69,8 @@ def test_eval_cli_writes_the_contracted_json_keys(tmp_path):
         ("scenes", "cider"),
         ("scenes", "r1_i2t"),
         ("scenes", "r1_t2i"),
+        ("scenes", "r1_i2t_rerank"),  # the ITC top-16 re-ranked by ITM
+        ("scenes", "r1_t2i_rerank"),
     ]:
         value = res[section][key]
         assert 0.0 <= value <= 10.0, (section, key, value)
