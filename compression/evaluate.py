@@ -140,9 +140,12 @@ def _recalls(order_i2t: np.ndarray, order_t2i: np.ndarray, owner: np.ndarray, su
 
 def _itm_order(tasks, texts: list[tuple[np.ndarray, np.ndarray]], image_states: np.ndarray) -> np.ndarray:
     """Order of the (text, image) pairs by ITM match probability, best first (stable on ties)."""
-    n = max(int(m.sum()) for _, m in texts)  # the texts were padded to their batch's longest: cut to these
-    states = np.stack([s[:n] for s, _ in texts])
-    mask = np.stack([m[:n] for _, m in texts])
+    n = max(int(m.sum()) for _, m in texts)  # each text is padded to its own batch's longest: re-pad to these
+    states = np.zeros((len(texts), n, texts[0][0].shape[-1]), texts[0][0].dtype)
+    mask = np.zeros((len(texts), n), texts[0][1].dtype)
+    for i, (s, m) in enumerate(texts):
+        k = min(n, len(m))
+        states[i, :k], mask[i, :k] = s[:k], m[:k]
     logits = tasks.fuse(states, mask, image_states)["itm_logits"].astype(np.float32)
     match = logits[:, 1] - np.logaddexp(logits[:, 0], logits[:, 1])  # log softmax of "match"
     return np.argsort(-match, kind="stable")

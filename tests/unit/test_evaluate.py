@@ -82,3 +82,18 @@ def test_itm_reranking_fixes_the_order_within_the_itc_top_k_only():
     assert r["r5_i2t_rerank"] == r["r5_i2t"]  # re-ranking moves nothing out of the top-k
     r = evaluate_retrieval(tasks, split, rerank_k=1)  # a top-1 of one re-ranks nothing
     assert r["r1_i2t_rerank"] == 0.0
+    # texts padded to different lengths in different encoder batches are re-padded together
+    r = evaluate_retrieval(_Padded(image_emb, text_emb, texts), split, batch=2, rerank_k=2)
+    assert r["r1_i2t_rerank"] == 1.0 and r["r1_t2i_rerank"] == 1.0
+
+
+class _Padded(_Matcher):
+    """Text j is 1 + j % 3 tokens long: each encoder batch pads to its own longest."""
+
+    def tokenize(self, texts):
+        idx = [self.texts.index(t) for t in texts]
+        ids = np.zeros((len(idx), max(1 + i % 3 for i in idx)), np.int64)
+        mask = np.zeros_like(ids)
+        for r, i in enumerate(idx):
+            ids[r, : 1 + i % 3], mask[r, : 1 + i % 3] = i, 1
+        return ids, mask
