@@ -128,7 +128,8 @@ class RequestContext:
             state = scope["state"]
             if endpoint:
                 model, level = state.get("model", "none"), state.get("level", "none")
-                st.metrics.request_duration.labels(endpoint, model, level, str(status)).observe(seconds)
+                exemplar = {"trace_id": state["trace_id"]} if "trace_id" in state else None  # tracing on
+                st.metrics.request_duration.labels(endpoint, model, level, str(status)).observe(seconds, exemplar)
                 st.metrics.requests.labels(endpoint, model, level, str(status)).inc()
                 if status >= 400:
                     st.metrics.failures.labels(endpoint, state.get("error_code", "http_error")).inc()
@@ -142,7 +143,7 @@ class RequestContext:
                 "status": status,
                 "ms": round(1000 * seconds, 3),
             }
-            for key in ("model", "level", "error_code"):
+            for key in ("model", "level", "error_code", "trace_id"):
                 if key in state:
                     fields[key] = state[key]
             access.info("request", extra={"fields": fields})
@@ -257,8 +258,13 @@ def create_app(settings: Settings | None = None, on_load_error: Callable[[str], 
             gallery.close()  # saves the index snapshot and releases the folder lock
         st.preprocess_pool.shutdown(wait=True)
         st.inference_pool.shutdown(wait=True)
+        if traces is not None:
+            traces.shutdown()  # export the spans still buffered
+
+    from service.tracing import fastapi_telemetry  # imports no OpenTelemetry
 
     app = TrimVLMApp(
+        **fastapi_telemetry(settings.tracing),
         title="TrimVLM",
         version=__version__,
         summary="Visual question answering, captioning and image-text retrieval with per-request adaptive compute.",
@@ -323,6 +329,12 @@ def create_app(settings: Settings | None = None, on_load_error: Callable[[str], 
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"], allow_headers=["*"]
         )
+    traces = None
+    if settings.tracing:  # OpenTelemetry (service/tracing.py): inside RequestContext, which logs the trace id
+        from service.tracing import Tracing
+
+        traces = Tracing()
+        app.add_middleware(traces.middleware)
     app.add_middleware(RequestContext, settings=settings)
     app.openapi = lambda: _openapi(app)
     return app

@@ -18,7 +18,7 @@ import time
 import numpy as np
 from fastapi import APIRouter, Request, Response
 
-from service import __version__
+from service import __version__, tracing
 from service.errors import ModelUnavailable, ServiceError, UnknownModel
 from service.repository import latest
 from service.routes.caption import caption_one
@@ -273,10 +273,11 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
     t0 = time.perf_counter()
     srv = find(st, name, version)
     request.state.model = srv.id
-    data, binary = await read_request(request)
-    req: InferRequest = validate(InferRequest, data)
-    params = parameters_of(req)
-    tensors = tensors_of(req, binary)
+    with tracing.span("parse"):
+        data, binary = await read_request(request)
+        req: InferRequest = validate(InferRequest, data)
+        params = parameters_of(req)
+        tensors = tensors_of(req, binary)
     if "image" not in tensors:
         raise bad("input `image` (BYTES) is required")
     images, shape = tensors["image"]

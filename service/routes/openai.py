@@ -22,6 +22,7 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from service import tracing
 from service.errors import ServiceError, UnknownModel
 from service.protocol_errors import openai_error
 from service.routes.caption import caption_limit, caption_one
@@ -151,8 +152,9 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
     the `trimvlm` extension object (task, compute, deadline_ms, num_beams, top_k)."""
     st = state(request)
     t0 = time.perf_counter()
-    max_tokens = check_sampling(request, body)
-    url, text = image_and_text(request, body)
+    with tracing.span("parse"):  # the body is parsed by FastAPI: what is left to check of it
+        max_tokens = check_sampling(request, body)
+        url, text = image_and_text(request, body)
     ext = body.trimvlm or ChatExtension()
     task = ext.task if ext.task != "auto" else ("caption" if text is None or DESCRIBE.search(text) else "vqa")
     srv = served(st, body.model)
