@@ -209,3 +209,44 @@ def test_model_list_under_openai_prefix(live_server, native):
     assert got.choices[0].message.content == "circle"
     # TrimVLM's own GET /v1/models keeps its shape (a JSON list: the demo page and its clients read it)
     assert native.get("/v1/models").json()[0]["id"] == DEFAULT_MODEL
+
+
+def test_image_urls_follow_the_url_rules(start_server):
+    """http(s) image URLs under the server's URL rules (here: on, loopback allowed, one host listed), as /vqa."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    png = encode(shape("triangle", GREEN))
+
+    class Origin(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            ok = self.path == "/shape.png"
+            self.send_response(200 if ok else 404)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(png) if ok else 0))
+            self.end_headers()
+            self.wfile.write(png if ok else b"")
+
+        def log_message(self, *args):
+            pass
+
+    origin = ThreadingHTTPServer(("127.0.0.1", 0), Origin)
+    threading.Thread(target=origin.serve_forever, daemon=True).start()
+    try:
+        srv = start_server(TRIMVLM_ALLOW_URLS="true", TRIMVLM_ALLOW_PRIVATE_URLS="true", TRIMVLM_URL_ALLOWLIST='["127.0.0.1"]')
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        url = f"http://127.0.0.1:{origin.server_port}/shape.png"
+        want = httpx.post(srv.url + "/vqa", json={"image": url, "question": SHAPE_Q}, timeout=60).json()["answer"]
+        got = client.chat.completions.create(model="trimvlm-default", messages=user(url, SHAPE_Q))
+        assert got.choices[0].message.content == want == "triangle"
+        by_url = client.embeddings.create(input=[{"image": url}], model="trimvlm-default", encoding_format="float")
+        inline = client.embeddings.create(input=[IMAGES["green triangle"]], model="trimvlm-default", encoding_format="float")
+        assert np.allclose(by_url.data[0].embedding, inline.data[0].embedding, atol=1e-6)
+        for bad in (f"http://127.0.0.1:{origin.server_port}/missing.png", "http://localhost/shape.png"):
+            refused = httpx.post(srv.url + "/vqa", json={"image": bad, "question": SHAPE_Q}, timeout=60)
+            with pytest.raises(openai.APIStatusError) as e:
+                client.chat.completions.create(model="trimvlm-default", messages=user(bad, SHAPE_Q))
+            status = 400 if refused.status_code == 422 else refused.status_code
+            assert (e.value.status_code, e.value.code) == (status, refused.json()["error"]["code"]), bad
+    finally:
+        origin.shutdown()
