@@ -92,6 +92,18 @@ def bench_compare(
         raise typer.Exit(1)
 
 
+@app.command("protocols")
+def bench_protocols(
+    out: ReportDir = Path("reports/protocols"),
+    rounds: Annotated[int, typer.Option(help="Interleaved rounds (one request of each protocol per round).")] = 300,
+    models: ModelsDir = Path("models"),
+):
+    """What the OpenAI and KServe v2 protocols add over /vqa at 1 client (p50 ratios, one server, one run)."""
+    from benchmarks.protocols import markdown, run
+
+    typer.echo(markdown(run(out, rounds, models)))
+
+
 @app.command("service")
 def bench_service(
     models: ModelsDir = Path("models"),

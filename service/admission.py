@@ -15,11 +15,19 @@ import os
 
 from service.errors import error_body
 from service.metrics import Metrics
+from service.protocol_errors import error_response
 
 access = logging.getLogger("trimvlm.access")
 
 TASK_ENDPOINTS = {"/vqa": "vqa", "/caption": "caption"}
-ENDPOINTS = ("vqa", "caption", "retrieval")
+# the protocol routes (service/routes/openai.py, kserve.py), also under /openai/v1
+PROTOCOL_ENDPOINTS = {
+    "/v1/chat/completions": "chat_completions",
+    "/v1/embeddings": "embeddings",
+    "/openai/v1/chat/completions": "chat_completions",
+    "/openai/v1/embeddings": "embeddings",
+}
+ENDPOINTS = ("vqa", "caption", "retrieval", "chat_completions", "embeddings", "v2_infer")
 RETRY_AFTER_S = 1
 
 
@@ -29,6 +37,10 @@ def endpoint_of(path: str) -> str | None:
         return TASK_ENDPOINTS[path]
     if path.startswith("/retrieval/"):
         return "retrieval"
+    if path in PROTOCOL_ENDPOINTS:
+        return PROTOCOL_ENDPOINTS[path]
+    if path.startswith("/v2/models/") and path.endswith("/infer"):
+        return "v2_infer"
     return None
 
 
@@ -40,13 +52,15 @@ class Admission:
 
     def __init__(self, app, limit: int, metrics: Metrics):
         self.app, self.limit, self.inflight = app, limit, 0
-        body = json.dumps(error_body("overloaded", f"too many requests in flight (the limit is {limit}); retry later")).encode()
+        message = f"too many requests in flight (the limit is {limit}); retry later"
+        body = json.dumps(error_body("overloaded", message)).encode()
         self._body = body
-        self._headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"retry-after", str(RETRY_AFTER_S).encode()),
-        ]
+        self._headers = self._prepared(body)
+        # the protocol routes refuse in their protocol's error shape (service/protocol_errors.py)
+        self._shaped = {}
+        for e, path in (("chat_completions", "/v1/chat/completions"), ("embeddings", "/v1/embeddings"), ("v2_infer", "/v2/x")):
+            shaped = json.dumps(error_response(path, 429, "overloaded", message)[1]).encode()
+            self._shaped[e] = (shaped, self._prepared(shaped))
         self._gauge = {e: metrics.inflight.labels(e) for e in ENDPOINTS}
         self._refused = {
             e: (
@@ -71,6 +85,14 @@ class Admission:
             self.inflight -= 1
             self._gauge[endpoint].dec()
 
+    @staticmethod
+    def _prepared(body: bytes) -> list[tuple[bytes, bytes]]:
+        return [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"retry-after", str(RETRY_AFTER_S).encode()),
+        ]
+
     async def _refuse(self, scope, send, endpoint: str) -> None:
         rid = b""
         for name, value in scope["headers"]:
@@ -78,8 +100,9 @@ class Admission:
                 rid = value[:64]
                 break
         rid = rid or os.urandom(16).hex().encode()
-        await send({"type": "http.response.start", "status": 429, "headers": [*self._headers, (b"x-request-id", rid)]})
-        await send({"type": "http.response.body", "body": self._body})
+        body, headers = self._shaped.get(endpoint, (self._body, self._headers))
+        await send({"type": "http.response.start", "status": 429, "headers": [*headers, (b"x-request-id", rid)]})
+        await send({"type": "http.response.body", "body": body})
         for counter in self._refused[endpoint]:
             counter.inc()
         if access.isEnabledFor(logging.INFO):

@@ -21,7 +21,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service import __version__
 from service.admission import Admission, endpoint_of
 from service.errors import ServiceError, error_body
-from service.routes import caption, docs, ops, retrieval, vqa
+from service.protocol_errors import error_response
+from service.routes import caption, docs, kserve, ops, retrieval, vqa
+from service.routes import openai as openai_routes
 from service.routes.common import ClientDisconnected
 from service.settings import Settings
 from service.state import AppState, lower_priority
@@ -126,7 +128,8 @@ class RequestContext:
             state = scope["state"]
             if endpoint:
                 model, level = state.get("model", "none"), state.get("level", "none")
-                st.metrics.request_duration.labels(endpoint, model, level, str(status)).observe(seconds)
+                exemplar = {"trace_id": state["trace_id"]} if "trace_id" in state else None  # tracing on
+                st.metrics.request_duration.labels(endpoint, model, level, str(status)).observe(seconds, exemplar)
                 st.metrics.requests.labels(endpoint, model, level, str(status)).inc()
                 if status >= 400:
                     st.metrics.failures.labels(endpoint, state.get("error_code", "http_error")).inc()
@@ -140,7 +143,7 @@ class RequestContext:
                 "status": status,
                 "ms": round(1000 * seconds, 3),
             }
-            for key in ("model", "level", "error_code"):
+            for key in ("model", "level", "error_code", "trace_id"):
                 if key in state:
                     fields[key] = state[key]
             access.info("request", extra={"fields": fields})
@@ -173,7 +176,9 @@ class RequestContext:
     async def _reject(self, scope, send, rid, t0, status, code, message, drain=None):
         """Answer an oversized body without running the app. `drain`: the request's receive, to read
         and discard the body after the answer; the connection is closed after either way."""
-        body = json.dumps(error_body(code, message)).encode()
+        shaped = error_response(scope["path"], status, code, message)  # OpenAI / KServe v2 routes: their shape
+        status, payload = shaped if shaped is not None else (status, error_body(code, message))
+        body = json.dumps(payload).encode()
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
@@ -207,6 +212,10 @@ async def require_api_key(request: Request) -> None:  # async: a sync dependency
 
 def _error(request: Request, status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
     request.state.error_code = code
+    # the OpenAI-compatible and Open Inference Protocol routes answer in their protocol's error shape
+    shaped = error_response(request.url.path, status, code, message, getattr(request.state, "error_param", None))
+    if shaped is not None:  # the code too, in a header: a KServe v2 error is a bare message
+        return JSONResponse(shaped[1], status_code=shaped[0], headers={**(headers or {}), "X-Error-Code": code})
     return JSONResponse(error_body(code, message), status_code=status, headers=headers)
 
 
@@ -249,8 +258,13 @@ def create_app(settings: Settings | None = None, on_load_error: Callable[[str], 
             gallery.close()  # saves the index snapshot and releases the folder lock
         st.preprocess_pool.shutdown(wait=True)
         st.inference_pool.shutdown(wait=True)
+        if traces is not None:
+            traces.shutdown()  # export the spans still buffered
+
+    from service.tracing import fastapi_telemetry  # imports no OpenTelemetry
 
     app = TrimVLMApp(
+        **fastapi_telemetry(settings.tracing),
         title="TrimVLM",
         version=__version__,
         summary="Visual question answering, captioning and image-text retrieval with per-request adaptive compute.",
@@ -299,6 +313,12 @@ def create_app(settings: Settings | None = None, on_load_error: Callable[[str], 
     app.include_router(vqa.router, dependencies=auth)
     app.include_router(caption.router, dependencies=auth)
     app.include_router(retrieval.router, dependencies=auth)
+    # Protocols other clients speak (docs/PROTOCOLS.md): OpenAI-compatible, Open Inference Protocol (KServe v2)
+    app.include_router(openai_routes.router, dependencies=auth)
+    app.include_router(openai_routes.alias, dependencies=auth)
+    app.include_router(openai_routes.models_router)
+    app.include_router(kserve.router)  # metadata and readiness open (as /v1/models, /v2/health/*)
+    app.include_router(kserve.infer_router, dependencies=auth)
     if settings.demo_page:
         from service.routes import demo
 
@@ -309,6 +329,12 @@ def create_app(settings: Settings | None = None, on_load_error: Callable[[str], 
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"], allow_headers=["*"]
         )
+    traces = None
+    if settings.tracing:  # OpenTelemetry (service/tracing.py): inside RequestContext, which logs the trace id
+        from service.tracing import Tracing
+
+        traces = Tracing()
+        app.add_middleware(traces.middleware)
     app.add_middleware(RequestContext, settings=settings)
     app.openapi = lambda: _openapi(app)
     return app
@@ -362,7 +388,9 @@ def _openapi(app: FastAPI) -> dict:
             responses = op.setdefault("responses", {})
             if "HTTPValidationError" in json.dumps(responses.get("422", {})):
                 del responses["422"]
-            responses["default"] = error
+            responses.setdefault("default", error)  # the protocol routes declare their own error shape
+    for name, schema in kserve.openapi_components().items():  # the v2 infer body (read by the route itself)
+        components.setdefault(name, schema)
     for unused in ("HTTPValidationError", "ValidationError"):
         components.pop(unused, None)
     components["ErrorResponse"] = TypeAdapter(schemas.ErrorResponse).json_schema(ref_template="#/components/schemas/{model}")

@@ -43,6 +43,15 @@ class DeadlineExceeded(ServiceError):
         self.name, self.queued_s, self.late_s = name, queued_s, late_s
 
 
+class Done(tuple):
+    """An item's (result, seconds queued), as callers unpack it, with the batch it ran in: `batch_size`
+    items, dispatched at `started` (perf_counter), run in `run_s` seconds (service/tracing.py's spans)."""
+
+    batch_size: int = 1
+    started: float = 0.0
+    run_s: float = 0.0
+
+
 @dataclass
 class WorkItem:
     payload: Any
@@ -179,4 +188,6 @@ class Batcher:
                 self.on_batch(self.name, len(live), seconds)
             for it, res in zip(live, results, strict=True):
                 if not it.future.done():
-                    it.future.set_result((res, t0 - it.enqueued))
+                    done = Done((res, t0 - it.enqueued))
+                    done.batch_size, done.started, done.run_s = len(live), t0, seconds
+                    it.future.set_result(done)

@@ -75,11 +75,14 @@ def greedy_decode(
     prompt_ids: np.ndarray | None = None,
     memory_mask: np.ndarray | None = None,
     logprobs: np.ndarray | None = None,
+    on_step: Callable[[np.ndarray, np.ndarray], None] | None = None,
 ) -> np.ndarray:
     """Greedy decoding from image_states [B, N, D] (or fused question states, padded: then
     memory_mask [B, N] marks the real ones): ids [B, <=max_length] as `TrimVLM.generate` returns
     them ([SEP] kept, [PAD] after it, prompt excluded, stop when every row is done). `logprobs`
-    [B], when given, receives each row's summed token log-probabilities ([SEP] included)."""
+    [B], when given, receives each row's summed token log-probabilities ([SEP] included).
+    `on_step(rows, tokens)`, when given, is told each step's new token of each live row (rows: their
+    indices in the batch) as it is chosen: streamed captions (service/routes/openai.py)."""
     b = image_states.shape[0]
     dec = _Decoder(run, _cross(run, image_states, memory_mask), use_cache)
     ids = _start_ids(b, bos_id, prompt_ids)
@@ -94,6 +97,8 @@ def greedy_decode(
         if logprobs is not None:
             logprobs[rows] += np.take_along_axis(_log_softmax(step_logits), tok[:, None], 1)[:, 0]
         out[rows, steps] = tok
+        if on_step is not None:
+            on_step(rows, tok)
         ids = np.concatenate([ids, tok[:, None]], 1)
         new, steps = 1, steps + 1
         live = tok != sep_id

@@ -83,6 +83,8 @@ class CaptionInput:
     image_states: np.ndarray  # [N, D]
     max_length: int
     num_beams: int
+    # streamed captions: told each new token id as the decoder picks it (in the inference thread; greedy only)
+    on_token: Callable[[int], None] | None = None
 
 
 @dataclass
@@ -135,6 +137,25 @@ def _groups(items: list, key: Callable[[Any], Any]) -> dict[Any, list[int]]:
     for i, it in enumerate(items):
         out.setdefault(key(it), []).append(i)
     return out
+
+
+def _token_streams(callbacks: list[Callable[[int], None] | None]) -> Callable[[np.ndarray, np.ndarray], None] | None:
+    """A decode step's tokens to the streamed items' callbacks (None: no item streams). A callback's
+    failure is logged, never raised into the decoder: the other items of the batch go on."""
+    streams = {row: cb for row, cb in enumerate(callbacks) if cb is not None}
+    if not streams:
+        return None
+
+    def on_step(rows: np.ndarray, tokens: np.ndarray) -> None:
+        for row, token in zip(rows.tolist(), tokens.tolist(), strict=True):
+            cb = streams.get(row)
+            if cb is not None:
+                try:
+                    cb(token)
+                except Exception:
+                    log.exception("token stream callback failed")
+
+    return on_step
 
 
 def _pad_states(rows: list[np.ndarray]) -> np.ndarray:
@@ -224,7 +245,9 @@ class ModelServer:
         out: list = [None] * len(items)
         for (length, beams), idx in _groups(items, lambda it: (it.max_length, it.num_beams)).items():
             states = np.stack([items[i].image_states for i in idx])
-            for i, text in zip(idx, self.tasks.captions(states, max_length=length, num_beams=beams), strict=True):
+            on_step = _token_streams([items[i].on_token for i in idx])
+            texts = self.tasks.captions(states, max_length=length, num_beams=beams, on_step=on_step)
+            for i, text in zip(idx, texts, strict=True):
                 out[i] = text
         return out
 
@@ -368,10 +391,13 @@ class ModelServer:
         self.metrics.postprocess_duration.labels("vqa").observe(time.perf_counter() - tp)
         return VqaAnswer(top, self.compute_info(level, out.tokens_kept, reason))
 
-    async def caption(self, pixels: np.ndarray, max_length: int, num_beams: int, call: Call) -> tuple[str, Compute]:
-        """The caption and its compute (captions have no compute choice: always full)."""
+    async def caption(
+        self, pixels: np.ndarray, max_length: int, num_beams: int, call: Call, on_token: Callable[[int], None] | None = None
+    ) -> tuple[str, Compute]:
+        """The caption and its compute (captions have no compute choice: always full). `on_token`: see
+        CaptionInput (streamed captions)."""
         [image] = await self.encode_images([pixels], call)
-        text = await self._run("caption", CaptionInput(image.states, max_length, num_beams), call)
+        text = await self._run("caption", CaptionInput(image.states, max_length, num_beams, on_token), call)
         self.metrics.generated_tokens.labels("caption").observe(max(1, len(text.split())))
         return text, self.compute_info("full", None, "default")
 

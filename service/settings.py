@@ -118,6 +118,9 @@ class Settings(BaseSettings):
     exit_on_load_error: bool = True
     demo_page: bool = True
     warmup: bool = True
+    # OpenTelemetry traces (service/tracing.py; the `otel` extra): a span per request with its stages, exported
+    # as the standard OTEL_* variables say (OTLP/HTTP to OTEL_EXPORTER_OTLP_ENDPOINT by default)
+    tracing: bool = False
 
     @field_validator("version_policy")
     @classmethod

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from service import tracing
 from service.errors import InvalidRequest, ModelUnavailable, UnknownModel
 from service.images import ImageError, ImageLimits, declared_pixels, load_request_image
 from service.metrics import Metrics
@@ -137,6 +138,7 @@ class AppState:
             return True  # refused from its header: decoding raises the same error at once
         return pixels is not None and pixels <= limit
 
+    @tracing.traced("preprocess")
     async def run_pre(self, fn, *args, inline: bool = False):
         """Decode/tokenise in the preprocessing pool (or, when `inline`, right here on the event
         loop), timed into the latency model's preprocess."""

@@ -181,7 +181,7 @@ class TaskModel(Encoders):
         return self.generate_scored(fused, mask, num_beams=num_beams)
 
     def _decode_ids(
-        self, states: np.ndarray, max_length: int, num_beams: int, mask: np.ndarray | None = None
+        self, states: np.ndarray, max_length: int, num_beams: int, mask: np.ndarray | None = None, on_step=None
     ) -> tuple[np.ndarray, np.ndarray]:
         from service.generation import beam_search, greedy_decode
 
@@ -190,7 +190,7 @@ class TaskModel(Encoders):
             mask = np.ones(states.shape[:2], np.int64)
         logprobs = np.zeros(len(states), np.float32)
         decode = beam_search if num_beams > 1 else greedy_decode
-        extra = {"num_beams": num_beams} if num_beams > 1 else {}
+        extra = {"num_beams": num_beams} if num_beams > 1 else {"on_step": on_step}  # beams: no token is final before the end
         ids = decode(
             self.runtime.run, states, t.bos, t.sep, t.pad, max_length=max_length, memory_mask=mask, logprobs=logprobs, **extra
         )
@@ -205,8 +205,10 @@ class TaskModel(Encoders):
         """Probability that each (text, image) pair matches."""
         return softmax(self.fuse(text_states, mask, image_states)["itm_logits"].astype(np.float32))[:, 1]
 
-    def captions(self, image_states: np.ndarray, max_length: int | None = None, num_beams: int = 1) -> list[str]:
-        ids, _ = self._decode_ids(image_states, max_length or self.manifest.preprocessing.max_caption_length, num_beams)
+    def captions(self, image_states: np.ndarray, max_length: int | None = None, num_beams: int = 1, on_step=None) -> list[str]:
+        """on_step(rows, tokens): each greedy step's new tokens as they are chosen (generation.greedy_decode)."""
+        max_length = max_length or self.manifest.preprocessing.max_caption_length
+        ids, _ = self._decode_ids(image_states, max_length, num_beams, None, on_step)
         return [self.decode(row) for row in np.asarray(ids).tolist()]
 
     def decode(self, ids: list[int]) -> str:

@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import Request, Response
 from pydantic import BaseModel, ValidationError
 
+from service import tracing
 from service.adaptive import CannotMeetDeadline
 from service.batching import DeadlineExceeded
 from service.errors import ServiceError
@@ -110,6 +111,7 @@ def item_error(index: int, e: ServiceError) -> ServiceError:
     return ServiceError(e.code, e.status, f"{where}: {e.message}", e.headers)
 
 
+@tracing.traced("parse")
 async def parse(request: Request, single: type[BaseModel], batch: type[BaseModel], max_items: int) -> tuple[list, bool]:
     """JSON body: one item, or {"items": [...]}. multipart/form-data: one item, the image as the
     `image` file field, the rest as form fields. Returns (items, is_batch)."""
@@ -218,7 +220,7 @@ async def wait(request: Request, fut: asyncio.Future, deadline: float | None, na
                 break
         if fut in done:
             try:
-                return fut.result()
+                return tracing.batch_item(fut.result(), name, submitted)  # its queue wait / inference spans, when traced
             except DeadlineExceeded as e:  # told with the request's own figures
                 e.message = (
                     f"{deadline_text(request)} passed before the request's turn on {name}: it had spent"

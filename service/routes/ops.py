@@ -57,4 +57,9 @@ async def metrics(request: Request):
     for srv in st.servers.values():
         for name, depth in srv.queue_depths().items():
             st.metrics.queue_size.labels(srv.id, name).set(depth)
+    if st.settings.tracing and "application/openmetrics-text" in request.headers.get("accept", ""):
+        # exemplars (trace ids on vlm_request_duration_seconds) exist only in the OpenMetrics format
+        from prometheus_client.openmetrics import exposition
+
+        return Response(exposition.generate_latest(st.metrics.registry), media_type=exposition.CONTENT_TYPE_LATEST)
     return Response(generate_latest(st.metrics.registry), media_type=CONTENT_TYPE_LATEST)
