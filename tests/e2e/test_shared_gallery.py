@@ -161,3 +161,66 @@ def test_index_build_into_the_shared_database_skips_what_is_there(tmp_path):
         assert "Traceback" not in run.stderr
     finally:
         db.stop()
+
+
+def test_chroma_backend_keeps_the_gallery_contract(tmp_path):
+    """ChromaGallery against a real server, as tests/unit/test_gallery.py checks the embedded one: search,
+    replace, remove, states, paging in insertion order, hashes, refusals; fast 503s while the server is down."""
+    import numpy as np
+
+    from service.gallery import GalleryError
+    from service.gallery.chroma import ChromaGallery
+
+    rng = np.random.default_rng(0)
+    vecs = rng.standard_normal((40, 16)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    ids = [f"img/{i}" for i in range(40)]
+    db = ChromaServer(tmp_path / "chroma", tmp_path / "chroma.log").start()
+    try:
+        g = ChromaGallery(db.url, "contract", 16, "m/1", max_items=45, retry_s=0.5)
+        states = rng.standard_normal((5, 7)).astype(np.float32)
+        g.add_many(vecs, ids, [{"i": i} for i in range(40)], [states] + [None] * 39, ["h0"] + [None] * 39)
+        assert len(g) == 40 and "img/3" in g and "nope" not in g
+        hits = g.search(vecs[7], top_k=5)
+        assert hits[0].id == "img/7" and abs(hits[0].score - 1) < 1e-4 and hits[0].metadata == {"i": 7}
+        assert [h.id for h in hits] == [ids[i] for i in np.argsort(-(vecs @ vecs[7]))[:5]]
+        np.testing.assert_allclose(g.states("img/0"), states.astype(np.float16))
+        assert g.states("img/1") is None and g.states("nope") is None
+        assert g.hashes(["img/0", "img/1", "nope"]) == {"img/0": ("h0", True), "img/1": (None, False)}
+        assert g.info("img/0").has_states and g.get("img/5").metadata == {"i": 5}
+        # replace: new embedding and metadata, no states left behind, moves to the end of the listing
+        g.add(vecs[9], "img/0", {"replaced": True})
+        assert g.states("img/0") is None and g.info("img/0").metadata == {"replaced": True}
+        assert g.search(vecs[9], top_k=2)[0].id in {"img/0", "img/9"}
+        assert g.remove("img/5") and not g.remove("img/5") and len(g) == 39
+        listed, cursor = [], None
+        while True:
+            page = g.page(limit=7, cursor=cursor)
+            assert page.total == 39
+            listed += [i.id for i in page.items]
+            if page.next_cursor is None:
+                break
+            cursor = page.next_cursor
+        assert listed == [i for i in ids if i not in ("img/0", "img/5")] + ["img/0"] and g.ids() == listed
+        for bad, code in (
+            (lambda: g.add_many(vecs[:7], [f"new{i}" for i in range(7)]), "gallery_full"),
+            (lambda: g.search(vecs[0][:8]), "invalid_embedding"),
+            (lambda: g.page(cursor="x"), "invalid_cursor"),
+        ):
+            with pytest.raises(GalleryError) as e:
+                bad()
+            assert e.value.code == code
+        with pytest.raises(GalleryError) as e:
+            ChromaGallery(db.url, "contract", 32, "m/1").connect()
+        assert e.value.code == "gallery_mismatch" and e.value.status == 503
+        db.stop()
+        for _ in range(3):  # down: 503 with Retry-After, at once (no waiting on the network)
+            t0 = time.monotonic()
+            with pytest.raises(GalleryError) as e:
+                g.search(vecs[0])
+            assert e.value.code == "gallery_unavailable" and e.value.headers["Retry-After"] and time.monotonic() - t0 < 1.0
+        db.start()
+        time.sleep(0.6)
+        assert g.search(vecs[1], top_k=1)[0].id == "img/1" and len(g) == 39  # back, with everything
+    finally:
+        db.stop()
