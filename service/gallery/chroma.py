@@ -49,7 +49,7 @@ from service.gallery.base import (
     unit_rows,
 )
 
-log = logging.getLogger("service.gallery")
+log = logging.getLogger("trimvlm.gallery")  # the service's JSON log lines (outages are operational news)
 
 FORMAT = "trimvlm-gallery"
 INSTALL_HINT = "the chroma gallery backend needs the Chroma client: pip install 'trimvlm[chroma]'"

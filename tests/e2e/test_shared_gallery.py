@@ -1,7 +1,8 @@
-"""Many replicas, one gallery: two real `trimvlm serve` processes sharing a real Chroma server (started and
-stopped here). Index on A, found by B; delete on B, gone on A; the database down at start-up (not ready, no
-crash) and mid-run (503 gallery_unavailable on retrieval only, /vqa unaffected); back again: both recover
-without a restart; both restarted: nothing lost. `trimvlm index build` into the same database."""
+"""Many replicas, one gallery: two real `trimvlm serve` servers (A, and B with `--workers 2`) sharing a
+real Chroma server (started and stopped here). Index on A, found by B; delete on B, gone on A; the database
+down at start-up (not ready, no crash) and mid-run (503 gallery_unavailable on retrieval only, /vqa
+unaffected); back again: both recover without a restart; both restarted: nothing lost. `trimvlm index
+build` into the same database, and the backend's contract on its own."""
 
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ def test_two_servers_share_one_database(tmp_path):
     try:
         # the database is not there yet: both load their models and wait, not ready, not crashed
         a = ServerProcess(env, tmp_path / "a.log")
-        b = ServerProcess(env, tmp_path / "b.log")
+        b = ServerProcess(env, tmp_path / "b.log", args=("--workers", "2"))  # workers share it as replicas do
         servers += [a, b]
         for srv in (a, b):
             r = wait_for(
