@@ -191,6 +191,13 @@ def index_build(
         Optional[str], typer.Option(help="embedded | chroma (default: TRIMVLM_GALLERY_BACKEND, else embedded).")
     ] = None,
     url: Annotated[Optional[str], typer.Option(help="chroma: the server (default: TRIMVLM_GALLERY_URL).")] = None,
+    states: Annotated[
+        bool,
+        typer.Option(
+            help="Store each image's ITM states for re-ranking text searches (~50 KB an image for the default "
+            "model, ~0.9 MB at BLIP-base size); --no-states: ITC only, re-ranking skips these images."
+        ),
+    ] = True,
     batch: int = 32,
 ):
     """Bulk-index a folder of images into the gallery the server searches (either backend).
@@ -234,6 +241,7 @@ def index_build(
             max_items=settings.gallery_max_items,
             dim=srv.embed_dim,
             stats=stats,
+            store_states=states,
         )
     except GalleryError as e:  # the gallery refuses (another model's, locked) or its database does not answer
         fail(f"index build: {e.message}")

@@ -156,6 +156,12 @@ def test_index_build_into_the_shared_database_skips_what_is_there(tmp_path):
         Image.new("RGB", (32, 32), BLUE).save(photos / "blue.png")  # the folder grew: only the new file is encoded
         run = subprocess.run([*cmd, "--url", db.url], env=env, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0 and re.search(r"indexed 1 images .*2 already there", run.stdout), run.stdout
+        run = subprocess.run([*cmd, "--url", db.url, "--no-states"], env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0 and "indexed 3 images" in run.stdout, run.stdout  # other options: stored again
+        from service.gallery.chroma import ChromaGallery
+
+        g = ChromaGallery(db.url, f"build-test-{DEFAULT_MODEL.replace('/', '-')}", 128, DEFAULT_MODEL)
+        assert len(g.ids()) == 3 and g.states("red.png") is None
         db.stop()  # unreachable: one line, exit 1, no traceback
         run = subprocess.run([*cmd, "--url", db.url], env=env, capture_output=True, text=True, timeout=300)
         assert run.returncode == 1 and "gallery_unavailable" not in run.stderr and "does not answer" in run.stderr, run.stderr
