@@ -124,6 +124,23 @@ def bench_service(
     typer.echo((out / "REPORT.md").read_text())
 
 
+@app.command("gallery")
+def bench_gallery(
+    out: ReportDir = Path("reports/gallery"),
+    sizes: Annotated[list[int], typer.Option("--size", help="Gallery entries; repeatable.")] = [10_000, 100_000],  # noqa: B006
+    queries: int = 200,
+    chroma_url: Annotated[
+        Optional[str], typer.Option(help="An existing Chroma server (default: a local `chroma run` started for the run).")
+    ] = None,
+):
+    """The gallery backends side by side: search p50/p99, recall@10 and index throughput at each size, and what
+    ITM re-ranking's states cost to store and read (embedded usearch + SQLite vs a shared Chroma server)."""
+    from benchmarks.gallery_bench import run
+
+    run(out, tuple(sizes), queries=queries, chroma_url=chroma_url)
+    typer.echo((out / "REPORT.md").read_text())
+
+
 @app.command("overload")
 def bench_overload(
     models: ModelsDir = Path("models"),

@@ -227,6 +227,27 @@ def create_app(settings: Settings | None = None, on_load_error: Callable[[str], 
     configure_logging(settings)
     st = AppState.create(settings)
 
+    tasks: list[asyncio.Task] = []
+
+    async def connect_gallery(first: bool) -> bool:
+        """A shared gallery's database must answer before the service is ready; never fatal."""
+        try:
+            await asyncio.get_running_loop().run_in_executor(st.preprocess_pool, st.connect_galleries)
+            return True
+        except Exception:
+            if first:
+                log.error(
+                    "not ready: %s; /readyz answers 503 until it answers (retrying every %g s)",
+                    st.gallery_error,
+                    settings.gallery_retry_s,
+                )
+            return False
+
+    async def retry_gallery() -> None:
+        while not await connect_gallery(first=False):
+            await asyncio.sleep(settings.gallery_retry_s)
+        log.info("ready: %s (default %s); gallery at %s answers", sorted(st.servers), st.default, settings.gallery_url)
+
     async def load() -> None:
         loop = asyncio.get_running_loop()
         try:
@@ -236,6 +257,9 @@ def create_app(settings: Settings | None = None, on_load_error: Callable[[str], 
             for srv in st.servers.values():
                 await srv.start()
             st.metrics.set_build_info(models=",".join(st.servers), default=st.default or "")
+            if settings.gallery_backend != "embedded" and not await connect_gallery(first=True):
+                tasks.append(asyncio.create_task(retry_gallery()))
+                return
             log.info("ready: %s (default %s)", sorted(st.servers), st.default)
         except Exception as e:  # readiness reports it; liveness stays up so the error can be read
             st.load_error = f"{type(e).__name__}: {e}"
@@ -252,6 +276,8 @@ def create_app(settings: Settings | None = None, on_load_error: Callable[[str], 
         task = asyncio.create_task(load())
         yield
         await task if not task.done() else None
+        for t in tasks:
+            t.cancel()
         for srv in st.servers.values():
             await srv.stop()  # finishes queued work first (graceful shutdown)
         for gallery in st.galleries.values():

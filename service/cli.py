@@ -31,35 +31,46 @@ def serve(
     port: Annotated[Optional[int], typer.Option(help="Port (TRIMVLM_PORT; default 8000).")] = None,
     models: Annotated[Optional[Path], typer.Option(help="Model repository (TRIMVLM_MODELS_DIR; default models/).")] = None,
     workers: Annotated[
-        int, typer.Option(help="Only 1: the retrieval gallery belongs to one process; scale out with replicas.")
+        int,
+        typer.Option(
+            help="Worker processes. More than 1 needs a shared gallery (TRIMVLM_GALLERY_BACKEND=chroma): the embedded "
+            "one belongs to one process."
+        ),
     ] = 1,
 ):
     """Serve the models in the repository over HTTP (FastAPI + uvicorn; no torch).
 
-    Start-up problems end it with one line on stderr: models that cannot load, a port in use (exit 1), --workers 2 (exit 2).
+    Start-up problems end it with one line on stderr: models that cannot load, a port in use (exit 1), --workers 2
+    with the embedded gallery (exit 2).
 
     TRIMVLM_EXIT_ON_LOAD_ERROR=false keeps serving after a load error (live, never ready) for debugging."""
     from pydantic import ValidationError
 
     from service.settings import Settings
 
-    if workers != 1:
-        fail(
-            f"--workers {workers}: one worker per server, because the retrieval gallery is held and locked by one "
-            "process (more workers would answer 503 gallery_locked); scale out with replicas (containers, pods)",
-            code=2,
-        )
     overrides = {k: v for k, v in {"host": host, "port": port, "models_dir": models}.items() if v is not None}
     try:
         settings = Settings(**overrides)
     except ValidationError as e:  # a TRIMVLM_* variable or .env line that does not parse
         fail(f"invalid settings: {e}")
+    if workers < 1:
+        fail(f"--workers {workers}: at least 1 (with the embedded gallery exactly 1; scale out with replicas)", code=2)
+    if workers > 1 and settings.gallery_backend == "embedded":
+        fail(
+            f"--workers {workers}: the embedded retrieval gallery is held and locked by one process (more workers "
+            "would answer 503 gallery_locked); use one worker and scale out with replicas sharing a gallery server "
+            "(TRIMVLM_GALLERY_BACKEND=chroma, TRIMVLM_GALLERY_URL), which also allows --workers > 1",
+            code=2,
+        )
     if settings.exit_on_load_error:
         problem = repository_problem(settings.models_dir, settings.version_policy)
         if problem:
             fail(f"{problem} (TRIMVLM_EXIT_ON_LOAD_ERROR=false serves anyway, never ready)")
     sock = listen(settings.host, settings.port, settings.listen_backlog)  # before any model loads
-    run_server(settings, sock)
+    if workers > 1:
+        run_workers(settings, sock, workers, overrides)
+    else:
+        run_server(settings, sock)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -145,35 +156,98 @@ def run_server(settings, sock) -> None:
         raise typer.Exit(3)  # uvicorn's start-up failure (it has logged why)
 
 
+def run_workers(settings, sock, workers: int, overrides: dict) -> None:
+    """uvicorn's process supervisor: `workers` processes accept on the one bound socket, each with its own
+    models and a client of the shared gallery. Each worker builds its settings from the environment (the
+    command-line overrides are passed on as TRIMVLM_* variables)."""
+    import os
+
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    for name, value in overrides.items():
+        os.environ[f"TRIMVLM_{name.upper()}"] = str(value)
+    config = uvicorn.Config(
+        "service.app:create_app",
+        factory=True,
+        workers=workers,
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.graceful_shutdown_s),
+        log_level=settings.log_level,
+        backlog=settings.listen_backlog,
+    )
+    Multiprocess(config, sockets=[sock]).run()
+
+
 @index_app.command("build")
 def index_build(
     folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively; ids are relative paths).")],
     models: ModelsDir = Path("models"),
     model: Annotated[Optional[str], typer.Option(help="name or name/version (default: the server's default).")] = None,
-    gallery: Annotated[Optional[Path], typer.Option(help="Gallery folder (default: TRIMVLM_GALLERY_DIR/<model>).")] = None,
+    gallery: Annotated[
+        Optional[Path], typer.Option(help="Embedded gallery folder (default: TRIMVLM_GALLERY_DIR/<model>).")
+    ] = None,
+    backend: Annotated[
+        Optional[str], typer.Option(help="embedded | chroma (default: TRIMVLM_GALLERY_BACKEND, else embedded).")
+    ] = None,
+    url: Annotated[Optional[str], typer.Option(help="chroma: the server (default: TRIMVLM_GALLERY_URL).")] = None,
+    states: Annotated[
+        bool,
+        typer.Option(
+            help="Store each image's ITM states for re-ranking text searches (~50 KB an image for the default "
+            "model, ~0.9 MB at BLIP-base size); --no-states: ITC only, re-ranking skips these images."
+        ),
+    ] = True,
     batch: int = 32,
 ):
-    """Bulk-index a folder of images into the gallery the server searches."""
+    """Bulk-index a folder of images into the gallery the server searches (either backend).
+
+    Resumable: files already indexed with the same content (sha256) are skipped, so re-running after an
+    interruption, or on a folder that grew, indexes only what is new or changed."""
     import numpy as np
 
-    from service.gallery import build_index
+    from service.gallery import build_index, open_gallery
     from service.settings import Settings
     from service.state import AppState
 
-    settings = Settings(models_dir=models, default_model=model, warmup=False)
+    extra = {k: v for k, v in {"gallery_backend": backend, "gallery_url": url}.items() if v is not None}
+    settings = Settings(models_dir=models, default_model=model, warmup=False, **extra)
     st = AppState.create(settings)
     st.load_models()
     srv = st.servers[st.default]
-    target = gallery or settings.gallery_dir / srv.id.replace("/", "-")
+    embedded = settings.gallery_backend == "embedded"
+    target = (gallery or settings.gallery_dir / srv.id.replace("/", "-")) if embedded else settings.gallery_url
 
     def encode(images):
         states, embeds = srv.tasks.encode_images(srv.tasks.pixels(np.stack(images)))
         return embeds, states
 
-    n = build_index(
-        folder, target, encode, srv.tasks.image_spec, batch=batch, model_id=srv.id, max_items=settings.gallery_max_items
-    )
-    typer.echo(f"indexed {n} images into {target} for {srv.id} (the server must not have this gallery open meanwhile)")
+    def opener(dim: int):
+        store = open_gallery(settings, srv.id, dim, folder=gallery)
+        store.connect()  # a shared database that does not answer fails here, before any work
+        return store
+
+    from service.gallery import GalleryError
+
+    stats: dict = {}
+    try:
+        n = build_index(
+            folder,
+            opener,
+            encode,
+            srv.tasks.image_spec,
+            batch=batch,
+            model_id=srv.id,
+            max_items=settings.gallery_max_items,
+            dim=srv.embed_dim,
+            stats=stats,
+            store_states=states,
+        )
+    except GalleryError as e:  # the gallery refuses (another model's, locked) or its database does not answer
+        fail(f"index build: {e.message}")
+    unchanged = f", {stats['unchanged']} already there (same content)" if stats.get("unchanged") else ""
+    where = f"{target} for {srv.id}" + (" (the server must not have this gallery open meanwhile)" if embedded else "")
+    typer.echo(f"indexed {n} images into {where}{unchanged}")
 
 
 NOT_SERVABLE_TORCH = "torch model folder: export it with `trimvlm export`"

@@ -439,8 +439,8 @@ class ModelServer:
         itc = {h[0]: h[1] for h in hits}
         scores = dict(itc)
         if rerank and hits:
-            stored = await loop.run_in_executor(io, lambda: [(h[0], gallery.states(h[0])) for h in hits])
-            rerankable = [(hid, st) for hid, st in stored if st is not None]
+            stored = await loop.run_in_executor(io, gallery.states_many, [h[0] for h in hits])  # one read
+            rerankable = [(hid, st) for hid, st in stored.items() if st is not None]
             itm = await self.itm([ItmInput(q.states, st.astype(np.float32)) for _, st in rerankable], call)
             scores.update({hid: float(p) for (hid, _), p in zip(rerankable, itm, strict=True)})
         meta = {h[0]: h[2] for h in hits}

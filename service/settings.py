@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -100,8 +101,17 @@ class Settings(BaseSettings):
     # higher = fewer deadline misses, more early refusals (503)
     auto_margin_quantile: float = Field(0.99, ge=0.5, le=1.0)
 
-    # Retrieval gallery (persisted)
-    gallery_dir: Path = Field(default_factory=default_gallery_dir)  # one subfolder per model
+    # Retrieval gallery (service/gallery/): `embedded` keeps it in a folder owned by this one process (one
+    # replica, one worker); `chroma` keeps it in a Chroma server that every replica and worker shares
+    gallery_backend: Literal["embedded", "chroma"] = "embedded"
+    gallery_dir: Path = Field(default_factory=default_gallery_dir)  # embedded: one subfolder per model
+    gallery_url: str = "http://127.0.0.1:8001"  # chroma: the server (`chroma run --port 8001`)
+    gallery_collection: str = "trimvlm"  # chroma: collection name prefix; one collection per model: <prefix>-<name>-<version>
+    gallery_connect_timeout_s: float = Field(2.0, gt=0)  # chroma: connecting to the server
+    gallery_timeout_s: float = Field(10.0, gt=0)  # chroma: one request to the server
+    # chroma: after a failed call, retrieval answers 503 at once for this long before trying the server again
+    # (and start-up retries the connection at this interval until the service is ready)
+    gallery_retry_s: float = Field(1.0, gt=0)
     rerank_top_k: int = 16  # ITC candidates re-ranked by ITM
     gallery_max_items: int = 100_000
     gallery_page_max: int = Field(1000, ge=1)  # most items one GET /retrieval/index returns (its ?limit=)

@@ -47,6 +47,7 @@ class AppState:
     servers: dict[str, ModelServer] = field(default_factory=dict)
     default: str | None = None
     galleries: dict = field(default_factory=dict)
+    gallery_error: str | None = None  # a shared gallery unreachable at start-up: not ready until it answers
     loading: bool = True
     load_error: str | None = None
     image_limits: ImageLimits = field(default_factory=ImageLimits)
@@ -119,12 +120,26 @@ class AppState:
         return srv
 
     def gallery(self, srv: ModelServer):
-        from service.gallery import Gallery
-
+        """The model's gallery (service/gallery/): the embedded one opens its folder on first use; a shared one
+        was made at start-up (connect_galleries) and never blocks here."""
         if srv.id not in self.galleries:
-            folder = self.settings.gallery_dir / srv.id.replace("/", "-")
-            self.galleries[srv.id] = Gallery.open(folder, srv.embed_dim, srv.id, max_items=self.settings.gallery_max_items)
+            from service.gallery import open_gallery
+
+            self.galleries[srv.id] = open_gallery(self.settings, srv.id, srv.embed_dim)
         return self.galleries[srv.id]
+
+    def connect_galleries(self) -> None:
+        """With a shared gallery backend, reach the database for every served model (blocking; the start-up
+        readiness check). Sets `gallery_error` while it does not answer, clears it when it does."""
+        if self.settings.gallery_backend == "embedded":
+            return
+        try:
+            for srv in self.servers.values():
+                self.gallery(srv).connect()
+        except Exception as e:
+            self.gallery_error = f"gallery ({self.settings.gallery_backend} at {self.settings.gallery_url}): {e}"
+            raise
+        self.gallery_error = None
 
     def preprocess_inline(self, payload: str | bytes) -> bool:
         """Whether an image payload is cheap enough to preprocess on the event loop (see

@@ -23,7 +23,13 @@ async def live():
     summary="Readiness: every model loaded and a real warm-up inference passed",
     response_model=Health,
     response_model_exclude_none=True,
-    responses={503: {"model": Health, "description": "Not ready: still loading, or loading failed (`error` says why)"}},
+    responses={
+        503: {
+            "model": Health,
+            "description": "Not ready: still loading, loading failed, or the shared gallery unreachable since start-up "
+            "(`error` says why)",
+        }
+    },
 )
 @router.get("/v2/health/ready", include_in_schema=False)
 async def ready(request: Request):
@@ -33,6 +39,8 @@ async def ready(request: Request):
         return JSONResponse({"status": "unavailable", "models": models, "error": st.load_error}, status_code=503)
     if st.loading or not models or not all(models.values()):
         return JSONResponse({"status": "loading", "models": models}, status_code=503)
+    if st.gallery_error:  # a shared gallery's database unreachable since start-up
+        return JSONResponse({"status": "unavailable", "models": models, "error": st.gallery_error}, status_code=503)
     return {"status": "ok", "models": models}
 
 

@@ -85,3 +85,16 @@ def test_models_override_mounts_a_repository():
     (mount,) = [v for v in cfg["services"]["trimvlm"]["volumes"] if v["target"] == "/app/models"]
     assert mount["type"] == "bind" and mount["read_only"] is True
     assert (DOCKER.parent / "models" / "trimvlm-default" / "1" / "manifest.json").is_file()
+
+
+def test_chroma_profile_shares_one_gallery():
+    """--profile chroma: a Chroma server on a volume, and a service with 2 workers pointed at it."""
+    cfg = config("--profile", "chroma")
+    db, svc = cfg["services"]["chroma"], cfg["services"]["trimvlm-shared"]
+    assert any(v["target"] == "/data" and v["type"] == "volume" for v in db["volumes"]), "the database persists"
+    assert "heartbeat" in " ".join(db["healthcheck"]["test"])
+    env = svc["environment"]
+    assert env["TRIMVLM_GALLERY_BACKEND"] == "chroma" and env["TRIMVLM_GALLERY_URL"] == "http://chroma:8000"
+    assert svc["depends_on"]["chroma"]["condition"] == "service_healthy"
+    assert svc["command"][:3] == ["serve", "--workers", "2"]
+    assert "chroma" not in config()["services"], "behind its profile"

@@ -47,6 +47,12 @@ VALUES_SETS = {
         "extraEnv": {"TRIMVLM_ALLOW_URLS": "true", "TRIMVLM_URL_ALLOWLIST": '["images.example"]'},
         "replicaCount": 1,
     },
+    "embedded-gallery-one-replica": {"gallery": {"backend": "embedded", "existingClaim": "trimvlm-gallery"}, "replicaCount": 1},
+    "chroma-existing-server": {
+        "gallery": {"chroma": {"url": "http://chroma.databases:8000", "collection": "prod"}},
+        "autoscaling": {"enabled": True},
+    },
+    "chroma-deployed-no-persistence": {"gallery": {"chroma": {"persistence": {"enabled": False}}}, "replicaCount": 3},
 }
 
 
@@ -145,7 +151,7 @@ def test_deployment_defaults(chart):
     assert c["envFrom"] == [{"configMapRef": {"name": env_config(docs)["metadata"]["name"]}}]
     assert dep["spec"]["replicas"] == 2 and not by_kind(docs, "HorizontalPodAutoscaler")
     assert not by_kind(docs, "ServiceMonitor") and not by_kind(docs, "PrometheusRule") and not by_kind(docs, "Ingress")
-    svc = one(docs, "Service")
+    svc = one([d for d in docs if not d["metadata"]["name"].endswith("-chroma")], "Service")  # not the gallery database
     assert svc["spec"]["ports"] == [{"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP"}]
     assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
     pdb = one(docs, "PodDisruptionBudget")
@@ -217,7 +223,7 @@ def test_pvc_hpa_monitoring_values(chart):
     assert metrics["Pods"]["pods"]["metric"]["name"] == "vlm_avg_queue_seconds"
     assert metrics["Pods"]["pods"]["target"] == {"type": "AverageValue", "averageValue": "20m"}
 
-    svc = one(docs, "Service")
+    svc = one([d for d in docs if not d["metadata"]["name"].endswith("-chroma")], "Service")  # not the gallery database
     sm = one(docs, "ServiceMonitor")
     assert sm["apiVersion"] == "monitoring.coreos.com/v1"
     assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
@@ -293,3 +299,51 @@ def test_chart_files_are_in_the_package(chart):
             assert "files/trimvlm-dashboard.json" in names
         finally:
             packaged.close()
+
+
+def test_shared_gallery_by_default_deploys_a_persistent_chroma(chart):
+    """replicaCount 2 by default: every replica reads and writes one Chroma server the chart deploys."""
+    docs, notes = render(chart, {})
+    cm = env_config(docs)["data"]
+    (sts,) = by_kind(docs, "StatefulSet")
+    services = {d["metadata"]["name"]: d for d in by_kind(docs, "Service")}
+    assert cm["TRIMVLM_GALLERY_BACKEND"] == "chroma" and cm["TRIMVLM_GALLERY_URL"] == f"http://{sts['metadata']['name']}:8000"
+    assert {"TRIMVLM_GALLERY_COLLECTION", "TRIMVLM_GALLERY_TIMEOUT_S", "TRIMVLM_GALLERY_RETRY_S"} <= set(cm)
+    chroma_svc = services[sts["metadata"]["name"]]
+    assert chroma_svc["spec"]["selector"] == sts["spec"]["selector"]["matchLabels"]
+    dep = one(docs, "Deployment")
+    app_labels = dep["spec"]["selector"]["matchLabels"]
+    pod_labels = sts["spec"]["template"]["metadata"]["labels"]
+    assert not all(pod_labels.get(k) == v for k, v in app_labels.items()), "the app's Service must not select the database"
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    assert claim["spec"]["resources"]["requests"]["storage"] == "10Gi"
+    (c,) = sts["spec"]["template"]["spec"]["containers"]
+    assert {"name": "data", "mountPath": "/data"} in c["volumeMounts"]
+    assert c["readinessProbe"]["httpGet"]["path"] == "/api/v2/heartbeat"
+    assert "shared by every replica" in notes and "PersistentVolumeClaim" in notes
+
+
+def test_existing_chroma_server_deploys_none(chart):
+    docs, _ = render(chart, VALUES_SETS["chroma-existing-server"])
+    assert not by_kind(docs, "StatefulSet") and len(by_kind(docs, "Service")) == 1
+    cm = env_config(docs)["data"]
+    assert cm["TRIMVLM_GALLERY_URL"] == "http://chroma.databases:8000" and cm["TRIMVLM_GALLERY_COLLECTION"] == "prod"
+    assert by_kind(docs, "HorizontalPodAutoscaler")
+
+
+@pytest.mark.parametrize(
+    "values, words",
+    [
+        ({"gallery": {"backend": "embedded"}}, ["replicaCount=2", "gallery.backend=chroma"]),
+        ({"gallery": {"backend": "embedded"}, "replicaCount": 3}, ["replicaCount=3"]),
+        ({"gallery": {"backend": "embedded"}, "replicaCount": 1, "autoscaling": {"enabled": True}}, ["HPA", "autoscaling"]),
+    ],
+    ids=["embedded-default-replicas", "embedded-3-replicas", "embedded-hpa"],
+)
+def test_embedded_gallery_refuses_more_than_one_pod(chart, values, words):
+    with pytest.raises(helm.HelmError) as e:
+        chart.render(values, name="trimvlm")
+    assert "gallery.backend=embedded" in str(e.value) and all(w in str(e.value) for w in words), str(e.value)
+    docs, _ = render(chart, VALUES_SETS["embedded-gallery-one-replica"])
+    assert env_config(docs)["data"]["TRIMVLM_GALLERY_BACKEND"] == "embedded" and not by_kind(docs, "StatefulSet")
+    assert "TRIMVLM_GALLERY_URL" not in env_config(docs)["data"]

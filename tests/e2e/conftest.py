@@ -102,12 +102,13 @@ class ServerProcess:
     repository's by default). TRIMVLM_* variables of the test runner are dropped; `env` sets the
     ones a test needs. Logs go to a file (a pipe nobody reads would block the server once full)."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, models: Path = MODELS):
+    def __init__(self, env: dict[str, str], log_path: Path, models: Path | None = None, args: tuple[str, ...] = ()):
+        models = MODELS if models is None else models  # read now: tests monkeypatch MODELS
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         full_env = server_env(**{"TRIMVLM_LOG_LEVEL": "info", **env})
-        cmd = [sys.executable, "-m", "service", "serve", "--port", str(self.port), "--models", str(models)]
+        cmd = [sys.executable, "-m", "service", "serve", "--port", str(self.port), "--models", str(models), *args]
         self._log = open(log_path, "ab")  # noqa: SIM115 (closed in stop())
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
 

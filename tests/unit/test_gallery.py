@@ -428,3 +428,25 @@ def test_default_gallery_dir_is_per_user_data_not_the_working_directory(tmp_path
         assert Settings(_env_file=None).gallery_dir == tmp_path / "home" / ".local" / "share" / "trimvlm" / "gallery"
     monkeypatch.setenv("TRIMVLM_GALLERY_DIR", "/data/gallery")  # what the images and the chart set
     assert Settings(_env_file=None).gallery_dir == Path("/data/gallery")
+
+
+def test_build_index_skips_what_is_indexed_by_content_hash(tmp_path):
+    """Resumable: a re-run encodes only new or changed files (same id, same sha256, same options: skipped)."""
+    images = tmp_path / "images"
+    for i in range(5):
+        _png(images / f"{i}.png", (50 * i, 0, 0))
+    seen: list[int] = []
+
+    def encode(batch):
+        seen.append(len(batch))
+        return fake_encode(batch)
+
+    stats: dict = {}
+    assert build_index(images, tmp_path / "g", encode, ImageSpec(size=24), batch=2, progress=False, model_id="m1", dim=16) == 5
+    _png(images / "0.png", (0, 255, 0))  # changed content
+    _png(images / "new.png", (0, 0, 255))
+    seen.clear()
+    n = build_index(images, tmp_path / "g", encode, ImageSpec(size=24), progress=False, model_id="m1", dim=16, stats=stats)
+    assert n == 2 and sum(seen) == 2 and stats == {"stored": 2, "unchanged": 4, "unreadable": 0}
+    with Gallery.open(tmp_path / "g", 16, "m1") as g:
+        assert len(g) == 6 and set(g.hashes(["0.png", "new.png", "nope"])) == {"0.png", "new.png"}

@@ -63,3 +63,34 @@ app.kubernetes.io/component: inference
 {{- define "trimvlm.device" -}}
 {{- if .Values.gpu.enabled }}{{ .Values.gpu.device }}{{ else }}{{ .Values.config.device }}{{ end }}
 {{- end }}
+
+{{/* The Chroma server's name and URL (the gallery shared by every replica): `gallery.chroma.url`, else the
+chart's own StatefulSet behind its Service. */}}
+{{- define "trimvlm.chromaName" -}}
+{{- printf "%s-chroma" (include "trimvlm.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "trimvlm.chromaDeployed" -}}
+{{- if and (eq .Values.gallery.backend "chroma") (not .Values.gallery.chroma.url) }}true{{ end }}
+{{- end }}
+
+{{- define "trimvlm.chromaSelectorLabels" -}}
+app.kubernetes.io/name: {{ printf "%s-chroma" (include "trimvlm.name" .) | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "trimvlm.galleryUrl" -}}
+{{- default (printf "http://%s:%d" (include "trimvlm.chromaName" .) (int .Values.gallery.chroma.port)) .Values.gallery.chroma.url }}
+{{- end }}
+
+{{/* The embedded gallery belongs to one process: refuse what would split it across pods. */}}
+{{- define "trimvlm.checkGallery" -}}
+{{- if eq .Values.gallery.backend "embedded" }}
+{{- if .Values.autoscaling.enabled }}
+{{- fail "gallery.backend=embedded keeps the retrieval gallery inside one pod, so an HPA (autoscaling.enabled) would split it across pods (each searching only what was indexed through it) and lose it on scale-down: set gallery.backend=chroma (a shared Chroma server) or disable autoscaling" }}
+{{- end }}
+{{- if gt (int .Values.replicaCount) 1 }}
+{{- fail (printf "gallery.backend=embedded keeps the retrieval gallery inside one pod, so replicaCount=%d would split it across pods (each searching only what was indexed through it): set replicaCount=1, or gallery.backend=chroma (a shared Chroma server)" (int .Values.replicaCount)) }}
+{{- end }}
+{{- end }}
+{{- end }}

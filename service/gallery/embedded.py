@@ -1,4 +1,4 @@
-"""Retrieval gallery: ITC image embeddings in a usearch index, persisted in one folder, surviving restarts.
+"""The embedded gallery backend: ITC image embeddings in a usearch index, persisted in one folder, surviving restarts.
 
 A gallery folder holds:
 
@@ -11,7 +11,8 @@ A gallery folder holds:
 Durability: every add/remove commits to SQLite before it returns. The index snapshot is rewritten on save(),
 close() and every `flush_every` mutations. On open the snapshot is reconciled with SQLite by key (keys are never
 reused: a replaced item gets a new key), so a stale, missing or corrupt snapshot costs re-adding the difference,
-never data. One process per gallery folder (the lock enforces it): each process keeps the index in memory.
+never data. One process per gallery folder (the lock enforces it): each process keeps the index in memory, so
+this backend serves one replica with one worker; replicas share a gallery through the chroma backend.
 """
 
 from __future__ import annotations
@@ -23,11 +24,9 @@ import os
 import sqlite3
 import tempfile
 import threading
-import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, NamedTuple
+from typing import IO, Any
 
 import numpy as np
 
@@ -39,70 +38,23 @@ import onnxruntime  # noqa: F401
 import usearch
 from usearch.index import Index, MetricKind
 
-from service.errors import ServiceError
-from service.preprocess import ImageSpec, image_to_uint8, load_image
+from service.gallery.base import (
+    STATUS,
+    GalleryBackend,
+    GalleryError,
+    GalleryItem,
+    Hit,
+    ItemInfo,
+    Page,
+    check_batch,
+    check_positive,
+    unit_rows,
+)
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("service.gallery")
 
 FORMAT, FORMAT_VERSION = "trimvlm-gallery", 1
 HEADER, DB, INDEX, LOCK = "gallery.json", "items.sqlite", "index.usearch", "gallery.lock"
-MAX_ID_CHARS = 128
-MAX_METADATA_BYTES = 4096
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-
-# error code -> HTTP status of the response that reports it
-STATUS = {
-    "invalid_id": 422,
-    "invalid_embedding": 422,
-    "invalid_metadata": 422,
-    "invalid_states": 422,
-    "invalid_top_k": 422,
-    "invalid_batch": 422,
-    "invalid_cursor": 422,
-    "invalid_limit": 422,
-    "metadata_too_large": 413,
-    "not_found": 404,
-    "gallery_full": 507,
-    # raised on open, i.e. retrieval is unavailable rather than the request being wrong
-    "gallery_mismatch": 503,
-    "gallery_locked": 503,
-    "gallery_corrupt": 503,
-}
-
-
-class GalleryError(ServiceError, ValueError):
-    """A gallery refusal (the status follows from the code: STATUS)."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(code, STATUS.get(code, 400), message)
-
-
-class Hit(NamedTuple):
-    id: str
-    score: float  # inner product of unit vectors (cosine similarity)
-    metadata: dict | None
-
-
-class ItemInfo(NamedTuple):
-    """What the gallery lists about an item (no vectors)."""
-
-    id: str
-    metadata: dict | None
-    has_states: bool  # ITM image states stored: text searches can re-rank it
-
-
-class Page(NamedTuple):
-    items: list[ItemInfo]
-    total: int  # items in the gallery now
-    next_cursor: str | None  # pass back as `cursor` for the next page; None on the last page
-
-
-@dataclass(frozen=True)
-class GalleryItem:
-    id: str
-    embedding: np.ndarray  # float32 [D], unit norm
-    metadata: dict | None
-    has_states: bool
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -124,47 +76,14 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         os.close(dir_fd)
 
 
-def check_id(item_id: Any) -> str:
-    if not isinstance(item_id, str) or not 0 < len(item_id) <= MAX_ID_CHARS or not item_id.isprintable():
-        raise GalleryError("invalid_id", f"id must be a printable string of 1..{MAX_ID_CHARS} characters, got {item_id!r:.160}")
-    return item_id
-
-
-def _metadata_json(metadata: Any) -> str | None:
-    if metadata is None:
-        return None
-    if not isinstance(metadata, dict):
-        raise GalleryError("invalid_metadata", f"metadata must be a JSON object, got {type(metadata).__name__}")
-    try:
-        text = json.dumps(metadata, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-    except (TypeError, ValueError) as e:
-        raise GalleryError("invalid_metadata", f"metadata is not JSON-serialisable: {e}") from None
-    if len(text.encode()) > MAX_METADATA_BYTES:
-        raise GalleryError(
-            "metadata_too_large", f"metadata is {len(text.encode())} bytes as JSON; the limit is {MAX_METADATA_BYTES}"
-        )
-    return text
-
-
-def _states_blob(states: Any) -> tuple[bytes, str] | None:
-    if states is None:
-        return None
-    arr = np.asarray(states)
-    if arr.ndim != 2 or arr.size == 0 or not np.issubdtype(arr.dtype, np.floating):
-        raise GalleryError("invalid_states", f"states must be a float array [N_tokens, width], got {arr.dtype} {arr.shape}")
-    with np.errstate(over="ignore"):  # overflow becomes inf, refused just below
-        arr = np.ascontiguousarray(arr, dtype=np.float16)  # ITM input precision; halves the store
-    if not np.isfinite(arr).all():
-        raise GalleryError("invalid_states", "states hold NaN/inf (or values beyond float16 range)")
-    return arr.tobytes(), json.dumps(list(arr.shape))
-
-
 def _key_array(keys: Sequence[int]) -> np.ndarray:
     return np.asarray(keys, dtype=np.uint64)
 
 
-class Gallery:
+class Gallery(GalleryBackend):
     """A persistent set of (id -> unit embedding, metadata, optional ITM states), searchable by inner product."""
+
+    kind = "embedded"
 
     def __init__(
         self,
@@ -257,8 +176,11 @@ class Gallery:
                 # AUTOINCREMENT: keys are never reused, which is what lets the snapshot be reconciled by key
                 conn.execute(
                     "CREATE TABLE IF NOT EXISTS items (key INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE,"
-                    " embedding BLOB NOT NULL, metadata TEXT, states BLOB, states_shape TEXT)"
+                    " embedding BLOB NOT NULL, metadata TEXT, states BLOB, states_shape TEXT, sha256 TEXT)"
                 )
+                columns = {row[1] for row in conn.execute("PRAGMA table_info(items)")}
+                if "sha256" not in columns:  # a gallery written before content hashes were kept
+                    conn.execute("ALTER TABLE items ADD COLUMN sha256 TEXT")
                 conn.execute("INSERT OR IGNORE INTO meta VALUES ('dim', ?), ('model_id', ?)", (str(self.dim), self.model_id))
             meta = dict(conn.execute("SELECT name, value FROM meta"))
         except sqlite3.DatabaseError as e:
@@ -309,23 +231,7 @@ class Gallery:
     # ---- mutations -----------------------------------------------------------------------------------
 
     def _unit_rows(self, x: Any, single: bool) -> np.ndarray:
-        arr = np.asarray(x, dtype=np.float32)
-        if single:
-            arr = arr.reshape(1, -1) if arr.size == self.dim else arr
-        if arr.ndim != 2 or arr.shape[1] != self.dim or (single and arr.shape[0] != 1):
-            raise GalleryError(
-                "invalid_embedding", f"expected {'[D]' if single else '[B, D]'} with D={self.dim}, got {arr.shape}"
-            )
-        norms = np.linalg.norm(arr, axis=1, keepdims=True)
-        if not (np.isfinite(arr).all() and (norms > 0).all()):
-            raise GalleryError("invalid_embedding", "embedding holds NaN/inf or is all zeros")
-        return arr / norms  # inner product on unit vectors = cosine, whatever the caller sent
-
-    def add(
-        self, embedding: np.ndarray, id: str | None = None, metadata: dict | None = None, states: np.ndarray | None = None
-    ) -> str:
-        """Store one item (an existing id is replaced); returns its id (uuid4 hex when none was given)."""
-        return self.add_many(np.asarray(embedding, dtype=np.float32).reshape(1, -1), [id], [metadata], [states])[0]
+        return unit_rows(x, self.dim, single)
 
     def add_many(
         self,
@@ -333,23 +239,12 @@ class Gallery:
         ids: Sequence[str | None] | None = None,
         metadata: Sequence[dict | None] | None = None,
         states: Sequence[np.ndarray | None] | np.ndarray | None = None,
+        hashes: Sequence[str | None] | None = None,
     ) -> list[str]:
         """Store a batch in one transaction: all of it or (on any invalid item) none of it."""
-        vecs = self._unit_rows(embeddings, single=False)
-        n = len(vecs)
-        ids = [None] * n if ids is None else list(ids)
-        metadata = [None] * n if metadata is None else list(metadata)
-        states = [None] * n if states is None else list(states)
-        if not len(ids) == len(metadata) == len(states) == n:
-            raise GalleryError(
-                "invalid_batch",
-                f"batch lengths differ: {n} embeddings, {len(ids)} ids, {len(metadata)} metadata, {len(states)} states",
-            )
-        ids = [uuid.uuid4().hex if i is None else check_id(i) for i in ids]
-        if len(set(ids)) != n:
-            raise GalleryError("invalid_id", "the batch repeats an id")
-        metas = [_metadata_json(m) for m in metadata]
-        blobs = [_states_blob(s) for s in states]
+        b = check_batch(embeddings, self.dim, ids, metadata, states, hashes)
+        vecs, ids, metas, n = b.vecs, b.ids, b.metas, len(b.ids)
+        blobs = [None if s is None else (s.tobytes(), json.dumps(list(s.shape))) for s in b.states]
         with self._lock:
             self._check_open()
             new = sum(i not in self._items for i in ids)
@@ -357,13 +252,13 @@ class Gallery:
                 raise GalleryError("gallery_full", f"gallery holds {len(self._items)} of at most {self.max_items} items")
             old_keys, keys = [], []
             with self._conn:  # one transaction: committed (durable) on exit, rolled back on error
-                for item_id, vec, meta, blob in zip(ids, vecs, metas, blobs, strict=True):
+                for item_id, vec, meta, blob, sha in zip(ids, vecs, metas, blobs, b.hashes, strict=True):
                     if item_id in self._items:
                         old_keys.append(self._items[item_id][0])
                         self._conn.execute("DELETE FROM items WHERE key = ?", (old_keys[-1],))
                     cur = self._conn.execute(
-                        "INSERT INTO items (id, embedding, metadata, states, states_shape) VALUES (?, ?, ?, ?, ?)",
-                        (item_id, vec.tobytes(), meta, *(blob or (None, None))),
+                        "INSERT INTO items (id, embedding, metadata, states, states_shape, sha256) VALUES (?, ?, ?, ?, ?, ?)",
+                        (item_id, vec.tobytes(), meta, *(blob or (None, None)), sha),
                     )
                     keys.append(cur.lastrowid)
             for item_id, key, meta in zip(ids, keys, metas, strict=True):
@@ -412,8 +307,7 @@ class Gallery:
         exact=None: brute force while the gallery has at most `exact_below` items (cheap and exact), HNSW above.
         """
         q = self._unit_rows(query, single=True)[0]
-        if not isinstance(top_k, int | np.integer) or isinstance(top_k, bool) or top_k < 1:
-            raise GalleryError("invalid_top_k", f"top_k must be a positive integer, got {top_k!r}")
+        top_k = check_positive(top_k, "invalid_top_k", "top_k")
         with self._lock:
             self._check_open()
             n = len(self._items)
@@ -464,14 +358,24 @@ class Gallery:
             (has_states,) = self._conn.execute("SELECT states IS NOT NULL FROM items WHERE key = ?", (entry[0],)).fetchone()
         return ItemInfo(id, None if entry[1] is None else json.loads(entry[1]), bool(has_states))
 
+    def hashes(self, ids: Sequence[str]) -> dict[str, tuple[str | None, bool]]:
+        with self._lock:
+            self._check_open()
+            out = {}
+            for item_id in ids:
+                entry = self._items.get(item_id)
+                if entry is not None:
+                    row = self._conn.execute("SELECT sha256, states IS NOT NULL FROM items WHERE key = ?", (entry[0],)).fetchone()
+                    out[item_id] = (row[0], bool(row[1]))
+            return out
+
     def page(self, limit: int = 100, cursor: str | None = None) -> Page:
         """Items in insertion order (as ids()), `limit` at a time from after `cursor` (None: the start).
 
         The cursor is the last listed item's key (keys only grow), so paging is stable while items are added or
         removed: nothing is listed twice, and items present throughout are all listed; new ones come last.
         """
-        if not isinstance(limit, int | np.integer) or isinstance(limit, bool) or limit < 1:
-            raise GalleryError("invalid_limit", f"limit must be a positive integer, got {limit!r}")
+        limit = check_positive(limit, "invalid_limit", "limit")
         after = 0
         if cursor is not None:
             if not (isinstance(cursor, str) and cursor.isascii() and cursor.isdigit() and len(cursor) <= 19):
@@ -551,85 +455,5 @@ class Gallery:
     def __enter__(self) -> Gallery:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
-
-def image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def build_index(
-    folder_of_images: Path,
-    gallery_folder: Path,
-    encode: Callable[[list[np.ndarray]], tuple[np.ndarray, np.ndarray | None]],
-    spec: ImageSpec,
-    batch: int = 32,
-    progress: bool = True,
-    *,
-    model_id: str,
-    store_states: bool = True,
-    max_items: int = 100_000,
-) -> int:
-    """Index every image file under `folder_of_images` (ids = relative POSIX paths); returns how many were stored.
-
-    `encode` gets uint8 [H, W, 3] images resized per `spec` and returns (embeddings [B, D], states [B, N, W] or None).
-    Unreadable files (and paths too long for an id) are skipped and reported, not fatal. Re-running replaces items
-    with the same ids. Every stored batch is durable, so an interrupted build keeps what it indexed.
-    """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    root = Path(folder_of_images)
-    files = image_files(root)
-    gallery: Gallery | None = None
-    stored, skipped = 0, []
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    try:
-        with Progress(*columns, disable=not progress) as bar:
-            task = bar.add_task(f"indexing {root}", total=len(files))
-            for start in range(0, len(files), batch):
-                chunk = files[start : start + batch]
-                images, ids, metas = [], [], []
-                for path in chunk:
-                    rel = path.relative_to(root).as_posix()
-                    try:
-                        check_id(rel)
-                        img = load_image(path)
-                        images.append(image_to_uint8(img, spec))  # decoding happens here too: errors land below
-                    except Exception as e:  # any undecodable file is skipped, whatever PIL raised
-                        skipped.append(rel)
-                        log.warning("gallery: skipped %s: %s", rel, e)
-                        if progress:
-                            bar.console.print(f"[yellow]skipped[/] {rel}: {e}")
-                        continue
-                    ids.append(rel)
-                    metas.append({"file": rel, "width": img.width, "height": img.height})
-                if images:
-                    embeddings, states = encode(images)
-                    embeddings = np.asarray(embeddings, dtype=np.float32)
-                    if gallery is None:  # the dim is known once the model has encoded something
-                        gallery = Gallery.open(gallery_folder, embeddings.shape[1], model_id, max_items=max_items)
-                    gallery.add_many(embeddings, ids, metas, states if store_states else None)
-                    stored += len(ids)
-                bar.advance(task, len(chunk))
-    finally:
-        if gallery is not None:
-            gallery.close()
-    if skipped:
-        log.warning("gallery: indexed %d image(s), skipped %d unreadable: %s", stored, len(skipped), ", ".join(skipped[:20]))
-    return stored
-
-
-__all__ = [
-    "STATUS",
-    "Gallery",
-    "GalleryError",
-    "GalleryItem",
-    "Hit",
-    "ItemInfo",
-    "Page",
-    "atomic_write",
-    "build_index",
-    "check_id",
-    "image_files",
-]
+__all__ = ["DB", "HEADER", "INDEX", "LOCK", "STATUS", "Gallery", "atomic_write"]
