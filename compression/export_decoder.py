@@ -184,8 +184,10 @@ def ort_runner(graphs: dict[str, Path], threads: int = 1) -> Callable[[str, dict
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
     sessions = {k: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]) for k, p in graphs.items()}
     names = {k: [o.name for o in s.get_outputs()] for k, s in sessions.items()}
+    inputs = {k: {i.name for i in s.get_inputs()} for k, s in sessions.items()}
 
     def run(graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feeds = {k: v for k, v in feeds.items() if k in inputs[graph]}  # as Runtime.run: feeds a graph lacks are dropped
         return dict(zip(names[graph], sessions[graph].run(None, feeds), strict=True))
 
     return run

@@ -21,10 +21,10 @@ Run = Callable[[str, dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 def _cross(run: Run, states: np.ndarray, mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Cross-attention K/V of the states decoded from (image tokens, or fused question states),
-    with their mask when given: it travels with them (one row per row, selected alike)."""
+    with their mask (all ones when not given): it travels with them (one row per row, selected
+    alike). Decoder graphs that take no mask ignore it (Runtime.run drops feeds a graph lacks)."""
     out = dict(run("decoder_cross_kv", {"image_states": np.ascontiguousarray(states)}))
-    if mask is not None:
-        out["cross_attention_mask"] = np.ascontiguousarray(mask, np.int64)
+    out["cross_attention_mask"] = np.ones(states.shape[:2], np.int64) if mask is None else np.ascontiguousarray(mask, np.int64)
     return out
 
 

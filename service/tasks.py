@@ -186,8 +186,6 @@ class TaskModel(Encoders):
         from service.generation import beam_search, greedy_decode
 
         t = self.manifest.tokens
-        if mask is None and self.decoder_masked:
-            mask = np.ones(states.shape[:2], np.int64)
         logprobs = np.zeros(len(states), np.float32)
         decode = beam_search if num_beams > 1 else greedy_decode
         extra = {"num_beams": num_beams} if num_beams > 1 else {"on_step": on_step}  # beams: no token is final before the end
