@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TEACHER ?= models/trimvlm-teacher/1
 
-.PHONY: bench reliability-report run serve export default-model export-report service-report verify test lint format install install-dev teacher compress compression-report trim trim-report student clean
+.PHONY: bench scale-report reliability-report run serve export default-model export-report service-report verify test lint format install install-dev teacher compress compression-report trim trim-report student clean
 
 $(VENV)/.serve: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,12 @@ bench: $(VENV)/.dev
 	$(VENV)/bin/trimvlm bench model --out reports/bench-model
 	$(VENV)/bin/trimvlm bench service --models models/trimvlm-default/1 --out reports/service --rounds 5
 	$(VENV)/bin/trimvlm bench docs
+
+## Trimming, the KV cache, INT8 and batching at BLIP-base size: random-weight BLIP-base checkpoints (224 and 384 px)
+## built under runs/scale through the normal import and export, measured -> reports/scale (docs/SCALE.md).
+## 2 CPU cores: fixtures ~25 min the first time (kept in runs/scale, ~17 GB), measurements ~45-50 min.
+scale-report: $(VENV)/.dev
+	$(VENV)/bin/trimvlm bench scale --out reports/scale
 
 ## Overload (60 s at 4x capacity) and soak (5 min per ORT arena setting) -> reports/reliability (docs/RELIABILITY.md).
 reliability-report: $(VENV)/.dev

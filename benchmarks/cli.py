@@ -180,3 +180,62 @@ def bench_soak(
     report = run(models, out, minutes=minutes, clients=clients, compare_arena=compare_arena)
     typer.echo((out / "REPORT.md").read_text())
     raise typer.Exit(0 if report["passed"] else 1)
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+@app.command("scale")
+def bench_scale(
+    out: ReportDir = Path("reports/scale"),
+    root: Annotated[Path, typer.Option(help="Where the random BLIP fixtures are built and kept (git-ignored).")] = Path(
+        "runs/scale"
+    ),
+    size: Annotated[str, typer.Option(help="base (BlipConfig() defaults, BLIP-base) or tiny (tests).")] = "base",
+    sizes: Annotated[str, typer.Option(help="Image sizes in px, comma-separated.")] = "224,384",
+    precisions: Annotated[str, typer.Option(help="Comma-separated: fp32,int8.")] = "fp32,int8",
+    repeats: Annotated[int, typer.Option(help="Timed calls per runner (interleaved rounds).")] = 3,
+    batches: Annotated[
+        str, typer.Option(help="Batch sizes of the bare-runtime batching figures (vision, text, fusion).")
+    ] = "1,8,16,32",
+    decode_lengths: Annotated[str, typer.Option(help="New tokens per caption (forced).")] = "20,40",
+    decode_batches: Annotated[str, typer.Option(help="Caption batch sizes.")] = "1,8",
+    skip_service: Annotated[bool, typer.Option("--skip-service", help="Leave out the service (batching, overhead).")] = False,
+    service_size: Annotated[Optional[int], typer.Option(help="Image size the service runs (default: the largest).")] = None,
+    service_precision: Annotated[str, typer.Option(help="fp32 | int8 for the service part.")] = "int8",
+    clients: Annotated[int, typer.Option(help="Concurrent clients of the batching comparison.")] = 16,
+    service_requests: Annotated[int, typer.Option(help="/vqa requests per round and server.")] = 32,
+    service_rounds: Annotated[int, typer.Option(help="Rounds per server (alternated).")] = 2,
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="Rebuild the fixtures even where they exist.")] = False,
+    profile: Annotated[str, typer.Option(help="ORT/decoding profiles: unmet (targets not met) | always | never.")] = "unmet",
+    fixtures_only: Annotated[
+        bool, typer.Option("--fixtures-only", help="Build the fixtures (stage times and memory recorded), measure nothing.")
+    ] = False,
+):
+    """Trimming, the KV cache, INT8 and batching at BLIP-base size (random weights, built locally), side by side."""
+    from benchmarks.scale import Options, run
+
+    opts = Options(
+        root=root,
+        out=out,
+        size=size,
+        image_sizes=_ints(sizes),
+        precisions=tuple(p for p in precisions.split(",") if p),
+        repeats=repeats,
+        batching_batches=_ints(batches),
+        decode_lengths=_ints(decode_lengths),
+        decode_batches=_ints(decode_batches),
+        service=not skip_service,
+        service_size=service_size,
+        service_precision=service_precision,
+        clients=clients,
+        service_requests=service_requests,
+        service_rounds=service_rounds,
+        rebuild=rebuild,
+        fixtures_only=fixtures_only,
+        profile=profile,
+    )
+    report = run(opts)
+    typer.echo((out / "REPORT.md").read_text())
+    typer.echo(f"wall time {report['wall_s'] / 60:.1f} min")

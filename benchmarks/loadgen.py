@@ -166,10 +166,11 @@ async def closed_loop(
     requests: int | None = None,
     warmup: int = 0,
     seconds: float | None = None,
+    timeout_s: float = 60.0,
 ) -> RunStats:
     """`concurrency` clients share `requests` requests (or send until `seconds` have passed); each
-    waits for its answer before the next."""
-    async with RawClient(base_url) as client:
+    waits for its answer before the next (at most `timeout_s`: a request past it counts as failed)."""
+    async with RawClient(base_url, timeout_s) as client:
         for i in range(warmup):
             path, body, dl = make(i)
             await _one(client, path, body, dl)
