@@ -60,7 +60,7 @@ bench: $(VENV)/.dev
 
 ## Trimming, the KV cache, INT8 and batching at BLIP-base size: random-weight BLIP-base checkpoints (224 and 384 px)
 ## built under runs/scale through the normal import and export, measured -> reports/scale (docs/SCALE.md).
-## 2 CPU cores: fixtures ~25 min the first time (kept in runs/scale, ~17 GB), measurements ~45-50 min.
+## 2 CPU cores: fixtures ~17 min the first time (kept in runs/scale, ~19 GB), measurements ~39 min.
 scale-report: $(VENV)/.dev
 	$(VENV)/bin/trimvlm bench scale --out reports/scale
 

@@ -209,6 +209,9 @@ def bench_scale(
     service_rounds: Annotated[int, typer.Option(help="Rounds per server (alternated).")] = 2,
     rebuild: Annotated[bool, typer.Option("--rebuild", help="Rebuild the fixtures even where they exist.")] = False,
     profile: Annotated[str, typer.Option(help="ORT/decoding profiles: unmet (targets not met) | always | never.")] = "unmet",
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Keep the image sizes an interrupted run already wrote to OUT/report.json.")
+    ] = False,
     fixtures_only: Annotated[
         bool, typer.Option("--fixtures-only", help="Build the fixtures (stage times and memory recorded), measure nothing.")
     ] = False,
@@ -234,6 +237,7 @@ def bench_scale(
         service_rounds=service_rounds,
         rebuild=rebuild,
         fixtures_only=fixtures_only,
+        resume=resume,
         profile=profile,
     )
     report = run(opts)

@@ -148,3 +148,16 @@ def test_scale_bench_report_schema(tiny, tmp_path):
     assert md.startswith("# Scale benchmark") and "## Checks" in md and "KV cache" in md
     assert json.loads((opts.out / "report.json").read_text())["checks"] == report["checks"]
     assert (opts.out / "scale.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_keeps_only_a_run_with_the_same_measurement_options(tmp_path):
+    from dataclasses import asdict
+
+    opts = scale.Options(out=tmp_path, size="tiny", image_sizes=(IMAGE_SIZE,), resume=True)
+    assert scale._previous(opts) is None  # nothing to resume
+    options = json.loads(json.dumps(asdict(opts), default=str))
+    (tmp_path / "report.json").write_text(json.dumps({"options": options, "sizes": {"32": {}}}))
+    assert scale._previous(opts)["sizes"] == {"32": {}}
+    (tmp_path / "report.json").write_text(json.dumps({"options": options | {"repeats": 7}, "sizes": {}}))
+    with pytest.raises(ValueError, match="other options"):
+        scale._previous(opts)
