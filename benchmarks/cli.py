@@ -243,3 +243,61 @@ def bench_scale(
     report = run(opts)
     typer.echo((out / "REPORT.md").read_text())
     typer.echo(f"wall time {report['wall_s'] / 60:.1f} min")
+
+
+@app.command("peers")
+def bench_peers(
+    out: ReportDir = Path("reports/peers"),
+    models: ModelsDir = Path("models"),
+    model: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Exported model: a folder with a manifest.json, or name[/version] under --models (default: trimvlm-default)."
+        ),
+    ] = None,
+    servers: Annotated[
+        str, typer.Option(help="Comma-separated subset of trimvlm,litserve,mosec,ray.")
+    ] = "trimvlm,litserve,mosec,ray",
+    clients: Annotated[str, typer.Option(help="Closed-loop client counts, comma-separated.")] = "1,32,64",
+    duration: Annotated[float, typer.Option(help="Seconds of load per server, client count and round.")] = 8.0,
+    rounds: Rounds = 3,
+    warmup: Annotated[float, typer.Option(help="Seconds of load before a server's measured windows (not recorded).")] = 2.0,
+    max_batch: Annotated[int, typer.Option(help="Peers' batch size (TrimVLM keeps its default, 32).")] = 32,
+    batch_wait_ms: Annotated[float, typer.Option(help="Peers' batching window in ms.")] = 2.0,
+    ceiling_batch: Annotated[int, typer.Option(help="Batch size of the bare runtime's throughput ceiling.")] = 32,
+    request_timeout: Annotated[
+        float, typer.Option(help="Seconds before a request counts as timed out (and peers' own timeouts).")
+    ] = 30.0,
+    load_generator: Annotated[str, typer.Option(help="wrk (Debian `wrk`), python (benchmarks/loadgen.py) or auto.")] = "auto",
+    title: Annotated[str, typer.Option(help="The report's title.")] = "TrimVLM vs serving frameworks",
+):
+    """TrimVLM, LitServe, mosec and Ray Serve serving the same model (same TaskModel, same ONNX Runtime
+    settings): answers checked identical, then p50/p99, req/s, errors and server CPU per request at each
+    client count (wrk, interleaved rounds, medians), beside the bare runtime's ceiling. The `peers` extra."""
+    from benchmarks.peers import Options, pick_load_generator, resolve_model, run
+
+    try:
+        pick_load_generator(load_generator)
+    except (RuntimeError, ValueError) as e:
+        raise typer.BadParameter(str(e), param_hint="--load-generator") from None
+    try:
+        folder = resolve_model(models, model)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--model") from None
+    opts = Options(
+        model=folder,
+        out=out,
+        servers=tuple(s.strip() for s in servers.split(",") if s.strip()),
+        clients=_ints(clients),
+        duration_s=duration,
+        rounds=rounds,
+        warmup_s=warmup,
+        max_batch=max_batch,
+        batch_wait_ms=batch_wait_ms,
+        ceiling_batch=ceiling_batch,
+        request_timeout_s=request_timeout,
+        load_generator=load_generator,
+        title=title,
+    )
+    run(opts, log=typer.echo)
+    typer.echo((out / "REPORT.md").read_text())
