@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TEACHER ?= models/trimvlm-teacher/1
 
-.PHONY: bench scale-report reliability-report run serve export default-model export-report service-report verify test lint format install install-dev teacher compress compression-report trim trim-report student clean
+.PHONY: bench peers-report scale-report reliability-report run serve export default-model export-report service-report verify test lint format install install-dev teacher compress compression-report trim trim-report student clean
 
 $(VENV)/.serve: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ $(VENV)/.train: pyproject.toml
 
 $(VENV)/.dev: $(VENV)/.train
 	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+# the serving frameworks `trimvlm bench peers` compares with (LitServe and mosec come with dev; this adds Ray Serve)
+$(VENV)/.peers: $(VENV)/.dev
+	$(PY) -m pip install -q -e '.[peers]'
 	touch $@
 
 install: $(VENV)/.train
@@ -50,12 +55,20 @@ export-report: $(VENV)/.train
 	  --source models/trimvlm-student/2 --out reports/export
 ## Every README figure: the model benchmark, the service benchmark, then docs/BENCHMARKS.md and the README
 ## headline block (each run is compared with the previous one: run it twice to see the run-to-run spread).
-bench: $(VENV)/.dev
+bench: $(VENV)/.peers
 	mkdir -p reports/bench-previous
 	if [ -f reports/bench-model/report.json ]; then cp reports/bench-model/report.json reports/bench-previous/model.json; fi
 	if [ -f reports/service/report.json ]; then cp reports/service/report.json reports/bench-previous/service.json; fi
+	if [ -f reports/peers/report.json ]; then cp reports/peers/report.json reports/bench-previous/peers.json; fi
 	$(VENV)/bin/trimvlm bench model --out reports/bench-model
 	$(VENV)/bin/trimvlm bench service --models models/trimvlm-default/1 --out reports/service --rounds 5
+	$(VENV)/bin/trimvlm bench peers --out reports/peers
+	$(VENV)/bin/trimvlm bench docs
+
+## TrimVLM vs LitServe, mosec and Ray Serve on the embedded default (same TaskModel in each; wrk, 1/32/64 clients,
+## 3 interleaved rounds, ~9 min on 2 cores) -> reports/peers, then docs/BENCHMARKS.md and the README block.
+peers-report: $(VENV)/.peers
+	$(VENV)/bin/trimvlm bench peers --out reports/peers
 	$(VENV)/bin/trimvlm bench docs
 
 ## Trimming, the KV cache, INT8 and batching at BLIP-base size: random-weight BLIP-base checkpoints (224 and 384 px)

@@ -38,6 +38,11 @@ DESCRIPTIONS = {
     "service_vs_naive_best_throughput": "service vs naive torch baseline: best mixed-workload throughput",
     "service_vs_naive_p50_latency_c1": "service vs naive torch baseline: p50 latency, 1 client",
     "http_overhead_p50_ms": "service: HTTP + Python overhead over the bare runtime, p50 (ms)",
+    "peers_trimvlm_vs_mosec_throughput_c32": "peers: TrimVLM vs mosec, /vqa throughput at 32 clients (target >= 1.1x)",
+    "peers_trimvlm_vs_mosec_throughput_c64": "peers: TrimVLM vs mosec, /vqa throughput at 64 clients (target >= 1.1x)",
+    "peers_trimvlm_vs_mosec_p99_c64": "peers: TrimVLM vs mosec, /vqa p99 at 64 clients (lower is better; target <= 1x)",
+    "peers_trimvlm_vs_litserve_p50_c1": "peers: TrimVLM vs LitServe, /vqa p50 at 1 client (lower is better; target <= 0.8x)",
+    "peers_trimvlm_c64_fraction_of_ceiling": "peers: TrimVLM req/s at 64 clients ÷ bare runtime batch-32 items/s (target >= 85%)",
 }
 # Ratios the README puts first (the compass: student vs teacher, trimming, batching, baseline, GEMM).
 README_KEYS = (
@@ -53,6 +58,10 @@ README_KEYS = (
     "service_vs_naive_p50_latency_c1",
     "student_full_flops_fraction_of_gemm_b32",
     "teacher_flops_fraction_of_gemm_b32",
+    "peers_trimvlm_vs_mosec_throughput_c64",
+    "peers_trimvlm_vs_mosec_p99_c64",
+    "peers_trimvlm_vs_litserve_p50_c1",
+    "peers_trimvlm_c64_fraction_of_ceiling",
 )
 
 
@@ -96,8 +105,8 @@ def _value(key: str, v) -> str:
     return f"{v:.2f}x"
 
 
-def headline(model: dict | None, service: dict | None) -> dict:
-    return {**((model or {}).get("headline", {})), **((service or {}).get("headline", {}))}
+def headline(model: dict | None, service: dict | None, peers: dict | None = None) -> dict:
+    return {**((model or {}).get("headline", {})), **((service or {}).get("headline", {})), **((peers or {}).get("headline", {}))}
 
 
 def headline_table(h: dict, keys=None) -> str:
@@ -148,7 +157,7 @@ on the {result["gated"]} timing ratios (accuracy, FLOPs and absolute millisecond
 
 def _repro_section(repro: dict | None) -> str:
     repro = repro or {}
-    parts = (("model", "Model benchmark"), ("service", "Service benchmark"))
+    parts = (("model", "Model benchmark"), ("service", "Service benchmark"), ("peers", "Peer benchmark"))
     return "\n".join(_repro_one(name, repro.get(key)) for key, name in parts)
 
 
@@ -176,7 +185,23 @@ def _export_figures(path: Path = Path("reports/export/report.json")) -> str:
     return f"; its last run: teacher batch-1 p50 {teacher:.1f} ms, student `{lv}` {r['checks']['latency_speedup']:.1f}x"
 
 
-def render(model: dict | None, service: dict | None, repro: dict | None, model_dir: str, service_dir: str) -> str:
+def _peers_section(peers: dict | None, peers_dir: str) -> str:
+    if not peers:
+        return f"(no peer report yet: `make peers-report` writes {peers_dir}/)\n"
+    md = (Path(peers_dir) / "REPORT.md").read_text().split("\n", 1)[1]
+    md = md.replace("](latency_vs_throughput.png)", f"](../{peers_dir}/latency_vs_throughput.png)")
+    return md.replace("\n## ", "\n### ")
+
+
+def render(
+    model: dict | None,
+    service: dict | None,
+    repro: dict | None,
+    model_dir: str,
+    service_dir: str,
+    peers: dict | None = None,
+    peers_dir: str = "reports/peers",
+) -> str:
     m = (model or {}).get("machine") or (service or {}).get("machine", {})
     versions = ", ".join(f"{k} {v}" for k, v in m.items() if k not in ("cpu", "cores"))
     model_md = (Path(model_dir) / "REPORT.md").read_text().split("\n", 1)[1] if model else "(no model report yet)\n"
@@ -191,6 +216,7 @@ Every figure here and in the README's headline table comes from one command, `ma
 ```
 trimvlm bench model   --out {model_dir}    # every artifact on VQA, interleaved; Pareto plot
 trimvlm bench service --out {service_dir} --rounds 5  # the service on loopback vs no batching vs a naive torch app
+trimvlm bench peers   --out {peers_dir}       # TrimVLM vs LitServe, mosec, Ray Serve on one model (wrk)
 trimvlm bench docs                                # this page + the README block, from the two report.json
 ```
 
@@ -200,7 +226,7 @@ point, so ratios hold where absolute times drift. Absolute times are this CPU's 
 when these were measured; `trimvlm bench model` adds TensorRT runners when an fp16 export and TensorRT exist.
 
 ## Headline
-{headline_table(headline(model, service))}
+{headline_table(headline(model, service, peers))}
 
 How to read these:
 - The model runners are interleaved call by call (teacher, student, each level, ...), so every call
@@ -220,15 +246,17 @@ How to read these:
 ## Model benchmark (`{model_dir}/`)
 {demote(model_md)}
 ## Service benchmark (`{service_dir}/`)
-{demote(service_md)}"""
+{demote(service_md)}
+## Peer benchmark (`{peers_dir}/`)
+{_peers_section(peers, peers_dir)}"""
 
 
-def readme_block(model: dict | None, service: dict | None, model_dir: str) -> str:
+def readme_block(model: dict | None, service: dict | None, model_dir: str, peers: dict | None = None) -> str:
     return f"""{README_BEGIN}
 Measured by `make bench` {_where(model, service)}, no GPU; details, machines
 and the exact commands in [docs/BENCHMARKS.md](docs/BENCHMARKS.md).
 
-{headline_table(headline(model, service), README_KEYS)}
+{headline_table(headline(model, service, peers), README_KEYS)}
 
 ![accuracy vs batch-1 latency across the compression chain]({model_dir}/pareto.png)
 {README_END}"""
@@ -240,21 +268,24 @@ def write_docs(
     previous: str | None = "reports/bench-previous",
     docs: Path = Path("docs/BENCHMARKS.md"),
     readme: Path = Path("README.md"),
+    peers_dir: str = "reports/peers",
 ) -> dict | None:
     model = load(Path(model_dir) / "report.json")
     service = load(Path(service_dir) / "report.json")
+    peers = load(Path(peers_dir) / "report.json")
     repro = None
     if previous:
         repro = {
             "model": compare_runs(load(Path(previous) / "model.json"), model),
             "service": compare_runs(load(Path(previous) / "service.json"), service),
+            "peers": compare_runs(load(Path(previous) / "peers.json"), peers),
         }
     docs.parent.mkdir(parents=True, exist_ok=True)
-    docs.write_text(render(model, service, repro, model_dir, service_dir))
+    docs.write_text(render(model, service, repro, model_dir, service_dir, peers, peers_dir))
     if readme.is_file():
         text = readme.read_text()
         if README_BEGIN in text and README_END in text:
             head, rest = text.split(README_BEGIN, 1)
             tail = rest.split(README_END, 1)[1]
-            readme.write_text(head + readme_block(model, service, model_dir) + tail)
+            readme.write_text(head + readme_block(model, service, model_dir, peers) + tail)
     return repro

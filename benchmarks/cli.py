@@ -59,14 +59,16 @@ def bench_model(
 def bench_docs(
     model_dir: Annotated[str, typer.Option(help="`bench model` report folder.")] = "reports/bench-model",
     service_dir: Annotated[str, typer.Option(help="`bench service` report folder.")] = "reports/service",
+    peers_dir: Annotated[str, typer.Option(help="`bench peers` report folder (left out where absent).")] = "reports/peers",
     previous: Annotated[
-        Optional[str], typer.Option(help="Folder with the previous run's model.json/service.json (make bench keeps it).")
+        Optional[str],
+        typer.Option(help="Folder with the previous run's model.json/service.json/peers.json (make bench keeps it)."),
     ] = "reports/bench-previous",
 ):
-    """docs/BENCHMARKS.md and the README's headline block, from the benchmark reports."""
+    """docs/BENCHMARKS.md and the README's headline block, from the benchmark reports (model, service, peers)."""
     from benchmarks.bench_docs import write_docs
 
-    repro = write_docs(model_dir, service_dir, previous)
+    repro = write_docs(model_dir, service_dir, previous, peers_dir=peers_dir)
     typer.echo("wrote docs/BENCHMARKS.md and the README headline block")
     for name, r in (repro or {}).items():
         if r is not None:

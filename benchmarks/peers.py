@@ -36,6 +36,7 @@ import psutil
 from benchmarks.service_bench import easy_vqa_requests, free_port
 from service.machine import machine_info
 
+REPO = Path(__file__).resolve().parents[1]  # the peers' apps run as `python -m benchmarks.baselines...` from here
 SERVERS = ("trimvlm", "litserve", "mosec", "ray")
 LABELS = {
     "trimvlm": "trimvlm serve (defaults)",
@@ -130,7 +131,7 @@ class Server:
         }
         py = [sys.executable, "-m"]
         cmd = {
-            "trimvlm": [*py, "service", "serve", "--models", str(opts.model), "--port", str(self.port)],
+            "trimvlm": [*py, "service", "serve", "--models", str(opts.model.resolve()), "--port", str(self.port)],
             "litserve": [
                 *py,
                 "benchmarks.baselines.litserve_app",
@@ -159,7 +160,7 @@ class Server:
         }[name]
         self.log = logdir / f"{name}.log"
         with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.root = psutil.Process(self.proc.pid)
 
     def wait_ready(self, body: dict, timeout_s: float) -> float:
@@ -196,19 +197,24 @@ class Server:
                 pass
         return out
 
+    # seconds a server gets to stop on SIGTERM to its main process before the rest of its tree is signalled:
+    # Ray's driver shuts Serve and the cluster down itself; LitServe's main process waits on its workers
+    STOP_GRACE_S = {"ray": 20.0}
+
     def stop(self) -> None:
-        """SIGTERM to the server (each shuts its own workers down), then SIGKILL to whatever of its
-        tree is left after 30 s, by pid (Ray's actors run in process groups of their own)."""
+        """SIGTERM to the server's main process, then to whatever of its tree is left after its grace
+        period, then SIGKILL after 10 s more; by pid (Ray's actors run in process groups of their own)."""
         procs = self.tree()
         if self.proc.poll() is None:
             self.proc.terminate()
-        _, alive = psutil.wait_procs(procs, timeout=30)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=10)
+        _, alive = psutil.wait_procs(procs, timeout=self.STOP_GRACE_S.get(self.name, 3.0))
+        for sig in ("terminate", "kill"):
+            for p in alive:
+                try:
+                    getattr(p, sig)()
+                except psutil.NoSuchProcess:
+                    pass
+            _, alive = psutil.wait_procs(alive, timeout=10)
         self.proc.poll()
 
 
