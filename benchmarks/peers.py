@@ -645,6 +645,7 @@ def plot(report: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
     for server, rows in report["results"].items():
@@ -661,12 +662,15 @@ def plot(report: dict, path: Path) -> None:
             ceiling, color="grey", linestyle="--", linewidth=1, label=f"bare runtime, batch {report['bare_runtime']['batch']}"
         )
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(ScalarFormatter())
+        ax.tick_params(axis="y", which="minor", labelsize=7)
         ax.set_xlabel("throughput (req/s); points labelled by clients")
         ax.set_ylabel(f"{key} latency (ms)")
         ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=8)
     fig.suptitle(
-        f"POST /vqa ({report['model']['id']}, full level): latency vs throughput, medians of {report['config']['rounds']} rounds"
+        f"POST /vqa ({report['model']['id']}, full level): latency vs throughput (medians, rounds: {report['config']['rounds']})"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
