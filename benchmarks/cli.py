@@ -254,7 +254,8 @@ def bench_peers(
     model: Annotated[
         Optional[str],
         typer.Option(
-            help="Exported model: a folder with a manifest.json, or name[/version] under --models (default: trimvlm-default)."
+            help="Exported model: a folder with a manifest.json, or a name or name/version under --models "
+            "(default: trimvlm-default)."
         ),
     ] = None,
     servers: Annotated[
@@ -271,6 +272,10 @@ def bench_peers(
         float, typer.Option(help="Seconds before a request counts as timed out (and peers' own timeouts).")
     ] = 30.0,
     load_generator: Annotated[str, typer.Option(help="wrk (Debian `wrk`), python (benchmarks/loadgen.py) or auto.")] = "auto",
+    check_requests: Annotated[
+        int, typer.Option(help="Requests each server must answer as the bare runtime does, per start.")
+    ] = 8,
+    start_timeout: Annotated[float, typer.Option(help="Seconds a server may take to load, warm up and answer.")] = 240.0,
     title: Annotated[str, typer.Option(help="The report's title.")] = "TrimVLM vs serving frameworks",
 ):
     """TrimVLM, LitServe, mosec and Ray Serve serving the same model (same TaskModel, same ONNX Runtime
@@ -299,6 +304,8 @@ def bench_peers(
         ceiling_batch=ceiling_batch,
         request_timeout_s=request_timeout,
         load_generator=load_generator,
+        check_requests=check_requests,
+        start_timeout_s=start_timeout,
         title=title,
     )
     run(opts, log=typer.echo)
