@@ -337,14 +337,24 @@ class Load:
         return r
 
 
+def busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy (all cores; not idle, not waiting for I/O)."""
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+
+
 def measure(server: Server, load: Load, clients: int, seconds: float) -> dict:
-    """One window with the server tree's CPU time around it."""
-    before = server.cpu_times()
+    """One window with the server tree's CPU time around it, and what the rest of the machine used
+    meanwhile (other processes: a shared machine's noise, reported beside each figure)."""
+    before, busy = server.cpu_times(), busy_seconds()
     r = load.window(server.url, clients, seconds)
     cpu = cpu_delta(before, server.cpu_times())
+    busy = busy_seconds() - busy
     r["server_cpu_s"] = round(cpu, 3)
     r["server_cores"] = round(cpu / r["seconds"], 3) if r["seconds"] else None
     r["server_cpu_ms_per_request"] = round(1000 * cpu / r["ok"], 3) if r["ok"] else None
+    other = busy - cpu - r["client_cpu_s"]
+    r["other_cores"] = round(max(0.0, other) / r["seconds"], 3) if r["seconds"] else None
     return r
 
 
@@ -419,6 +429,7 @@ def summarise(rounds: list[dict]) -> dict:
         "server_cores",
         "server_cpu_ms_per_request",
         "client_cpu_s",
+        "other_cores",
     )
     out = {k: _median([r.get(k) for r in rounds]) for k in keys}
     out["errors"] = sum(r["error_count"] for r in rounds)
@@ -704,8 +715,9 @@ def markdown(r: dict) -> str:
     rows.append("| bare runtime (no HTTP) | " + " | ".join(bare_cells) + " |")
 
     detail = [
-        "| server | clients | req/s | p50 | p90 | p99 | errors | server cores | server CPU / request | client CPU s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| server | clients | req/s | p50 | p90 | p99 | errors | server cores | server CPU / request | client CPU s "
+        "| other processes (cores) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s, per in res.items():
         for c in clients:
@@ -714,7 +726,7 @@ def markdown(r: dict) -> str:
                 f"| {r['servers'][s]['label']} | {c} | {_f(x['throughput_rps'])} | {_f(x['p50_ms'], '{:.2f}', ' ms')} | "
                 f"{_f(x['p90_ms'], '{:.2f}', ' ms')} | {_f(x['p99_ms'], '{:.2f}', ' ms')} | {x['errors']} of {x['requests']} | "
                 f"{_f(x['server_cores'], '{:.2f}')} | {_f(x['server_cpu_ms_per_request'], '{:.2f}', ' ms')} | "
-                f"{_f(x['client_cpu_s'], '{:.2f}')} |"
+                f"{_f(x['client_cpu_s'], '{:.2f}')} | {_f(x.get('other_cores'), '{:.2f}')} |"
             )
     tg_rows = ["| target (TrimVLM) | measured | goal | |", "|---|---:|---|---|"]
     for t in r["targets"].values():
@@ -784,7 +796,8 @@ requests one at a time exactly as the bare TaskModel does: identical answers, sc
 
 Errors are wrk's (connect, read, write, timeout, non-2xx) summed over rounds; server CPU is the whole
 process tree's user + system time during the window (psutil) over the requests it served; client CPU is the
-load generator's own.
+load generator's own CPU seconds per window; other processes: the machine's busy time less
+the server's and the client's, in cores (a shared machine: what else ran during the window).
 
 {chr(10).join(detail)}
 
