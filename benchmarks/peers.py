@@ -794,7 +794,7 @@ requests one at a time exactly as the bare TaskModel does: identical answers, sc
 
 ## Every cell
 
-Errors are wrk's (connect, read, write, timeout, non-2xx) summed over rounds; server CPU is the whole
+Errors are the load generator's (connect, read, write, timeout, non-2xx) summed over rounds; server CPU is the whole
 process tree's user + system time during the window (psutil) over the requests it served; client CPU is the
 load generator's own CPU seconds per window; other processes: the machine's busy time less
 the server's and the client's, in cores (a shared machine: what else ran during the window).
