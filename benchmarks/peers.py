@@ -746,6 +746,7 @@ def markdown(r: dict) -> str:
             f"| {r['servers'][s]['label']} | {_f(sh['latency_c1'], '{:.1%}')} | {_f(sh[f'throughput_c{hi}'], '{:.1%}')} |"
         )
     ac = r["answer_check"]
+    noise = background_note(r)
     diffs = ", ".join(f"{s} {_f(v, '{:.1g}')}" for s, v in ac["max_score_diff"].items())
     m = r["machine"]
     model = r["model"]
@@ -781,7 +782,7 @@ Every peer wraps the same `service.tasks.TaskModel` with the service's ONNX Runt
 {head}
 {sep}
 {chr(10).join(rows)}
-
+{noise}
 ## Targets (issue 26, same machine, same run)
 
 {chr(10).join(tg_rows)}
@@ -817,6 +818,24 @@ Bare runtime (TaskModel called directly in the benchmark's process, no HTTP, med
 {chr(10).join(setup)}
 
 Reproduce (the `peers` extra; wrk from Debian): `{repro}`
+"""
+
+
+NOISY_CORES = 0.25  # other processes' median use in a cell beyond which the report says the figures are disturbed
+
+
+def background_note(r: dict) -> str:
+    """A warning when other processes used the machine during the windows (measured per window), with how
+    much per server: servers measured under different background load do not compare fairly."""
+    per = {s: [x["other_cores"] for x in rows.values() if x.get("other_cores") is not None] for s, rows in r["results"].items()}
+    worst = max((v for vals in per.values() for v in vals), default=None)
+    if worst is None or worst < NOISY_CORES:
+        return ""
+    each = ", ".join(f"{r['servers'][s]['label']} {min(v):.2f}-{max(v):.2f}" for s, v in per.items() if v)
+    return f"""
+**Disturbed run:** other processes on this shared machine used up to {worst:.2f} of its {r["machine"]["cores"]} cores
+during the measured windows (medians per cell: {each}), so the servers were not measured under the same
+background load and the ratios below carry that noise. Rerun on a quiet machine before drawing conclusions.
 """
 
 

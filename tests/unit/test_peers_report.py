@@ -84,6 +84,9 @@ def test_serving_share_and_report_rendering(tmp_path, monkeypatch):
     assert "| trimvlm serve (defaults) | 4.0 ms | 840 | 850 | 95.0 ms |" in md
     assert "| bare runtime (no HTTP) | 3.20 ms (batch 1) |  950 items/s (batch 32) |" in md
     assert "**not met**" in md and "**met**" in md
+    assert "Disturbed run" not in md  # no other load recorded
+    report["results"]["mosec"]["64"]["other_cores"] = 0.9  # another process took most of a core meanwhile
+    assert "**Disturbed run:** other processes on this shared machine used up to 0.90 of its 2 cores" in peers.markdown(report)
     # the README block shows the peers' ratios from reports/peers/report.json
     monkeypatch.chdir(tmp_path)
     readme = tmp_path / "README.md"
