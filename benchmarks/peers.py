@@ -558,7 +558,7 @@ def run(opts: Options, log=print) -> dict:
             bare_rounds.append(bare)
             log(
                 f"round {r + 1}/{opts.rounds}: bare runtime batch-1 {bare['batch1_p50_ms']:.2f} ms, "
-                f"batch-{opts.ceiling_batch} {bare['batchN_items_per_s']:.0f} items/s"
+                f"batch-{opts.ceiling_batch} {_rate(bare['batchN_items_per_s'])} items/s"
             )
             order = opts.servers[r % len(opts.servers) :] + opts.servers[: r % len(opts.servers)]
             for name in order:
@@ -688,6 +688,11 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _rate(v: float | None) -> str:
+    """Requests or items per second: whole numbers at this model's hundreds, decimals at BLIP-base's few."""
+    return "—" if v is None else f"{v:.0f}" if v >= 100 else f"{v:.1f}" if v >= 10 else f"{v:.2f}"
+
+
 def _f(v, fmt: str = "{:.1f}", suffix: str = "") -> str:
     return "—" if v is None else fmt.format(v) + suffix
 
@@ -706,12 +711,12 @@ def markdown(r: dict) -> str:
     for s, per in res.items():
         label = f"{r['servers'][s]['label']} {r['servers'][s]['version']}" if s != "trimvlm" else r["servers"][s]["label"]
         cells = [_f(per[str(lo)]["p50_ms"], suffix=" ms")]
-        cells += [_f(per[str(c)]["throughput_rps"], "{:.0f}") for c in clients if c != lo]
+        cells += [_rate(per[str(c)]["throughput_rps"]) for c in clients if c != lo]
         cells += [_f(per[str(hi)]["p99_ms"], suffix=" ms")]
         rows.append(f"| {label} | " + " | ".join(cells) + " |")
     # the bare runtime's ceiling under the first throughput column (batch 1 latency under the 1-client p50)
     bare_cells = [f"{bare['batch1_p50_ms']:.2f} ms (batch 1)"] + [""] * len(clients)
-    bare_cells[1 if len(clients) > 1 else 0] += f" {bare['batchN_items_per_s']:.0f} items/s (batch {bare['batch']})"
+    bare_cells[1 if len(clients) > 1 else 0] += f" {_rate(bare['batchN_items_per_s'])} items/s (batch {bare['batch']})"
     rows.append("| bare runtime (no HTTP) | " + " | ".join(bare_cells) + " |")
 
     detail = [
@@ -809,7 +814,7 @@ the server's and the client's, in cores (a shared machine: what else ran during 
 {chr(10).join(share_rows)}
 
 Bare runtime (TaskModel called directly in the benchmark's process, no HTTP, medians over rounds): batch 1
-{bare["batch1_p50_ms"]:.2f} ms, batch {bare["batch"]} {bare["batchN_ms"]:.1f} ms = {bare["batchN_items_per_s"]:.0f} items/s.
+{bare["batch1_p50_ms"]:.2f} ms, batch {bare["batch"]} {bare["batchN_ms"]:.1f} ms = {_rate(bare["batchN_items_per_s"])} items/s.
 
 ## Set-up
 
