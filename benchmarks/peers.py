@@ -374,9 +374,11 @@ def bare_runtime(model, items: list, batch: int, seconds: float) -> dict:
             out.append(time.perf_counter() - t)
         return out
 
+    busy, own, t0 = busy_seconds(), time.process_time(), time.perf_counter()
     one = timed(items[:1])
     full = [items[i % len(items)] for i in range(batch)]
     many = timed(full)
+    other = busy_seconds() - busy - (time.process_time() - own)
     return {
         "batch1_p50_ms": round(1000 * statistics.median(one), 3),
         "batch1_calls": len(one),
@@ -384,6 +386,7 @@ def bare_runtime(model, items: list, batch: int, seconds: float) -> dict:
         "batchN_ms": round(1000 * statistics.median(many), 3),
         "batchN_items_per_s": round(batch / statistics.median(many), 2),
         "batchN_calls": len(many),
+        "other_cores": round(max(0.0, other) / (time.perf_counter() - t0), 3),  # what else ran meanwhile
     }
 
 
@@ -584,7 +587,7 @@ def run(opts: Options, log=print) -> dict:
     model.tasks.close()
 
     summary = {s: {c: summarise(rows) for c, rows in per.items()} for s, per in results.items()}
-    bare_keys = ("batch1_p50_ms", "batchN_ms", "batchN_items_per_s")
+    bare_keys = ("batch1_p50_ms", "batchN_ms", "batchN_items_per_s", "other_cores")
     bare_summary = {k: _median([b[k] for b in bare_rounds]) for k in bare_keys} | {
         "batch": opts.ceiling_batch,
         "rounds": bare_rounds,
@@ -814,7 +817,9 @@ the server's and the client's, in cores (a shared machine: what else ran during 
 {chr(10).join(share_rows)}
 
 Bare runtime (TaskModel called directly in the benchmark's process, no HTTP, medians over rounds): batch 1
-{bare["batch1_p50_ms"]:.2f} ms, batch {bare["batch"]} {bare["batchN_ms"]:.1f} ms = {_rate(bare["batchN_items_per_s"])} items/s.
+{bare["batch1_p50_ms"]:.2f} ms, batch {bare["batch"]} {bare["batchN_ms"]:.1f} ms = {_rate(bare["batchN_items_per_s"])} items/s;
+other processes used {_f(bare.get("other_cores"), "{:.2f}")} cores meanwhile. A share measured while other processes took
+more of the machine during the servers' windows than during the bare runtime's counts their load as serving time.
 
 ## Set-up
 
