@@ -119,16 +119,6 @@ def listen(host: str, port: int, backlog: int):
         fail(f"cannot listen on {where}: {e.strerror or e}; check --host / TRIMVLM_HOST and --port / TRIMVLM_PORT")
 
 
-def http_protocol(settings):
-    """uvicorn's HTTP protocol: httptools with each response sent in one write (service/http_protocol.py),
-    or uvicorn's own choice with TRIMVLM_HTTP_COALESCE_WRITES=false."""
-    if not settings.http_coalesce_writes:
-        return "auto"
-    from service.http_protocol import CoalescingHttpToolsProtocol
-
-    return CoalescingHttpToolsProtocol
-
-
 def run_server(settings, sock) -> None:
     """uvicorn on the bound socket, one process. With exit_on_load_error, a failed model load stops
     the server (uvicorn's graceful shutdown) and the process exits 1 with the error."""
@@ -147,7 +137,6 @@ def run_server(settings, sock) -> None:
     config = uvicorn.Config(
         lambda: create_app(settings, on_load_error=stop if settings.exit_on_load_error else None),
         factory=True,  # made inside the server's event loop, as before
-        http=http_protocol(settings),
         access_log=False,  # the app logs one JSON line per request itself
         timeout_graceful_shutdown=int(settings.graceful_shutdown_s),
         log_level=settings.log_level,
@@ -182,7 +171,6 @@ def run_workers(settings, sock, workers: int, overrides: dict) -> None:
         "service.app:create_app",
         factory=True,
         workers=workers,
-        http=http_protocol(settings),
         access_log=False,
         timeout_graceful_shutdown=int(settings.graceful_shutdown_s),
         log_level=settings.log_level,

@@ -83,9 +83,6 @@ class Settings(BaseSettings):
     # Task requests in flight (reading, decoding, queued, running); beyond it 429 `overloaded` + Retry-After
     # at once. 0: no limit. Bounds the wait under overload to about this / capacity (docs/RELIABILITY.md).
     max_inflight_requests: int = 256
-    # Send each HTTP response in one write instead of headers and body apart (service/http_protocol.py): one
-    # system call less a response on the event loop (README, "Server layout": measured)
-    http_coalesce_writes: bool = True
     # Connections waiting to be accepted (listen backlog; the kernel caps it at net.core.somaxconn).
     # Under a connection storm, connections beyond it are reset before the app can refuse them (429).
     listen_backlog: int = Field(4096, ge=64)
