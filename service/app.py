@@ -4,6 +4,7 @@ request context (id, body limit, JSON log line, request metrics), errors as JSON
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import json
 import logging
@@ -198,6 +199,15 @@ class RequestContext:
         access.info("request", extra={"fields": {"request_id": rid, "path": scope["path"], "status": status, "error_code": code}})
 
 
+def freeze_heap() -> None:
+    """Move what start-up allocated (models' metadata, tokenizers, FastAPI's routes and schemas, the
+    libraries) out of the cyclic garbage collector's sight: its full collections, triggered by the
+    allocations every request makes, otherwise walk all of it again and again on the event loop.
+    Objects made later are collected as before."""
+    gc.collect()
+    gc.freeze()
+
+
 async def require_api_key(request: Request) -> None:  # async: a sync dependency costs a thread hop
     key = request.app.state.trimvlm.settings.api_key
     if key is None:
@@ -257,6 +267,8 @@ def create_app(settings: Settings | None = None, on_load_error: Callable[[str], 
             for srv in st.servers.values():
                 await srv.start()
             st.metrics.set_build_info(models=",".join(st.servers), default=st.default or "")
+            if settings.gc_freeze:
+                freeze_heap()
             if settings.gallery_backend != "embedded" and not await connect_gallery(first=True):
                 tasks.append(asyncio.create_task(retry_gallery()))
                 return
@@ -286,6 +298,8 @@ def create_app(settings: Settings | None = None, on_load_error: Callable[[str], 
         st.inference_pool.shutdown(wait=True)
         if traces is not None:
             traces.shutdown()  # export the spans still buffered
+        if settings.gc_freeze:
+            gc.unfreeze()  # an app made again in this process (tests) must not keep this one's heap
 
     from service.tracing import fastapi_telemetry  # imports no OpenTelemetry
 

@@ -9,6 +9,7 @@ import asyncio
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -65,7 +66,14 @@ class Batcher:
 
     A batch leaves when it is full or when its first item has waited `max_delay_s`. Items whose
     future is already done (the client disconnected and the route cancelled it) are dropped
-    before running; items past their deadline fail with DeadlineExceeded without running."""
+    before running; items past their deadline fail with DeadlineExceeded without running.
+    `concurrency` batches may run at once (each in its own executor thread): with single-threaded
+    runtime sessions, two batches in flight keep both cores busy without the intra-op barrier
+    stalls a 2-thread session suffers whenever the event loop takes one of its cores.
+
+    The queue is a deque and the collector sleeps on one future a batch (woken only when the first
+    item arrives or the batch fills, or by a timer at the delay's end): an asyncio.Queue with
+    wait_for cost a task and a timer per item, on the event loop the HTTP layer also needs."""
 
     def __init__(
         self,
@@ -78,21 +86,29 @@ class Batcher:
         max_queue: int = 512,
         on_batch: Callable[[str, int, float], None] | None = None,
         on_dropped: Callable[[str, int], None] | None = None,
+        concurrency: int = 1,
     ):
         self.name, self.run_batch, self.executor, self.latency = name, run_batch, executor, latency
         self.max_batch, self.max_delay_s, self.max_queue = max(1, max_batch), max(0.0, max_delay_s), max_queue
         self.on_batch, self.on_dropped = on_batch, on_dropped
-        self.queue: asyncio.Queue[WorkItem] = asyncio.Queue()
-        self.running_batch = 0  # items in the batch being executed (0: idle)
+        self.concurrency = max(1, concurrency)
+        self._items: deque[WorkItem] = deque()
+        self._wakeup: asyncio.Future | None = None  # the collector's sleep, while it waits for items
+        self._wake_at = 0  # queue length that wakes it: 1 (waiting for a first item) or max_batch (filling)
+        self.running_batch = 0  # items in the batches being executed (0: idle)
+        self.batches_running = 0
+        self._running: set[asyncio.Task] = set()
+        self._slots: asyncio.Semaphore | None = None
         self._task: asyncio.Task | None = None
         self._closing = False
 
     @property
     def depth(self) -> int:
-        return self.queue.qsize()
+        return len(self._items)
 
     def start(self) -> None:
         if self._task is None:
+            self._slots = asyncio.Semaphore(self.concurrency)
             self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher:{self.name}")
 
     async def stop(self, drain_timeout_s: float = 30.0) -> None:
@@ -120,43 +136,62 @@ class Batcher:
         if self.depth >= self.max_queue:
             raise QueueFull(self.name, self.depth, self.retry_after_s())
         fut = asyncio.get_running_loop().create_future()
-        self.queue.put_nowait(WorkItem(payload, fut, deadline=deadline))
+        self._items.append(WorkItem(payload, fut, deadline=deadline))
+        if self._wakeup is not None and len(self._items) >= self._wake_at and not self._wakeup.done():
+            self._wakeup.set_result(None)
         return fut
 
     def predicted_wait_s(self, extra: int = 1) -> float:
-        """Predicted time until `extra` newly queued items are done: the running batch's rest,
-        then the queue ahead in full batches, then theirs (fitted a*n+b per batcher)."""
+        """Predicted time until `extra` newly queued items are done: the running batches' rest
+        (when they hold every slot), then the queue ahead in full batches, `concurrency` at a time,
+        then theirs (fitted a*n+b per batcher)."""
         ahead = self.depth + extra
         full, rest = divmod(ahead, self.max_batch)
-        t = full * self.latency.predict(self.name, self.max_batch)
-        t += self.latency.predict(self.name, rest) if rest else 0.0
-        if self.running_batch:
-            t += 0.5 * self.latency.predict(self.name, self.running_batch)
+        waves, leftover = divmod(full, self.concurrency)
+        t = waves * self.latency.predict(self.name, self.max_batch)
+        if leftover:  # a last wave of full batches: the rest runs beside them (leftover < concurrency)
+            t += self.latency.predict(self.name, self.max_batch)
+        elif rest:
+            t += self.latency.predict(self.name, rest)
+        if self.batches_running >= self.concurrency:
+            t += 0.5 * self.latency.predict(self.name, self.running_batch // self.batches_running)
         return t + (self.max_delay_s if self.depth + extra < self.max_batch else 0.0)
 
+    async def _sleep(self, wake_at: int, timeout: float | None) -> None:
+        """Until the queue holds `wake_at` items, or `timeout` seconds pass."""
+        loop = asyncio.get_running_loop()
+        self._wakeup, self._wake_at = loop.create_future(), wake_at
+        timer = None if timeout is None else loop.call_later(timeout, _resolve, self._wakeup)
+        try:
+            await self._wakeup
+        finally:
+            self._wakeup = None
+            if timer is not None:
+                timer.cancel()
+
     async def _collect(self) -> list[WorkItem]:
-        first = await self.queue.get()
-        batch = [first]
-        close_at = first.enqueued + self.max_delay_s
-        while len(batch) < self.max_batch:
-            try:
-                batch.append(self.queue.get_nowait())
-                continue
-            except asyncio.QueueEmpty:
-                pass
+        while not self._items:
+            await self._sleep(1, None)
+        close_at = self._items[0].enqueued + self.max_delay_s
+        while len(self._items) < self.max_batch:
             wait = close_at - time.perf_counter()
             if wait <= 0:
                 break
-            try:
-                batch.append(await asyncio.wait_for(self.queue.get(), wait))
-            except TimeoutError:
-                break
-        return batch
+            await self._sleep(self.max_batch, wait)
+            if not self._items:  # nothing to do: cannot happen (items leave only here), but never run empty
+                return []
+        n = min(self.max_batch, len(self._items))
+        return [self._items.popleft() for _ in range(n)]
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
+        assert self._slots is not None
         while True:
-            batch = await self._collect()
+            await self._slots.acquire()
+            try:
+                batch = await self._collect()
+            except BaseException:
+                self._slots.release()
+                raise
             now = time.perf_counter()
             live = []
             for item in batch:
@@ -169,25 +204,44 @@ class Batcher:
             if len(live) < len(batch) and self.on_dropped:
                 self.on_dropped(self.name, len(batch) - len(live))
             if not live:
+                self._slots.release()
                 continue
-            self.running_batch = len(live)
-            t0 = time.perf_counter()
-            try:
-                results = await loop.run_in_executor(self.executor, self.run_batch, [it.payload for it in live])
-            except Exception as e:  # a backend failure fails this batch, not the server
-                log.exception("batch on %s failed", self.name)
-                for it in live:
-                    if not it.future.done():
-                        it.future.set_exception(e)
-                continue
-            finally:
-                self.running_batch = 0
-            seconds = time.perf_counter() - t0
-            self.latency.observe(self.name, len(live), seconds)
-            if self.on_batch:
-                self.on_batch(self.name, len(live), seconds)
-            for it, res in zip(live, results, strict=True):
+            self.running_batch += len(live)
+            self.batches_running += 1
+            if self.concurrency == 1:  # one at a time: no task to create
+                await self._execute(live)
+            else:
+                task = asyncio.get_running_loop().create_task(self._execute(live))
+                self._running.add(task)
+                task.add_done_callback(self._running.discard)
+
+    async def _execute(self, live: list[WorkItem]) -> None:
+        """Run one batch in the executor and hand each item its result (releases its slot)."""
+        assert self._slots is not None
+        t0 = time.perf_counter()
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(self.executor, self.run_batch, [it.payload for it in live])
+        except Exception as e:  # a backend failure fails this batch, not the server
+            log.exception("batch on %s failed", self.name)
+            for it in live:
                 if not it.future.done():
-                    done = Done((res, t0 - it.enqueued))
-                    done.batch_size, done.started, done.run_s = len(live), t0, seconds
-                    it.future.set_result(done)
+                    it.future.set_exception(e)
+            return
+        finally:
+            self.running_batch -= len(live)
+            self.batches_running -= 1
+            self._slots.release()
+        seconds = time.perf_counter() - t0
+        self.latency.observe(self.name, len(live), seconds)
+        if self.on_batch:
+            self.on_batch(self.name, len(live), seconds)
+        for it, res in zip(live, results, strict=True):
+            if not it.future.done():
+                done = Done((res, t0 - it.enqueued))
+                done.batch_size, done.started, done.run_s = len(live), t0, seconds
+                it.future.set_result(done)
+
+
+def _resolve(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)

@@ -128,7 +128,9 @@ def encode_texts(tokenizer, texts: list[str], max_length: int) -> tuple[np.ndarr
 
     Returns (input_ids int64 [B, L], attention_mask int64 [B, L]) with L the longest in the batch.
     """
-    encodings = tokenizer.encode_batch(list(texts))
+    texts = list(texts)
+    # one text (every single-item request): encode() skips encode_batch's hand-off to its thread pool
+    encodings = [tokenizer.encode(texts[0])] if len(texts) == 1 else tokenizer.encode_batch(texts)
     rows = [enc.ids[:max_length] for enc in encodings]
     # Truncation must keep the closing [SEP]: the tokenizer's post-processor added it last.
     sep_id = tokenizer.token_to_id("[SEP]")

@@ -3,8 +3,9 @@ level, the latency model behind `auto`, and warm-up. Async API for the routes, o
 (`vqa`, `caption`, `rank`; `encode_images`, `encode_texts` and `itm` for the gallery); no HTTP here.
 
 Each batcher takes one small typed payload per item (VqaInput, TextInput, ItmInput, CaptionInput;
-a vision item is its pixel array) and gives back one typed result (VqaOutput, Encoding, a score,
-a caption). A request's part (its endpoint, deadline and how it waits) travels as a Call.
+a vision item is its uint8 [H, W, 3] image, normalised a batch at a time in the inference thread)
+and gives back one typed result (VqaOutput, Encoding, a score, a caption). A request's part (its
+endpoint, deadline and how it waits) travels as a Call.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class TextInput:
 
 @dataclass
 class VqaInput:
-    pixels: np.ndarray  # normalised float32 [3, H, W]
+    pixels: np.ndarray  # uint8 [H, W, 3] at the model's size (normalised with its batch)
     question: TextInput
     num_beams: int = 1  # generative answers only
 
@@ -200,6 +201,7 @@ class ModelServer:
                 max_queue=settings.max_queue_size,
                 on_batch=self._on_batch,
                 on_dropped=lambda n, k: self.metrics.cancelled.labels(n).inc(k),
+                concurrency=settings.batch_concurrency,
             )
             metrics.queue_capacity.labels(self.id, name).set(settings.max_queue_size)  # the queue alert's limit
 
@@ -208,7 +210,7 @@ class ModelServer:
         point = self.levels[level]
 
         def run(items: list[VqaInput]) -> list[VqaOutput]:
-            pixels = np.stack([it.pixels for it in items])
+            pixels = self.tasks.pixels(np.stack([it.pixels for it in items]))
             ids, mask = _pad_stack([it.question.ids for it in items]), _pad_stack([it.question.mask for it in items])
             res = self.tasks.vqa(pixels, ids, mask, level=level, point=point)
             kept = res.image_tokens_kept
@@ -217,7 +219,7 @@ class ModelServer:
         def generate(items: list[VqaInput]) -> list[VqaOutput]:
             out: list = [None] * len(items)
             for beams, idx in _groups(items, lambda it: it.num_beams).items():  # one decode per beam width
-                pixels = np.stack([items[i].pixels for i in idx])
+                pixels = self.tasks.pixels(np.stack([items[i].pixels for i in idx]))
                 ids, mask = _pad_stack([items[i].question.ids for i in idx]), _pad_stack([items[i].question.mask for i in idx])
                 for i, answer in zip(idx, self.tasks.vqa_generate(pixels, ids, mask, num_beams=beams), strict=True):
                     out[i] = VqaOutput(None, None, answer)
@@ -226,7 +228,7 @@ class ModelServer:
         return generate if self.tasks.vqa_mode == "generative" else run
 
     def _run_vision(self, items: list[np.ndarray]) -> list[Encoding]:
-        states, embeds = self.tasks.encode_images(np.stack(items))
+        states, embeds = self.tasks.encode_images(self.tasks.pixels(np.stack(items)))
         return [Encoding(s, e) for s, e in zip(states, embeds, strict=True)]
 
     def _run_text(self, items: list[TextInput]) -> list[Encoding]:
@@ -278,7 +280,7 @@ class ModelServer:
         size = self.tasks.image_spec.size
         rng = np.random.default_rng(0)
         images = rng.integers(0, 255, (1, size, size, 3), dtype=np.uint8)
-        pixels = self.tasks.pixels(images)[0]
+        pixels = images[0]
         ids, mask = self.tasks.tokenize(["what shape is in the image?"])
         sizes = sorted({1, min(8, self.batchers["vision"].max_batch), self.batchers["vision"].max_batch})
         for n in sizes:
@@ -294,7 +296,7 @@ class ModelServer:
                 t = time.perf_counter()
                 self.batchers[name].run_batch([payload] * n)
                 self.latency.observe(name, n, time.perf_counter() - t)
-        states, _ = self.tasks.encode_images(pixels[None])
+        states, _ = self.tasks.encode_images(self.tasks.pixels(images))
         t = time.perf_counter()
         caption = self._run_caption([CaptionInput(states[0], 8, 1)])
         self.latency.observe("caption", 1, time.perf_counter() - t)

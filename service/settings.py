@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     # load, full batches under load); >0 also holds a batch open this long for more items.
     max_queue_delay_ms: float = 0.0
     max_queue_size: int = 512  # queued items per batcher; beyond it 429 + Retry-After
+    # Batches of one batcher running at once, each on its own inference thread. With intra_op_threads 0
+    # each session then gets cores / batch_concurrency threads (README, "Server layout": measured).
+    batch_concurrency: int = Field(1, ge=1)
     # Task requests in flight (reading, decoding, queued, running); beyond it 429 `overloaded` + Retry-After
     # at once. 0: no limit. Bounds the wait under overload to about this / capacity (docs/RELIABILITY.md).
     max_inflight_requests: int = 256
@@ -128,6 +131,9 @@ class Settings(BaseSettings):
     exit_on_load_error: bool = True
     demo_page: bool = True
     warmup: bool = True
+    # gc.freeze() once the models are loaded and warm (service/app.py freeze_heap): full collections then
+    # skip the start-up heap (measured in README, "Server layout")
+    gc_freeze: bool = True
     # OpenTelemetry traces (service/tracing.py; the `otel` extra): a span per request with its stages, exported
     # as the standard OTEL_* variables say (OTLP/HTTP to OTEL_EXPORTER_OTLP_ENDPOINT by default)
     tracing: bool = False
@@ -137,12 +143,20 @@ class Settings(BaseSettings):
     def _version_policy(cls, value: str) -> str:
         return str(VersionPolicy.parse(value))  # a clear error now, rather than at model load
 
+    def session_threads(self) -> int:
+        """Intra-op threads of each runtime session: as set, or with 0 the cores shared among the
+        batches that run at once (0 again, the library's one per core, for a single batch)."""
+        if self.intra_op_threads or self.batch_concurrency == 1:
+            return self.intra_op_threads
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return max(1, cores // self.batch_concurrency)
+
     def runtime_options(self) -> RuntimeOptions:
         """The backend settings `trimvlm serve` runs its models with (reports and benchmarks that
         compare against the service take the same)."""
         return RuntimeOptions(
             device=self.device,
-            intra_op_threads=self.intra_op_threads,
+            intra_op_threads=self.session_threads(),
             memory_arena=self.ort_cpu_mem_arena,
             tensorrt_cache_dir=str(self.tensorrt_cache_dir) if self.tensorrt_cache_dir else None,
             extra={"allow_spinning": self.ort_spinning},

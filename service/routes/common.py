@@ -250,6 +250,9 @@ async def gather_items(coros, is_batch: bool = False) -> list:
         except ServiceError as e:
             raise item_error(i, e) from e
 
+    coros = list(coros)
+    if not is_batch and len(coros) == 1:  # one item: awaited in the request's own task, no task or gather to make
+        return [await coros[0]]
     tasks = [asyncio.ensure_future(numbered(i, c) if is_batch else c) for i, c in enumerate(coros)]
     try:
         return await asyncio.gather(*tasks)
