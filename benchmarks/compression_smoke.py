@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import shutil
 import sys
 import time
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.scale import run_stage
+from benchmarks.scale import load, run_stage
 from benchmarks.scale_fixtures import Fixture
 
 # scenes only, a small generated set (every image is resized to 224/384 px and held in memory)
@@ -116,7 +117,8 @@ def smoke(fx: Fixture, work: Path, batch: int, steps: int) -> dict:
     result = {"image_size": fx.image_size, "image_tokens": (fx.image_size // 16) ** 2 + 1, "stages": {}}
     for name, argv in commands.items():
         print(f"[{fx.image_size} px] {name}: {' '.join(argv[2:])}", flush=True)
-        stage = run_stage(argv)
+        before = load()
+        stage = run_stage(argv) | {"load_before": before, "load_after": load()}  # a shared machine: say how busy
         for phase, log in logs.get(name, {}).items():
             stage[phase] = step_seconds(log)
         stage["params_m"] = _params_m(teacher if name == "import" else work / name / "model")
@@ -140,7 +142,9 @@ def run(root: Path, work: Path, sizes: tuple[int, ...], batch: int, steps: int, 
     report = json.loads(out.read_text()) if out.is_file() else {}
     report.update(
         {
-            "command": "trimvlm bench compression-smoke " + " ".join(sys.argv[1:]),
+            "command": "trimvlm bench " + shlex.join(sys.argv[2:])
+            if sys.argv[1:2] == ["bench"]
+            else "python -m benchmarks.compression_smoke " + shlex.join(sys.argv[1:]),
             "machine": _machine(),
             "batch_size": batch,
             "steps_per_stage": steps,
