@@ -180,7 +180,7 @@ def _machine() -> str:
 def table(report: dict) -> str:
     """The markdown table docs/SCALE.md shows."""
     rows = [
-        "| px | stage | student params (M) | s/step (after step 1) | first step s | stage wall s | peak RSS MiB |",
+        "| px | stage | params of its output (M) | s/step (after step 1) | first step s | stage wall s | peak RSS MiB |",
         "|---:|---|---:|---:|---:|---:|---:|",
     ]
     for px, r in sorted(report["sizes"].items(), key=lambda kv: -int(kv[0])):
