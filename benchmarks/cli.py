@@ -188,6 +188,36 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x.strip())
 
 
+def _parts(text: str) -> tuple[str, ...]:
+    from benchmarks.scale import PARTS
+
+    chosen = tuple(p.strip() for p in text.split(",") if p.strip())
+    unknown = set(chosen) - set(PARTS)
+    if unknown or not chosen:
+        raise typer.BadParameter(f"--parts takes some of {','.join(PARTS)}, got {text!r}")
+    return chosen
+
+
+@app.command("compression-smoke")
+def bench_compression_smoke(
+    root: Annotated[Path, typer.Option(help="The scale fixtures (`trimvlm bench scale --fixtures-only` builds them).")] = Path(
+        "runs/scale"
+    ),
+    work: Annotated[Path, typer.Option(help="Where the smoke runs' models and logs go (git-ignored).")] = Path(
+        "runs/compression-smoke"
+    ),
+    sizes: Annotated[str, typer.Option(help="Image sizes in px, comma-separated.")] = "384,224",
+    batch_size: Annotated[int, typer.Option(help="Training batch (VQA and captions each).")] = 2,
+    steps: Annotated[int, typer.Option(help="Steps per stage (the first is a warm-up, not timed).")] = 3,
+    size: Annotated[str, typer.Option(help="base (BLIP-base) or tiny (tests).")] = "base",
+    out: Annotated[Path, typer.Option(help="The JSON written.")] = Path("reports/scale/compression_smoke.json"),
+):
+    """Distil, prune and trim a few steps at BLIP-base size (imported random BLIP as teacher): s/step and peak RSS."""
+    from benchmarks.compression_smoke import run
+
+    run(root, work, _ints(sizes), batch_size, steps, out, size)
+
+
 @app.command("scale")
 def bench_scale(
     out: ReportDir = Path("reports/scale"),
@@ -217,6 +247,9 @@ def bench_scale(
     fixtures_only: Annotated[
         bool, typer.Option("--fixtures-only", help="Build the fixtures (stage times and memory recorded), measure nothing.")
     ] = False,
+    parts: Annotated[
+        str, typer.Option(help="Measurements per size, comma-separated: trimming,graphs,kv (the service part needs graphs).")
+    ] = "trimming,graphs,kv",
 ):
     """Trimming, the KV cache, INT8 and batching at BLIP-base size (random weights, built locally), side by side."""
     from benchmarks.scale import Options, run
@@ -241,6 +274,7 @@ def bench_scale(
         fixtures_only=fixtures_only,
         resume=resume,
         profile=profile,
+        parts=_parts(parts),
     )
     report = run(opts)
     typer.echo((out / "REPORT.md").read_text())

@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.scale_fixtures import STAGES, TIMING_QUESTION, Fixture, import_argv
+from service.generation import kv_shape
 from service.machine import machine_info
 
 TARGETS = {
@@ -56,6 +57,9 @@ STEP_PAST = 20  # cached tokens in the decoder_step timing (midway through a 40-
 NOCACHE_TOKENS = 20
 WARMUP_REQUESTS = 2  # sequential requests before each throughput round (the servers warm up before ready)
 REQUEST_TIMEOUT_S = 600.0  # a 384 px batch of 16 takes ~30 s on 2 cores: the load generator's 60 s is too tight
+
+
+PARTS = ("trimming", "graphs", "kv")
 
 
 @dataclass
@@ -81,6 +85,7 @@ class Options:
     fixtures_only: bool = False  # build (or check) the fixtures, record their stages, measure nothing
     resume: bool = False  # keep the image sizes (and service part) an interrupted run of OUT/report.json finished
     profile: str = "unmet"  # unmet | always | never
+    parts: tuple[str, ...] = PARTS  # which measurements per size (the service needs `graphs`)
 
 
 def log(msg: str, t0: list[float] = [time.perf_counter()]) -> None:  # noqa: B006 (the start time, on purpose)
@@ -329,11 +334,12 @@ def graph_inputs(folder: Path, batches, inputs: dict, decoder_batches, options) 
         }
         if b in decoder_batches:
             cross = g.run("decoder_cross_kv", {"image_states": img})
-            width, n_layers = int(cross["cross_key.0"].shape[-1]), len(cross) // 2
+            n_layers = len(cross) // 2
+            # decoders that can answer VQA take the cross-attention mask (graphs without it drop the feed)
+            cross["cross_attention_mask"] = np.ones(img.shape[:2], np.int64)
+            shape = kv_shape(cross["cross_key.0"], b, STEP_PAST)
             past = {
-                f"past_{k}.{i}": rng.normal(0, 1, (b, STEP_PAST, width)).astype(np.float32)
-                for i in range(n_layers)
-                for k in ("key", "value")
+                f"past_{k}.{i}": rng.normal(0, 1, shape).astype(np.float32) for i in range(n_layers) for k in ("key", "value")
             }
             feeds["decoder_cross_kv"] = {"image_states": img}
             feeds["decoder_prefill"] = {
@@ -554,6 +560,7 @@ def kv_section(folder: Path, precisions, lengths, batches, repeats: int, options
     out = {
         "precisions": rows,
         "repeats": repeats,
+        "kv_layout": next(iter(graphs.values())).manifest.decoder_kv_layout,
         "how": "service.generation.greedy_decode over decoder_cross_kv/decoder_prefill/decoder_step (cache) or "
         "decoder_nocache (no cache), image states from the same precision's vision graph; [SEP] masked to -inf in the "
         f"last position's logits by the runner so every caption runs to {longest} tokens; the time to token L (from the "
@@ -576,6 +583,7 @@ def int8_agreement(graphs: dict, states: dict, runners: dict, tok, length: int, 
     free = greedy_decode(runners["int8"], states["int8"][:n], tok.bos, tok.sep, tok.pad, length, use_cache=True)
     run = graphs["int8"].run
     cross = run("decoder_cross_kv", {"image_states": states["int8"][:n]})
+    cross["cross_attention_mask"] = np.ones(states["int8"][:n].shape[:2], np.int64)  # dropped by graphs without it
     ids = np.concatenate([np.full((n, 1), tok.bos, np.int64), ref[:, :-1]], 1)
     logits = run("decoder_nocache", {"input_ids": ids, "attention_mask": np.ones_like(ids), **cross})["logits"]
     logits[..., tok.sep] = -np.inf
@@ -762,16 +770,17 @@ def decode_step_curve(g: Graphs, lengths=(1, 10, 20, 30, 40), repeats: int = 3) 
     (decoder_nocache over n tokens): where the cache's saving comes from, length by length."""
     run, m = g.run, g.manifest
     px = g.pixels(images(m.preprocessing.image.size, 1))
-    cross = run("decoder_cross_kv", {"image_states": run("vision", {"pixel_values": px})["image_states"]})
-    width = int(cross["cross_key.0"].shape[-1])
+    image_states = run("vision", {"pixel_values": px})["image_states"]
+    cross = run("decoder_cross_kv", {"image_states": image_states})
     layers = len(cross) // 2
+    cross["cross_attention_mask"] = np.ones(image_states.shape[:2], np.int64)  # dropped by graphs without it
     rng = np.random.default_rng(0)
     tok = np.full((1, 1), 1000 % m.tokens.bos, np.int64)
-    calls = {}
+    calls = {"cross_kv": lambda: run("decoder_cross_kv", {"image_states": image_states})}
     for n in lengths:
         if n > 1:
             past = {
-                f"past_{k}.{i}": rng.normal(0, 1, (1, n - 1, width)).astype(np.float32)
+                f"past_{k}.{i}": rng.normal(0, 1, kv_shape(cross["cross_key.0"], 1, n - 1)).astype(np.float32)
                 for i in range(layers)
                 for k in ("key", "value")
             }
@@ -787,6 +796,8 @@ def decode_step_curve(g: Graphs, lengths=(1, 10, 20, 30, 40), repeats: int = 3) 
         "tokens": list(lengths),
         "cached_step_ms": [p50(times[f"step/{n}"]) for n in lengths],
         "uncached_step_ms": [p50(times[f"nocache/{n}"]) for n in lengths],
+        "cross_kv_ms": p50(times["cross_kv"]),
+        "kv_layout": m.decoder_kv_layout,
         "how": "batch 1; cached = decoder_step with n-1 cached tokens + 1 new (prefill at n=1); uncached = decoder_nocache "
         "over n tokens (logits for all n positions, as greedy_decode runs it)",
     }
@@ -871,45 +882,52 @@ def run(opts: Options) -> dict:
         inputs = dict(np.load(fx.trimmed / "timing_input.npz"))
         sec: dict = {"model": fx.name, "image_tokens": timing["points"][0]["image_tokens"], "timing_fixture": timing}
         seconds, t = {}, time.perf_counter()
-        log(f"{fx.name}: trimming: thresholds from each precision's graph ...")
-        points = {p: calibrated_points(fx.export, p, timing, inputs) for p in opts.precisions}
-        log(f"{fx.name}: trimming ({len(opts.precisions) * (1 + len(timing['points']))} runners x {opts.repeats}) ...")
-        sec["trimming"] = trimming_section(fx.export, points, inputs, opts.repeats, runtime_options)
-        seconds["trimming"], t = round(time.perf_counter() - t, 1), time.perf_counter()
-        batches = sorted(set(opts.graph_batches) | set(opts.batching_batches))
-        log(f"{fx.name}: graphs, INT8 vs fp32, batch sizes {batches} ...")
-        feeds = graph_inputs(fx.export, batches, inputs, set(opts.graph_batches), runtime_options)
-        sec["graphs"] = graphs_section(fx.export, opts.precisions, feeds, opts.repeats, opts.batching_batches, runtime_options)
-        del feeds
-        keep1 = {
-            p: next(pt for pt in row["points"] if pt["keep_fraction"] == 1.0)
-            for p, row in sec["trimming"]["precisions"].items()
-            if any(pt["keep_fraction"] == 1.0 for pt in row["points"])
-        }
-        if keep1:  # batch 1 only (gather graph); timed in the trimming part at keep 1.0
-            row = {p: {"p50_ms": pt["p50_ms"], "per_item_ms": pt["p50_ms"], "spread": pt["spread"]} for p, pt in keep1.items()}
-            if "fp32" in row and "int8" in row:
-                row["int8_speedup"] = round(row["fp32"]["p50_ms"] / row["int8"]["p50_ms"], 3)
-            sec["graphs"]["graphs"]["vqa_trimmed"] = {"b1": row}
-        seconds["graphs"], t = round(time.perf_counter() - t, 1), time.perf_counter()
-        log(f"{fx.name}: caption decoding, KV cache vs none ...")
-        sec["kv_cache"] = kv_section(
-            fx.export, opts.precisions, opts.decode_lengths, opts.decode_batches, opts.repeats, runtime_options
-        )
-        seconds["kv_cache"] = round(time.perf_counter() - t, 1)
+        if "trimming" in opts.parts:
+            log(f"{fx.name}: trimming: thresholds from each precision's graph ...")
+            points = {p: calibrated_points(fx.export, p, timing, inputs) for p in opts.precisions}
+            log(f"{fx.name}: trimming ({len(opts.precisions) * (1 + len(timing['points']))} runners x {opts.repeats}) ...")
+            sec["trimming"] = trimming_section(fx.export, points, inputs, opts.repeats, runtime_options)
+            seconds["trimming"], t = round(time.perf_counter() - t, 1), time.perf_counter()
+        if "graphs" in opts.parts:
+            batches = sorted(set(opts.graph_batches) | set(opts.batching_batches))
+            log(f"{fx.name}: graphs, INT8 vs fp32, batch sizes {batches} ...")
+            feeds = graph_inputs(fx.export, batches, inputs, set(opts.graph_batches), runtime_options)
+            sec["graphs"] = graphs_section(
+                fx.export, opts.precisions, feeds, opts.repeats, opts.batching_batches, runtime_options
+            )
+            del feeds
+            keep1 = {
+                p: next(pt for pt in row["points"] if pt["keep_fraction"] == 1.0)
+                for p, row in sec.get("trimming", {}).get("precisions", {}).items()
+                if any(pt["keep_fraction"] == 1.0 for pt in row["points"])
+            }
+            if keep1:  # batch 1 only (gather graph); timed in the trimming part at keep 1.0
+                row = {
+                    p: {"p50_ms": pt["p50_ms"], "per_item_ms": pt["p50_ms"], "spread": pt["spread"]} for p, pt in keep1.items()
+                }
+                if "fp32" in row and "int8" in row:
+                    row["int8_speedup"] = round(row["fp32"]["p50_ms"] / row["int8"]["p50_ms"], 3)
+                sec["graphs"]["graphs"]["vqa_trimmed"] = {"b1": row}
+            seconds["graphs"], t = round(time.perf_counter() - t, 1), time.perf_counter()
+        if "kv" in opts.parts:
+            log(f"{fx.name}: caption decoding, KV cache vs none ...")
+            sec["kv_cache"] = kv_section(
+                fx.export, opts.precisions, opts.decode_lengths, opts.decode_batches, opts.repeats, runtime_options
+            )
+            seconds["kv_cache"] = round(time.perf_counter() - t, 1)
         sec["seconds"] = seconds
         sec["bench_peak_rss_mib"] = vmhwm_mib(os.getpid())
         sec["finished"], sec["load_after"] = time.strftime("%Y-%m-%d %H:%M:%S"), load()
         report["sizes"][str(size)] = sec
         checks_now = size_checks(sec, size)
         unmet = {c["name"].split("/")[0] for c in checks_now if not c["passed"]}
-        which = {"trim": "trim", "kv": "kv"}
+        which = {w for w, part in (("trim", "trimming"), ("kv", "kv")) if part in opts.parts}
         want = set(which) if opts.profile == "always" else {w for w in which if opts.profile == "unmet" and _unmet(unmet, w)}
         if want and size == max(opts.image_sizes):
             t = time.perf_counter()
             for p in opts.precisions:
                 log(f"{fx.name}: profiles {sorted(want)} ({p}) ...")
-                pts = sec["trimming"]["precisions"][p]["points"]
+                pts = sec["trimming"]["precisions"][p]["points"] if "trimming" in sec else []
                 profile_at[f"{size}/{p}"] = profiles(fx.export, p, pts, inputs, want, runtime_options)
             seconds["profiles"] = round(time.perf_counter() - t, 1)
         report["profiles"] = profile_at
@@ -917,6 +935,8 @@ def run(opts: Options) -> dict:
     report["profiles"] = profile_at
     if opts.fixtures_only:
         report["service"] = {"skipped": "--fixtures-only"}
+    elif opts.service and "graphs" not in opts.parts:
+        report["service"] = {"skipped": f"--parts {','.join(opts.parts)} (the service part needs `graphs`)"}
     elif opts.service:
         fx = Fixture(opts.root, opts.size, service_size)
         batching = report["sizes"][str(service_size)]["graphs"]["batching"][opts.service_precision]
@@ -930,7 +950,16 @@ def run(opts: Options) -> dict:
     return _write(report, opts, t_start)
 
 
-RESUME_KEYS = ("size", "precisions", "repeats", "graph_batches", "batching_batches", "decode_lengths", "decode_batches")
+RESUME_KEYS = (
+    "size",
+    "precisions",
+    "repeats",
+    "graph_batches",
+    "batching_batches",
+    "decode_lengths",
+    "decode_batches",
+    "parts",
+)
 
 
 def _previous(opts: Options) -> dict | None:
@@ -985,7 +1014,7 @@ def _json(x):
 
 def size_checks(sec: dict, size: int) -> list[dict]:
     out = []
-    for p, row in sec["trimming"]["precisions"].items():
+    for p, row in sec.get("trimming", {}).get("precisions", {}).items():
         pt = _closest_point(row["points"])
         out.append(
             _check(
@@ -995,7 +1024,7 @@ def size_checks(sec: dict, size: int) -> list[dict]:
                 f"keep {pt['keep_fraction']} ({pt['flops_reduction']}x fewer FLOPs), batch 1",
             )
         )
-    for p, rows in sec["kv_cache"]["precisions"].items():
+    for p, rows in sec.get("kv_cache", {}).get("precisions", {}).items():
         longest = max(r["new_tokens"] for r in rows.values())
         r = rows.get(f"L{longest}/b1")
         if r:
@@ -1031,15 +1060,15 @@ def headline(report: dict) -> dict:
     """One line per figure the docs quote (ratios only)."""
     h = {}
     for size, sec in report["sizes"].items():
-        for p, row in sec["trimming"]["precisions"].items():
+        for p, row in sec.get("trimming", {}).get("precisions", {}).items():
             pt = _closest_point(row["points"])
             h[f"trim_{size}_{p}"] = (
                 f"keep {pt['keep_fraction']}: {pt['flops_reduction']}x fewer FLOPs, {pt['latency_speedup']}x lower latency"
             )
-        for p, rows in sec["kv_cache"]["precisions"].items():
+        for p, rows in sec.get("kv_cache", {}).get("precisions", {}).items():
             for k, r in rows.items():
                 h[f"kv_{size}_{p}_{k}"] = r["speedup"]
-        for g, by_b in sec["graphs"]["graphs"].items():
+        for g, by_b in sec.get("graphs", {}).get("graphs", {}).items():
             for b, by_p in by_b.items():
                 if "int8_speedup" in by_p:
                     h[f"int8_{size}_{g}_{b}"] = by_p["int8_speedup"]
@@ -1061,7 +1090,7 @@ def plot(report: dict, path: Path) -> None:
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
     ax = axes[0][0]
     for i, (size, sec) in enumerate(report["sizes"].items()):
-        for j, (p, row) in enumerate(sec["trimming"]["precisions"].items()):
+        for j, (p, row) in enumerate(sec.get("trimming", {}).get("precisions", {}).items()):
             pts = row["points"]
             x = [pt["keep_fraction"] for pt in pts]
             ax.plot(
@@ -1083,7 +1112,7 @@ def plot(report: dict, path: Path) -> None:
     ax = axes[0][1]
     labels, vals, colours = [], [], []
     for i, (size, sec) in enumerate(report["sizes"].items()):
-        for p, rows in sec["kv_cache"]["precisions"].items():
+        for p, rows in sec.get("kv_cache", {}).get("precisions", {}).items():
             for k, r in rows.items():
                 labels.append(f"{size} {p}\n{k}")
                 vals.append(r["speedup"])
@@ -1098,7 +1127,7 @@ def plot(report: dict, path: Path) -> None:
     ax = axes[1][0]
     labels, vals, colours = [], [], []
     for i, (size, sec) in enumerate(report["sizes"].items()):
-        for g, by_b in sec["graphs"]["graphs"].items():
+        for g, by_b in sec.get("graphs", {}).get("graphs", {}).items():
             for b, by_p in by_b.items():
                 if "int8_speedup" in by_p and b in ("b1", "b8"):
                     labels.append(f"{size} {g.replace('decoder_', 'dec_')} {b}")
@@ -1113,7 +1142,7 @@ def plot(report: dict, path: Path) -> None:
 
     ax = axes[1][1]
     for i, (size, sec) in enumerate(report["sizes"].items()):
-        for p, row in sec["graphs"]["batching"].items():
+        for p, row in sec.get("graphs", {}).get("batching", {}).items():
             for g, style in (("vision", "o-"), ("vqa_path", "s--")):
                 per = row["per_item_ms"][g]
                 xs = sorted(int(b) for b in per)
@@ -1174,6 +1203,7 @@ def markdown(r: dict) -> str:
         "the machine is shared, so the figures are ratios of runs interleaved call by call, not absolute times.",
         "",
         *_pieces_markdown(r),
+        *[f"**Later:** {note}\n" for note in r.get("notes", [])],  # added to report.json by hand, e.g. a re-measured part
         "Weights are random (transformers' BlipConfig() defaults, BlipForQuestionAnswering; see "
         "benchmarks/scale_fixtures.py): speed is what is measured, answers mean nothing.",
         "",
@@ -1237,12 +1267,29 @@ def _fixtures_markdown(fixtures: dict) -> list[str]:
 
 
 def _size_markdown(size: str, sec: dict) -> list[str]:
-    tf = sec["timing_fixture"]
     out = [
         "",
         f"## {size} px ({sec['image_tokens']} image tokens), {sec['model']}",
         "",
         f"Section wall times (s): {sec.get('seconds')}.",
+    ]
+    if "trimming" in sec:
+        out += _trimming_markdown(sec)
+    if "graphs" in sec:
+        out += _graphs_markdown(sec["graphs"])
+    if "kv_cache" in sec:
+        out += _kv_markdown(sec["kv_cache"])
+    out += [
+        "",
+        f"Peak RSS of the bench process so far (VmHWM; each part loads only the graphs it times): "
+        f"{sec.get('bench_peak_rss_mib')} MiB.",
+    ]
+    return out
+
+
+def _trimming_markdown(sec: dict) -> list[str]:
+    tf = sec["timing_fixture"]
+    out = [
         "",
         "### Trimming, batch 1",
         f"Untrimmed FLOPs {tf['full_gflops']} GFLOPs for a {tf['question_tokens']}-token question. How the keep fraction is "
@@ -1261,8 +1308,11 @@ def _size_markdown(size: str, sec: dict) -> list[str]:
                 f"| {pt['latency_speedup_vs_keep1']}x |"
             )
     out += ["", f"How: {sec['trimming']['how']}; {sec['trimming']['repeats']} repeats."]
-    g = sec["graphs"]
-    out += [
+    return out
+
+
+def _graphs_markdown(g: dict) -> list[str]:
+    out = [
         "",
         "### INT8 vs fp32 per graph",
         "| graph | batch | fp32 p50 ms | INT8 p50 ms | INT8 speed-up |",
@@ -1287,8 +1337,11 @@ def _size_markdown(size: str, sec: dict) -> list[str]:
         for path, per in row["per_item_ms"].items():
             gains = row["gain_vs_batch1"].get(path, {})
             out.append(f"| {p} | {path} | " + " | ".join(f"{v} ({gains.get(b, '')}x)" for b, v in per.items()) + " |")
-    kv = sec["kv_cache"]
-    out += [
+    return out
+
+
+def _kv_markdown(kv: dict) -> list[str]:
+    out = [
         "",
         "### Caption decoding: KV cache vs none",
         "| precision | new tokens | batch | cache p50 ms | no cache p50 ms | speed-up | cache ms/token |",
@@ -1300,7 +1353,8 @@ def _size_markdown(size: str, sec: dict) -> list[str]:
                 f"| {p} | {r['new_tokens']} | {r['batch']} | {r['cache_p50_ms']} | {r['nocache_p50_ms']} "
                 f"| **{r['speedup']}x** | {r['cache_ms_per_token']} |"
             )
-    out += ["", f"How: {kv['how']}; {kv['repeats']} repeats."]
+    layout = KV_LAYOUT_WORDS[kv.get("kv_layout", "tokens")]
+    out += ["", f"How: {kv['how']}; {kv['repeats']} repeats. Decoder K/V layout of these graphs: {layout}."]
     a = kv.get("int8_agreement")
     if a:
         out += [
@@ -1310,11 +1364,6 @@ def _size_markdown(size: str, sec: dict) -> list[str]:
             f"free-running position agreement {a['free_running_position_agreement']}, identical captions "
             f"{a['free_running_identical_captions']}, first divergence per caption {a['free_running_first_divergence']}.",
         ]
-    out += [
-        "",
-        f"Peak RSS of the bench process so far (VmHWM; each part loads only the graphs it times): "
-        f"{sec.get('bench_peak_rss_mib')} MiB.",
-    ]
     return out
 
 
@@ -1367,6 +1416,17 @@ def _service_markdown(s: dict) -> list[str]:
     ]
 
 
+KV_LAYOUT_WORDS = {
+    "tokens": "`tokens`, [B, tokens, heads x head_dim] (exports before the head-split cache)",
+    "heads": "`heads`, [B, heads, tokens, head_dim] (no transpose of the cache per step)",
+}
+TRANSPOSE_WHY = {
+    "tokens": "the cached K/V are kept as [B, tokens, heads x dim] and split into heads again at every step, the cross "
+    "K/V over every image token included",
+    "heads": "the K/V are kept head-split, so only the new token's q, k, v and the context are transposed",
+}
+
+
 def _kv_diagnosis(k: dict, sec: dict, precision: str) -> list[str]:
     """What the cached path would have to cost for the target, and where a cached step's time goes."""
     rows = (sec.get("kv_cache") or {}).get("precisions", {}).get(precision, {})
@@ -1374,6 +1434,7 @@ def _kv_diagnosis(k: dict, sec: dict, precision: str) -> list[str]:
     row = rows.get(f"L{longest}/b1")
     graphs = (sec.get("graphs") or {}).get("graphs", {})
     cross = graphs.get("decoder_cross_kv", {}).get("b1", {}).get(precision, {}).get("p50_ms")
+    cross = cross if cross is not None else k["step_curve"].get("cross_kv_ms")
     if not row or cross is None:
         return []
     step = k["decoder_step"]
@@ -1400,9 +1461,8 @@ def _kv_diagnosis(k: dict, sec: dict, precision: str) -> list[str]:
         "are read once per token, memory-bound at batch 1), an uncached one grows with the prefix, so the ratio grows "
         f"with length and batch. In the cached step ONNX Runtime spends {100 * matmul:.0f}% in MatMul nodes (weights "
         f"and attention), "
-        f"{100 * by_type.get('Transpose', 0):.0f}% in Transpose (the cached K/V are kept as [B, tokens, heads x dim] "
-        "and split into heads again at every step, the cross K/V over every image token included) and "
-        f"{100 * lm_head:.0f}% in the LM head (30524-word vocabulary).",
+        f"{100 * by_type.get('Transpose', 0):.0f}% in Transpose ({TRANSPOSE_WHY[k['step_curve'].get('kv_layout', 'tokens')]}) "
+        f"and {100 * lm_head:.0f}% in the LM head (30524-word vocabulary).",
     ]
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from compression.export_decoder import decoder_graph_modules
+from compression.export_decoder import KV_LAYOUT, decoder_graph_modules
 from compression.export_graphs import OPSET, GraphModule, export_graph
 from compression.modeling import TrimVLM
 from compression.trimmed import Trim, trimmed_vqa_forward
@@ -291,6 +291,7 @@ def export_model(
         tokens=Tokens(pad=cfg.pad_token_id, cls=cfg.cls_token_id, sep=cfg.sep_token_id, bos=cfg.bos_token_id),
         answers=list(cfg.answers),
         vqa=vqa_kind(cfg),
+        decoder_kv_layout=KV_LAYOUT,
         # what `serve` loads when no precision is asked for: only precisions this export wrote
         default_precision={
             "cpu": "int8" if "int8" in precisions else "fp32",

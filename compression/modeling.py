@@ -65,27 +65,37 @@ def multi_head_attention(
     need_probs: bool = False,
     dropout: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scaled dot-product attention over projected q [B,Nq,H*d], k/v [B,Nk,H*d].
+    """Scaled dot-product attention over projected q [B,Nq,H*d], k/v [B,Nk,H*d] or k/v already
+    split into heads, [B,H,Nk,d] (the decoder's cache in the `heads` layout).
 
     Returns the context [B, Nq, H*d] and, if asked, probabilities [B, H, Nq, Nk].
     head_gate ([H] or [B, H]) scales each head's context before the output projection, as
     the hard-concrete pruning gates and SmartTrim head trimmers do.
     """
     b, nq, _ = q.shape
-    nk = k.shape[1]
+    nk = k.shape[-2]
     if n_heads == 0:  # fully pruned block: only the output projection's bias remains
         probs = q.new_zeros(b, 0, nq, nk) if need_probs else None
         return q.new_zeros(b, nq, 0), probs
     q = q.view(b, nq, n_heads, head_dim).transpose(1, 2)
-    k = k.view(b, nk, n_heads, head_dim).transpose(1, 2)
-    v = v.view(b, nk, n_heads, head_dim).transpose(1, 2)
+    split = k.dim() == 4
+    if not split:
+        k = k.view(b, nk, n_heads, head_dim).transpose(1, 2)
+        v = v.view(b, nk, n_heads, head_dim).transpose(1, 2)
     probs = None
-    if need_probs:
-        scores = (q @ k.transpose(-1, -2)) / math.sqrt(head_dim)
+    if need_probs or split:
+        # Head-split K/V (a decoder cache) take the plain matmuls too: exported, K is read through
+        # a transposed MatMul and V as it is, where SDPA's ONNX form transposes and scales all of
+        # K at every call. The query is scaled instead (one token per decoding step).
+        if split:
+            scores = (q * (1.0 / math.sqrt(head_dim))) @ k.transpose(-1, -2)
+        else:
+            scores = (q @ k.transpose(-1, -2)) / math.sqrt(head_dim)
         if bias is not None:
             scores = scores + bias
-        probs = scores.softmax(dim=-1)
-        ctx = F.dropout(probs, dropout, training=dropout > 0) @ v
+        p = scores.softmax(dim=-1)
+        ctx = F.dropout(p, dropout, training=dropout > 0) @ v
+        probs = p if need_probs else None
     else:
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
     if head_gate is not None:
@@ -245,18 +255,24 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(width, kv_width, n_heads, head_dim, dropout)
         self.output = BertOutput(n_heads * head_dim, width, eps)
 
-    def project_kv(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.self.key(states), self.self.value(states)
+    def project_kv(self, states: torch.Tensor, heads: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of states [B, N, D]: [B, N, H*d], or split into heads [B, H, N, d]."""
+        k, v = self.self.key(states), self.self.value(states)
+        if heads:
+            b, n, _ = k.shape
+            k, v = (t.view(b, n, self.self.n_heads, self.self.head_dim).transpose(1, 2) for t in (k, v))
+        return k, v
 
-    def forward(self, x, kv=None, bias=None, head_gate=None, need_probs=False, past_kv=None):
+    def forward(self, x, kv=None, bias=None, head_gate=None, need_probs=False, past_kv=None, kv_heads=False):
         """kv: precomputed (k, v) (cross-attention cache) or None to project from x.
-        past_kv: cached self-attention (k, v) to which this step's k, v are appended."""
+        past_kv: cached self-attention (k, v) to which this step's k, v are appended.
+        kv_heads: the self-attention cache (past_kv and the returned k, v) is head-split."""
         s = self.self
         q = s.query(x)
-        k, v = kv if kv is not None else self.project_kv(x)
+        k, v = kv if kv is not None else self.project_kv(x, kv_heads)
         if past_kv is not None:
-            k = torch.cat([past_kv[0], k], dim=1)
-            v = torch.cat([past_kv[1], v], dim=1)
+            k = torch.cat([past_kv[0], k], dim=-2)  # the token axis of either layout
+            v = torch.cat([past_kv[1], v], dim=-2)
         drop = s.dropout if self.training else 0.0
         ctx, probs = multi_head_attention(q, k, v, s.n_heads, s.head_dim, bias, head_gate, need_probs, drop)
         out = self.output.LayerNorm(x + self.output.dense(ctx))
@@ -296,10 +312,12 @@ class TextLayer(nn.Module):
         token_keep=None,
         need_probs=False,
         past_kv=None,
+        kv_heads=False,
     ):
         """enc_kv: cross-attention (k, v) already projected from the encoder states, or None to
-        run text-only (fusion encoder without an image)."""
-        h, probs, self_kv = self.attention(x, None, self_bias, head_gate, need_probs, past_kv)
+        run text-only (fusion encoder without an image). kv_heads: the self-attention cache is
+        head-split (BertAttention.forward)."""
+        h, probs, self_kv = self.attention(x, None, self_bias, head_gate, need_probs, past_kv, kv_heads)
         cross_probs = None
         if self.has_cross and enc_kv is not None:
             h, cross_probs, _ = self.crossattention(h, enc_kv, enc_bias, cross_head_gate, need_probs)
@@ -495,9 +513,10 @@ class TextDecoder(nn.Module):
         self.cls = LMHeads(cfg)
         self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
 
-    def cross_kv(self, encoder_states: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Cross-attention keys/values: computed once per image, reused at every step."""
-        return [layer.crossattention.project_kv(encoder_states) for layer in self.bert.encoder.layer]
+    def cross_kv(self, encoder_states: torch.Tensor, heads: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Cross-attention keys/values: computed once per image, reused at every step.
+        heads: split into heads, [B, H, N, d] (then the self-attention cache is too, see forward)."""
+        return [layer.crossattention.project_kv(encoder_states, heads) for layer in self.bert.encoder.layer]
 
     def forward(
         self,
@@ -515,13 +534,19 @@ class TextDecoder(nn.Module):
         output_hidden_states=False,
     ) -> tuple[torch.Tensor, StackOutput]:
         """Logits for input_ids [B, L]. attention_mask covers past + current tokens [B, P+L].
-        With past_key_values, input_ids holds only the new tokens."""
-        past_len = past_key_values[0][0].shape[1] if past_key_values else 0
+        With past_key_values, input_ids holds only the new tokens.
+
+        K/V layouts: cross_kv and the self-attention cache are [B, tokens, H*d] (`tokens`), or,
+        when cross_kv comes head-split ([B, H, tokens, d], `cross_kv(..., heads=True)`), the
+        cache is head-split too (`heads`: what the exported decoder graphs keep, no transposes
+        of the cache per step)."""
+        past_len = past_key_values[0][0].shape[-2] if past_key_values else 0
         x = self.bert.embeddings(input_ids, past_len)
         if cross_kv is None:
             cross_kv = self.cross_kv(encoder_states)
+        kv_heads = cross_kv[0][0].dim() == 4
         if encoder_mask is None:
-            n_enc = cross_kv[0][0].shape[1]
+            n_enc = cross_kv[0][0].shape[-2]
             encoder_mask = torch.ones(x.shape[0], n_enc, dtype=torch.bool, device=x.device)
         self_bias = key_bias(attention_mask, x.dtype, causal_len=input_ids.shape[1])
         enc_bias = key_bias(encoder_mask, x.dtype)
@@ -541,6 +566,7 @@ class TextDecoder(nn.Module):
                 None,
                 output_attentions,
                 past,
+                kv_heads,
             )
             if use_cache:
                 out.past_key_values.append(self_kv)

@@ -28,6 +28,12 @@ def _cross(run: Run, states: np.ndarray, mask: np.ndarray | None = None) -> dict
     return out
 
 
+def kv_shape(like: np.ndarray, batch: int, tokens: int) -> tuple[int, ...]:
+    """Shape of a K/V array laid out like `like` (a decoder graph's cross_*/past_*/present_*: [B,
+    tokens, heads * d] or head-split [B, heads, tokens, d]) with `batch` rows and `tokens` tokens."""
+    return (batch, *like.shape[1:-2], tokens, like.shape[-1])
+
+
 def _start_ids(b: int, bos_id: int, prompt_ids: np.ndarray | None) -> np.ndarray:
     ids = np.full((b, 1), bos_id, np.int64)
     if prompt_ids is not None:

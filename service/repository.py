@@ -90,6 +90,11 @@ class Manifest(BaseModel):
     # fused question states (BLIP's VQA models); None: the manifest predates the field (classifier
     # when it has answers)
     vqa: Literal["classifier", "generative"] | None = None
+    # The decoder graphs' K/V (cross_*, past_*, present_*): `heads` [B, heads, tokens, head_dim]
+    # (exports since the head-split cache) or `tokens` [B, tokens, heads * head_dim] (earlier ones:
+    # a manifest without the field). The token axis is -2 in both; service/generation.py needs
+    # neither, callers that make K/V arrays themselves use `kv_shape`.
+    decoder_kv_layout: Literal["tokens", "heads"] = "tokens"
     itc_temperature: float
     # What the model knows, in words: its training domain and what it cannot do (shown by /v1/models)
     description: str | None = None

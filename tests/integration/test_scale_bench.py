@@ -150,6 +150,49 @@ def test_scale_bench_report_schema(tiny, tmp_path):
     assert (opts.out / "scale.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_parts_kv_measures_only_the_kv_cache(tiny, tmp_path):
+    """`--parts kv`: the KV cache part (and its profile) alone; the exported decoder keeps its K/V
+    head-split and says so in the manifest."""
+    assert json.loads((tiny.export / "manifest.json").read_text())["decoder_kv_layout"] == "heads"
+    opts = scale.Options(
+        root=tiny.root,
+        out=tmp_path / "report",
+        size="tiny",
+        image_sizes=(IMAGE_SIZE,),
+        repeats=1,
+        decode_lengths=(3,),
+        decode_batches=(1,),
+        profile="always",
+        parts=("kv",),
+    )
+    report = scale.run(opts)
+    sec = report["sizes"][str(IMAGE_SIZE)]
+    assert "trimming" not in sec and "graphs" not in sec and sec["kv_cache"]["kv_layout"] == "heads"
+    assert {c["name"].split("/")[0] for c in report["checks"]} == {"kv_cache_speedup"}
+    assert "skipped" in report["service"]
+    curve = report["profiles"][f"{IMAGE_SIZE}/fp32"]["kv"]["step_curve"]
+    assert "trim" not in report["profiles"][f"{IMAGE_SIZE}/fp32"] and curve["cross_kv_ms"] > 0
+    md = (opts.out / "REPORT.md").read_text()
+    assert "KV cache vs none" in md and "Trimming, batch 1" not in md and "`heads`" in md
+
+
+def test_compression_smoke_yamls_and_step_times(tmp_path):
+    from benchmarks import compression_smoke
+    from compression.distill import DistillConfig
+    from compression.prune import PruneConfig
+    from compression.trim import TrimConfig
+
+    yamls = compression_smoke.stage_yamls(tmp_path, 384, 2, 3)
+    d, p = DistillConfig.from_yaml(yamls["distill"]), PruneConfig.from_yaml(yamls["prune"])
+    t = TrimConfig.from_yaml(yamls["trim"])
+    assert (d.image_size, d.batch_size, d.steps, d.easy_vqa, d.scenes) == (384, 2, 3, False, True)
+    assert (p.prune_steps, p.finetune_steps, t.steps, t.calibration_limit) == (3, 3, 3, 4)
+    log = tmp_path / "log.jsonl"
+    rows = [{"step": 0, "elapsed_s": 50.0}, {"step": 1, "elapsed_s": 60.0}, {"val": 1}, {"step": 2, "elapsed_s": 72.0}]
+    log.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert compression_smoke.step_seconds(log) == {"steps": 3, "first_step_s": 50.0, "s_per_step": 11.0, "timed_steps": 2}
+
+
 def test_resume_keeps_only_a_run_with_the_same_measurement_options(tmp_path):
     from dataclasses import asdict
 

@@ -69,6 +69,33 @@ def test_greedy_decoding_matches_generate(setup, use_cache):
     np.testing.assert_array_equal(got, ref.numpy())
 
 
+def test_graphs_of_the_old_tokens_layout_decode_alike(setup, tmp_path):
+    """Exports before the head-split cache kept K/V as [B, tokens, heads * d]; the service decodes
+    those (the committed models) the same way, and kv_shape makes cache arrays for either."""
+    from service.generation import kv_shape
+
+    model, _, run, states, special = setup
+    old = ort_runner(export_decoder(model, tmp_path, kv_layout="tokens"))
+    x = states[:3].numpy()
+    new_cross, old_cross = run("decoder_cross_kv", {"image_states": x}), old("decoder_cross_kv", {"image_states": x})
+    heads, head_dim = model.config.decoder_cross_heads[1], model.config.text_head_dim
+    assert new_cross["cross_key.1"].shape == (3, heads, x.shape[1], head_dim)
+    assert old_cross["cross_key.1"].shape == (3, x.shape[1], heads * head_dim)
+    assert kv_shape(new_cross["cross_key.1"], 2, 5) == (2, heads, 5, head_dim)
+    assert kv_shape(old_cross["cross_key.1"], 2, 5) == (2, 5, heads * head_dim)
+    for use_cache in (True, False):
+        np.testing.assert_array_equal(
+            greedy_decode(old, x, *special, max_length=MAX_LEN, use_cache=use_cache),
+            greedy_decode(run, x, *special, max_length=MAX_LEN, use_cache=use_cache),
+        )
+    np.testing.assert_array_equal(
+        beam_search(old, x, *special, max_length=MAX_LEN, num_beams=3),
+        beam_search(run, x, *special, max_length=MAX_LEN, num_beams=3),
+    )
+    with pytest.raises(ValueError, match="kv_layout"):
+        decoder_graph_modules(model, "rows")
+
+
 def test_one_beam_is_greedy(setup):
     _, _, run, states, special = setup
     greedy = greedy_decode(run, states.numpy(), *special, max_length=MAX_LEN)
@@ -122,3 +149,16 @@ def test_measure_caption_speed_reports_both_paths(setup):
     res = measure_caption_speed(graphs, states.numpy()[:2], MAX_LEN, rounds=1, special_ids=special, batch=2)
     assert res["cache_p50_ms"] > 0 and res["nocache_p50_ms"] > 0
     assert res["speedup"] == pytest.approx(res["nocache_p50_ms"] / res["cache_p50_ms"])
+
+
+def test_manifests_without_a_layout_are_the_old_tokens_layout():
+    """The committed exports predate the head-split cache: their manifests (no decoder_kv_layout)
+    read as `tokens`, and their cross K/V are [B, tokens, heads * d]."""
+    from service.repository import load_manifest
+    from tests.conftest import REPO
+
+    m = load_manifest(REPO / "models" / "trimvlm-default" / "1")
+    assert "decoder_kv_layout" not in (REPO / "models" / "trimvlm-default" / "1" / "manifest.json").read_text()
+    assert m.decoder_kv_layout == "tokens"
+    shape = next(t.shape for t in m.graphs["decoder_cross_kv"].outputs if t.name == "cross_key.0")
+    assert len(shape) == 3
