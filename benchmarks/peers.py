@@ -46,7 +46,7 @@ LABELS = {
 }
 PACKAGES = {"trimvlm": "trimvlm", "litserve": "litserve", "mosec": "mosec", "ray": "ray"}
 SCORE_TOLERANCE = 1e-4
-# issue 26's targets for TrimVLM (same machine, same run)
+# The targets TrimVLM's serving layer is held to (same machine, same run)
 TARGETS = {
     "throughput_vs_mosec_c32": 1.1,  # >=
     "throughput_vs_mosec_c64": 1.1,  # >=
@@ -791,7 +791,7 @@ Every peer wraps the same `service.tasks.TaskModel` with the service's ONNX Runt
 {sep}
 {chr(10).join(rows)}
 {noise}
-## Targets (issue 26, same machine, same run)
+## Targets (same machine, same run)
 
 {chr(10).join(tg_rows)}
 
