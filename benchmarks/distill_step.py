@@ -1,0 +1,110 @@
+"""Per-step cost of distillation with and without the teacher cache, side by side on the same batches.
+
+    python -m benchmarks.distill_step --config configs/distill-long.yaml --steps 6 --out reports/distill-long/step_cost.json
+
+Each of `--steps` batches is drawn once; the cache is filled for it first (untimed), then, in
+alternating order, one uncached step (teacher forward with states, student forward + KD losses,
+backward) and one cached step (teacher outputs read from the cache plus the teacher's ITM fusion
+on the batch's pairs, student forward + KD losses, backward) are timed, each phase separately.
+The losses of both steps are compared (they differ only by the cache's fp16 rounding).
+Run it through /work/quiet.sh on a shared machine. The cache goes to a temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from compression.artifacts import load_model_dir
+    from compression.distill import DistillConfig, Distiller, build_student, open_teacher_cache
+    from compression.training import adopt_image_spec, load_data_for, sample_batches, start_run, task_forward
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="configs/distill-long.yaml")
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    tmp = tempfile.mkdtemp(prefix="distill-step-")
+    cfg = DistillConfig.from_yaml(args.config, out=tmp, teacher_cache=f"{tmp}/cache", device="cpu", batch_size=args.batch_size)
+    cfg.hard_negative_k = 0  # timing only: random batches
+    ctx = start_run(cfg)
+    t = load_model_dir(cfg.teacher, ctx.device)
+    adopt_image_spec(ctx, cfg, t.preprocessing.image, "teacher")
+    student = build_student(cfg, t.model, t.tokenizer)
+    obj = Distiller(student, t.model, cfg).train()
+    data, _ = load_data_for(cfg, ctx, t.tokenizer, student.config.answers, student.config.bos_token_id)
+    cache = open_teacher_cache(cfg, obj, data, t.model)
+    gen = torch.Generator().manual_seed(0)
+    rows: list[dict] = []
+    for i in range(args.steps):
+        vqa, cap = sample_batches(data, ctx.spec, 0, student.config.bos_token_id, cfg.batch_size, gen)
+        cache.teacher_outputs(vqa, cap)  # fill (untimed)
+        timing = {}
+        losses = {}
+        for mode in ("uncached", "cached") if i % 2 == 0 else ("cached", "uncached"):
+            torch.manual_seed(1000 + i)  # the same ITM negatives in both modes
+            t0 = time.perf_counter()
+            if mode == "cached":
+                obj.cache = cache
+                with torch.no_grad():
+                    cache.teacher_outputs(vqa, cap)
+            else:
+                obj.cache = None
+                with torch.no_grad():
+                    task_forward(t.model, vqa, cap, states=True)
+            t1 = time.perf_counter()
+            torch.manual_seed(1000 + i)
+            t_full0 = time.perf_counter()
+            out = obj(vqa, cap)
+            t_full1 = time.perf_counter()
+            obj.zero_grad(set_to_none=True)
+            out["total"].backward()
+            t2 = time.perf_counter()
+            # the objective's own call includes the teacher part: the student part is the rest
+            teacher_s = t1 - t0
+            timing[mode] = {
+                "teacher_s": teacher_s,
+                "student_forward_s": max(0.0, (t_full1 - t_full0) - teacher_s),
+                "backward_s": t2 - t_full1,
+                "step_s": (t_full1 - t_full0) + (t2 - t_full1),
+            }
+            losses[mode] = {k: float(v.detach()) for k, v in out.items()}
+        rel = {k: abs(losses["cached"][k] - losses["uncached"][k]) / max(1e-6, abs(losses["uncached"][k])) for k in losses["uncached"]}
+        rows.append({"batch": i, **timing, "max_rel_loss_diff": max(rel.values()), "worst_term": max(rel, key=rel.get)})
+        print(json.dumps(rows[-1]), flush=True)
+    med = {
+        mode: {k: statistics.median(r[mode][k] for r in rows[1:] or rows) for k in rows[0][mode]}
+        for mode in ("uncached", "cached")
+    }
+    result = {
+        "config": args.config,
+        "batch_size": cfg.batch_size,
+        "steps_timed": len(rows),
+        "median_excluding_first": med,
+        "speedup_step": med["uncached"]["step_s"] / med["cached"]["step_s"],
+        "teacher_share_uncached": med["uncached"]["teacher_s"] / med["uncached"]["step_s"],
+        "rows": rows,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "command": "python -m benchmarks.distill_step " + " ".join(argv or []),
+    }
+    print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=1))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
