@@ -110,6 +110,7 @@ class DistillConfig(TrainConfig):
     # easy-VQA val (a few minutes on CPU), and the teacher's once (teacher_eval.json)
     eval_full: bool = False
     eval_rerank_k: int = 16
+    eval_caption_images: int | None = 200  # first N scenes-val images for captions and retrieval (None: all 500)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -456,7 +457,7 @@ def validation_evaluator(cfg: DistillConfig, ctx, teacher, vqa_val: list):
     from compression.evaluate import evaluate_validation
 
     root = D.ensure_scenes(seed=cfg.scenes_seed, **cfg.scenes_counts)
-    captions = D.load_scenes_captions(root, "val", ctx.spec)
+    captions = D.load_scenes_captions(root, "val", ctx.spec).limit(cfg.eval_caption_images)
     teacher_path = ctx.out / "teacher_eval.json"
     if not teacher_path.is_file():
         metrics = evaluate_validation(teacher, vqa_val, captions, ctx.device, cfg.eval_rerank_k)
