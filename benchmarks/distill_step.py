@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "step_s": (t_full1 - t_full0) + (t2 - t_full1),
             }
             losses[mode] = {k: float(v.detach()) for k, v in out.items()}
-        rel = {k: abs(losses["cached"][k] - losses["uncached"][k]) / max(1e-6, abs(losses["uncached"][k])) for k in losses["uncached"]}
+        ref = losses["uncached"]
+        rel = {k: abs(losses["cached"][k] - v) / max(1e-6, abs(v)) for k, v in ref.items()}
         rows.append({"batch": i, **timing, "max_rel_loss_diff": max(rel.values()), "worst_term": max(rel, key=rel.get)})
         print(json.dumps(rows[-1]), flush=True)
     med = {
