@@ -190,7 +190,11 @@ class TeacherCache:
         t = self.teacher
         sel = torch.from_numpy(rows).to(cap["ids"].device)
         ids, mask = cap["ids"][sel], cap["mask"][sel]
-        img = t.encode_image(cap["pixels"][sel]).last_hidden_state
+        # captions of one image share its vision pass (prefill batches hold ~5 captions an image)
+        img_rows = cap["ci"][sel].new_tensor(self.data.cap_image_index.cpu().numpy()[cap["ci"][sel].cpu().numpy()])
+        unique, inverse = torch.unique(img_rows, return_inverse=True)
+        first = torch.zeros_like(unique).scatter_(0, inverse, torch.arange(len(inverse), device=inverse.device))
+        img = t.encode_image(cap["pixels"][sel][first]).last_hidden_state[inverse]
         txt = t.encode_text(ids, mask).last_hidden_state
         logits, decoder = t.text_decoder(cap["dec_ids"][sel], mask, encoder_states=img, **STATE_KW)
         img_key, cap_key = (k[rows] for k in self._cap_keys(cap))
@@ -217,6 +221,8 @@ class TeacherCache:
             self._fill_captions(cap, np.arange(len(ci)))
             if progress is not None:
                 progress(min(len(todo), start + batch), len(todo))
+            if (start // batch) % 20 == 19:  # a restart keeps what is done
+                self.save()
         self.save()
 
     # Reading ------------------------------------------------------------------------------------------
