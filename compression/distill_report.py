@@ -42,13 +42,31 @@ def read_log(path: Path) -> tuple[dict[int, dict], dict[int, dict]]:
     return dict(sorted(evals.items())), dict(sorted(losses.items()))
 
 
+def run_progress(run: Path) -> dict:
+    """Where the run is: the last checkpointed step, the teacher cache's filled fractions."""
+    import numpy as np
+
+    progress: dict = {"checkpoint_step": None, "cache_filled": {}}
+    ckpt = run / "checkpoint.pt"
+    if ckpt.is_file():
+        import torch
+
+        progress["checkpoint_step"] = int(torch.load(ckpt, map_location="cpu", weights_only=False)["step"])
+    for flags in sorted((run / "teacher_cache").glob("*.filled.npy")) if (run / "teacher_cache").is_dir() else []:
+        progress["cache_filled"][flags.name.split(".")[0]] = round(float(np.load(flags).mean()), 4)
+    return progress
+
+
 def build(run: Path, out: Path, resume_command: str) -> dict:
-    evals, losses = read_log(run / "train_log.jsonl")
-    if not evals:
-        raise ValueError(f"{run}/train_log.jsonl has no eval rows (was eval_full on?)")
-    teacher = json.loads((run / "teacher_eval.json").read_text())
+    log = run / "train_log.jsonl"
+    evals, losses = read_log(log) if log.is_file() else ({}, {})
+    init_compare = json.loads((out / "init_compare.json").read_text()) if (out / "init_compare.json").is_file() else None
+    if not evals and init_compare is None:
+        raise ValueError(f"{log} has no eval rows (was eval_full on?) and there is no {out}/init_compare.json")
+    teacher_path = run / "teacher_eval.json"
+    teacher = json.loads(teacher_path.read_text()) if teacher_path.is_file() else {}
     steps = list(evals)
-    initial, latest = evals[steps[0]], evals[steps[-1]]
+    initial, latest = (evals[steps[0]], evals[steps[-1]]) if steps else ({}, {})
     rows = []
     for key, label in [*METRICS, *[(f"scenes_val.vqa_{t}", f"&nbsp;&nbsp;VQA {t}") for t in TYPES]]:
         if key not in latest or key not in teacher:
@@ -72,11 +90,14 @@ def build(run: Path, out: Path, resume_command: str) -> dict:
     if (out / "step_cost.json").is_file():
         step_cost = json.loads((out / "step_cost.json").read_text())
     out.mkdir(parents=True, exist_ok=True)
-    plot(evals, losses, teacher, out / "curves.png")
+    if evals:
+        plot(evals, losses, teacher, out / "curves.png")
     report = {
         "run": str(run),
+        "progress": run_progress(run),
+        "init_compare": init_compare,
         "eval_steps": steps,
-        "latest_step": steps[-1],
+        "latest_step": steps[-1] if steps else None,
         "last_logged_step": max(losses) if losses else None,
         "metrics": rows,
         "evals": {str(s): e for s, e in evals.items()},
@@ -140,11 +161,56 @@ def _f(v, digits=4) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
+def init_table(ic: dict) -> list[str]:
+    """The candidates for the run's starting point, before any training (benchmarks/distill_init.py)."""
+    names = [k for k in ic if k not in ("settings", "teacher")]
+    keys = [(k, label) for k, label in METRICS] + [(f"scenes_val.vqa_{t}", f"&nbsp;&nbsp;VQA {t}") for t in TYPES]
+    head = "| metric (val, before training) | teacher | " + " | ".join(names) + " |"
+    lines = [head, "|---|" + "---:|" * (len(names) + 1)]
+    t = ic["teacher"]
+    lines.append(
+        "| parameters | "
+        + f"{t['params'] / 1e6:.2f}M | "
+        + " | ".join(f"{ic[n]['params'] / 1e6:.2f}M ({100 * ic[n]['params_vs_teacher']:.1f}%)" for n in names)
+        + " |"
+    )
+    for k, label in keys:
+        if k in t:
+            cells = []
+            for n in names:
+                v = ic[n].get(k)
+                cells.append("-" if v is None else f"{v:.4f} ({100 * v / t[k]:.0f}%)" if t[k] else f"{v:.4f}")
+            lines.append(f"| {label} | {t[k]:.4f} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(r: dict) -> str:
-    lines = [
-        "# Long distillation: metrics vs steps",
+    lines = ["# Long distillation: metrics vs steps", ""]
+    p = r["progress"]
+    lines += [
+        f"Run folder `{r['run']}` (outside the repository). Last checkpoint: step {p['checkpoint_step']}; "
+        f"teacher cache filled (fraction of rows): {p['cache_filled'] or 'none yet'}.",
         "",
-        f"Run folder `{r['run']}` (outside the repository); evaluated at steps {', '.join(map(str, r['eval_steps']))}; "
+    ]
+    if r.get("init_compare"):
+        ic = r["init_compare"]
+        s = ic.get("settings", {})
+        lines += [
+            "## Where the run starts",
+            "",
+            f"`python -m benchmarks.distill_init` (first {s.get('vqa_limit')} questions of each VQA val split, "
+            f"captions and retrieval on the first {s.get('caption_images')} scenes val images, ITM re-ranking of the "
+            "ITC top 16; kept = share of the teacher's value):",
+            "",
+            *init_table(ic),
+            "",
+        ]
+    if not r["eval_steps"]:
+        lines += ["The run has not reached its first evaluation yet.", ""]
+        lines += _cost_lines(r) + ["## Continue the run", "", "```", r["resume_command"], "```", ""]
+        return "\n".join(lines)
+    lines += [
+        f"Evaluated at steps {', '.join(map(str, r['eval_steps']))}; "
         f"the last logged training step is {r['last_logged_step']}. Validation data: scenes val (VQA on all its "
         "questions; captions and retrieval on the run's `eval_caption_images` images, ITM re-ranking of the ITC top 16) "
         "and easy-VQA val. The initial row (step 0) is the student the run starts from.",
@@ -160,6 +226,13 @@ def markdown(r: dict) -> str:
             f"{_f(m['best'])} ({m['best_step']}) |"
         )
     lines += ["", "![metrics vs steps](curves.png)", ""]
+    lines += _cost_lines(r)
+    lines += ["## Continue the run", "", "```", r["resume_command"], "```", ""]
+    return "\n".join(lines)
+
+
+def _cost_lines(r: dict) -> list[str]:
+    lines: list[str] = []
     sc = r.get("step_cost")
     if sc:
         u, c = sc["median_excluding_first"]["uncached"], sc["median_excluding_first"]["cached"]
@@ -181,8 +254,7 @@ def markdown(r: dict) -> str:
             f"(largest relative difference of any loss term {sc['max_rel_loss_diff']:.1e}).",
             "",
         ]
-    lines += ["## Continue the run", "", "```", r["resume_command"], "```", ""]
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -37,3 +37,21 @@ def test_report_without_eval_rows_says_so(tmp_path):
     (tmp_path / "train_log.jsonl").write_text(json.dumps({"step": 0, "total": 1.0}) + "\n")
     with pytest.raises(ValueError, match="no eval rows"):
         build(tmp_path, tmp_path / "out", "x")
+
+
+def test_report_before_the_first_eval_shows_the_starting_points(tmp_path):
+    run, out = tmp_path / "run", tmp_path / "out"
+    run.mkdir()
+    out.mkdir()
+    (run / "train_log.jsonl").write_text("")
+    ic = {
+        "teacher": {"params": 20_000_000, "scenes_val.accuracy": 0.8},
+        "existing:models/x": {"params": 7_000_000, "params_vs_teacher": 0.35, "scenes_val.accuracy": 0.7},
+        "settings": {"vqa_limit": 2000, "caption_images": 200},
+    }
+    (out / "init_compare.json").write_text(json.dumps(ic))
+    r = build(run, out, "scripts/distill_long.sh")
+    md = (out / "REPORT.md").read_text()
+    assert r["eval_steps"] == [] and "not reached its first evaluation" in md
+    assert "| scenes val VQA accuracy | 0.8000 | 0.7000 (88%) |" in md
+    assert "| parameters | 20.00M | 7.00M (35.0%) |" in md
