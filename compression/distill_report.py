@@ -57,7 +57,7 @@ def run_progress(run: Path) -> dict:
     return progress
 
 
-def build(run: Path, out: Path, resume_command: str) -> dict:
+def build(run: Path, out: Path, resume_command: str, notes: list[str] | None = None) -> dict:
     log = run / "train_log.jsonl"
     evals, losses = read_log(log) if log.is_file() else ({}, {})
     init_compare = json.loads((out / "init_compare.json").read_text()) if (out / "init_compare.json").is_file() else None
@@ -104,6 +104,7 @@ def build(run: Path, out: Path, resume_command: str) -> dict:
         "teacher": teacher,
         "step_cost": _cost_summary(step_cost),
         "resume_command": resume_command,
+        "notes": notes or [],
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "REPORT.md").write_text(markdown(report))
@@ -233,6 +234,8 @@ def markdown(r: dict) -> str:
 
 def _cost_lines(r: dict) -> list[str]:
     lines: list[str] = []
+    if r.get("notes"):
+        lines += ["## Notes", "", *[f"- {n}" for n in r["notes"]], ""]
     sc = r.get("step_cost")
     if sc:
         u, c = sc["median_excluding_first"]["uncached"], sc["median_excluding_first"]["cached"]
@@ -264,8 +267,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--resume-command", default="scripts/distill_long.sh   # or STEPS=N scripts/distill_long.sh for a longer schedule"
     )
+    ap.add_argument("--note", action="append", default=[], help="a line for the report's notes (repeatable)")
     args = ap.parse_args(argv)
-    r = build(Path(args.run), Path(args.out), args.resume_command)
+    r = build(Path(args.run), Path(args.out), args.resume_command, args.note)
     print(f"{args.out}/REPORT.md: steps {r['eval_steps']}")
 
 
