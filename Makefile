@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TEACHER ?= models/trimvlm-teacher/1
 
-.PHONY: bench peers-report scale-report reliability-report run serve export default-model export-report service-report verify test lint format install install-dev teacher compress compression-report trim trim-report student clean
+.PHONY: bench peers-report scale-report reliability-report run serve export default-model export-report service-report verify test lint format install install-dev teacher compress compression-report trim trim-report student distill-long distill-long-report distill-step-bench clean
 
 $(VENV)/.serve: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -139,6 +139,17 @@ student: $(VENV)/.train
 	  --command "make compress && make student  # configs/distill.yaml, configs/prune.yaml --cost flops --target 0.55" \
 	  --trained-on "2-core Intel Xeon CPU, torch 2.13.0 (distillation 29 min, pruning + fine-tuning 13 min)" \
 	  --notes "Distilled from models/trimvlm-teacher/1 and pruned in flops cost mode (target 0.55, reached 0.44 in the CPU-sized schedule); the comparison with the teacher, the from-scratch baseline and the params-mode prune is in reports/compression/REPORT.md."
+
+## Continue the served student's distillation in the background (docs/DISTILL_LONG.md): nice 19,
+## resumable, teacher cache, pid in /work/train.pids; run again to resume. STEPS=N for a longer schedule.
+DISTILL_LONG_RUN ?= /work/runs/distil-long
+distill-long: $(VENV)/.train
+	OUT=$(DISTILL_LONG_RUN) PY=$(VENV)/bin/python scripts/distill_long.sh
+distill-long-report: $(VENV)/.train
+	$(VENV)/bin/python -m compression.distill_report --run $(DISTILL_LONG_RUN) --out reports/distill-long
+## Per-step cost of distillation with and without the teacher cache (run it through /work/quiet.sh here).
+distill-step-bench: $(VENV)/.train
+	$(VENV)/bin/python -m benchmarks.distill_step --steps 5 --out reports/distill-long/step_cost.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

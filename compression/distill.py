@@ -75,6 +75,11 @@ DEFAULT_KD_WEIGHTS = {
     "decoder_cross_attn": 1.0,
     "decoder_hidden": 1.0,
     "itc_embed": 1.0,
+    # off unless set: contrastive KD on the in-batch similarity matrix at its own temperature
+    # (KL both directions, x T^2), and CLIP-KD's interactive contrastive term (student images
+    # against teacher texts and student texts against teacher images)
+    "itc_contrastive": 0.0,
+    "itc_interactive": 0.0,
 }
 
 
@@ -94,6 +99,18 @@ class DistillConfig(TrainConfig):
     kd_weights: dict = field(default_factory=lambda: dict(DEFAULT_KD_WEIGHTS))
     kd_logits: list = field(default_factory=lambda: ["vqa", "vqa_gen", "itm", "itc", "caption"])
     projection_lr: float | None = None  # defaults to 2 x lr (EfficientVLM's lr_mult for new parameters)
+    contrastive_temperature: float = 1.0  # of kd_weights.itc_contrastive
+    # a folder for the teacher's outputs per training sample (compression/teacher_cache.py):
+    # a teacher forward only the first time a sample is drawn. null: a teacher forward every step.
+    teacher_cache: str | None = None
+    # ITM hard negatives mined from the teacher's similarities over the whole training set: each
+    # caption batch pairs images with one of their k hardest (0: random batches). Needs teacher_cache.
+    hard_negative_k: int = 0
+    # eval_every also logs scenes-val VQA (per type), ITC and ITM-re-ranked R@1/5/10, CIDEr and
+    # easy-VQA val (a few minutes on CPU), and the teacher's once (teacher_eval.json)
+    eval_full: bool = False
+    eval_rerank_k: int = 16
+    eval_caption_images: int | None = 200  # first N scenes-val images for captions and retrieval (None: all 500)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,6 +229,26 @@ def attention_mse(student: torch.Tensor, teacher: torch.Tensor, query_mask: torc
     return (err * mask).sum() / mask.sum().clamp_min(1)
 
 
+def contrastive_kd(student_sim: torch.Tensor, teacher_sim: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) on the in-batch image-text similarity matrix, image->text rows and
+    text->image rows averaged, scaled by T^2 so its gradient does not shrink with T (Hinton)."""
+    t = temperature
+    rows = kl_logits(student_sim, teacher_sim, t)
+    cols = kl_logits(student_sim.t(), teacher_sim.t(), t)
+    return t * t * 0.5 * (rows + cols)
+
+
+def interactive_contrastive(s: TaskOutputs, t: TaskOutputs, key: torch.Tensor, temp: torch.Tensor) -> torch.Tensor:
+    """CLIP-KD's interactive contrastive loss: the student's image embeddings contrasted against
+    the teacher's text embeddings of the batch and the student's texts against the teacher's
+    images, identical captions counting as positives (as the task's ITC does)."""
+    same = (key[:, None] == key[None, :]).float()
+    target = same / same.sum(1, keepdim=True)
+    i2t = s.image_emb.float() @ t.text_emb.float().t() / temp
+    t2i = s.text_emb.float() @ t.image_emb.float().t() / temp
+    return 0.5 * (-(F.log_softmax(i2t, 1) * target).sum(1).mean() - (F.log_softmax(t2i, 1) * target).sum(1).mean())
+
+
 class Distiller(nn.Module):
     """Task + distillation losses of a student against a frozen teacher on the same batch.
 
@@ -238,6 +275,7 @@ class Distiller(nn.Module):
         self.hidden_map = {k: hidden_state_map(counts_t[k], counts_s[k]) for k in STACKS}
         self.attn_map = {k: attention_layer_map(counts_t[k], counts_s[k]) for k in STACKS}
         self.gates = None
+        self.cache = None  # a TeacherCache: teacher outputs read back instead of a forward
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -291,7 +329,9 @@ class Distiller(nn.Module):
         need_kd = cfg.kd_weight > 0
         gates = self.gates() if self.gates is not None else None
         t_out = None
-        if need_kd:
+        if need_kd and self.cache is not None:
+            t_out = self.cache.teacher_outputs(vqa, cap)
+        elif need_kd:
             with torch.no_grad():
                 t_out = task_forward(self.teacher, vqa, cap, states=True)
         s_out = task_forward(self.student, vqa, cap, gates=gates, states=need_kd, negatives=t_out.negatives if t_out else None)
@@ -305,6 +345,11 @@ class Distiller(nn.Module):
             kd["itc_embed"] = embedding_cosine(s_out.image_emb, t_out.image_emb) + embedding_cosine(
                 s_out.text_emb, t_out.text_emb
             )
+            if self.kd_weights["itc_contrastive"]:
+                kd["itc_contrastive"] = contrastive_kd(s_out.itc_sim, t_out.itc_sim, cfg.contrastive_temperature)
+            if self.kd_weights["itc_interactive"]:
+                temp = self.student.temp.clamp(0.001, 0.5)
+                kd["itc_interactive"] = interactive_contrastive(s_out, t_out, cap["key"], temp)
             q_mask = vqa["q_mask"]
             kd.update(self.stack_losses("vision", s_out.vision, t_out.vision, None))
             kd.update(self.stack_losses("text", s_out.text, t_out.text, q_mask))
@@ -367,8 +412,68 @@ def distill(cfg: DistillConfig, resume: bool = True) -> Path:
     student = build_student(cfg, t.model, t.tokenizer).to(ctx.device)
     objective = Distiller(student, t.model, cfg) if cfg.kd_weight > 0 else MultiTaskLoss(student, cfg.loss_weights)
     data, vqa_val = load_data_for(cfg, ctx, t.tokenizer, student.config.answers, student.config.bos_token_id)
+    on_checkpoint = None
+    if cfg.hard_negative_k and not cfg.teacher_cache:
+        raise ValueError("hard_negative_k mines from the teacher's cached embeddings: set teacher_cache")
+    if cfg.teacher_cache and isinstance(objective, Distiller):
+        objective.cache = open_teacher_cache(cfg, objective, data, t.model)
+        on_checkpoint = objective.cache.save
+        if cfg.hard_negative_k:
+            objective.cache.prefill_captions(ctx.spec, student.config.bos_token_id, progress=_progress("caption cache"))
+            data.cap_partners = objective.cache.mine_partners(cfg.hard_negative_k).to(ctx.device)
+    evaluator = None
+    if cfg.eval_full and ctx.is_main:
+        evaluator = validation_evaluator(cfg, ctx, t, vqa_val)
     extra = objective.param_groups() if isinstance(objective, Distiller) else []
-    fit(cfg, ctx, student, objective, data, t.tokenizer, vqa_val, resume, extra)
+    fit(cfg, ctx, student, objective, data, t.tokenizer, vqa_val, resume, extra, evaluator=evaluator, on_checkpoint=on_checkpoint)
+    if on_checkpoint is not None:
+        on_checkpoint()
     final = save_run(cfg, ctx, student, t.tokenizer)
     end_run(ctx)
     return final
+
+
+def open_teacher_cache(cfg: DistillConfig, objective: Distiller, data, teacher: TrimVLM):
+    from compression.teacher_cache import TeacherCache, teacher_identity
+
+    return TeacherCache(
+        cfg.teacher_cache,
+        teacher,
+        data,
+        objective.hidden_map,
+        objective.attn_map,
+        teacher_identity(cfg.teacher),
+        teacher.config.pad_token_id,
+    )
+
+
+def validation_evaluator(cfg: DistillConfig, ctx, teacher, vqa_val: list):
+    """evaluator(model) for fit: every validation metric (compression.evaluate.evaluate_validation)
+    of the model being trained; the teacher's, measured once, goes to <out>/teacher_eval.json."""
+    import json
+
+    from compression import data as D
+    from compression.artifacts import LoadedModel
+    from compression.evaluate import evaluate_validation
+
+    root = D.ensure_scenes(seed=cfg.scenes_seed, **cfg.scenes_counts)
+    captions = D.load_scenes_captions(root, "val", ctx.spec).limit(cfg.eval_caption_images)
+    teacher_path = ctx.out / "teacher_eval.json"
+    if not teacher_path.is_file():
+        metrics = evaluate_validation(teacher, vqa_val, captions, ctx.device, cfg.eval_rerank_k)
+        teacher_path.write_text(json.dumps(metrics, indent=2) + "\n")
+
+    def evaluator(model: TrimVLM) -> dict:
+        model.eval()
+        lm = LoadedModel(model, teacher.tokenizer, ctx.pre)
+        return evaluate_validation(lm, vqa_val, captions, ctx.device, cfg.eval_rerank_k)
+
+    return evaluator
+
+
+def _progress(what: str):
+    def show(done: int, total: int) -> None:
+        if done == total or done % 2048 < 128:
+            print(f"{what}: {done}/{total}", flush=True)
+
+    return show

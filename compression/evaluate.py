@@ -206,6 +206,27 @@ def evaluate(
     return results
 
 
+def evaluate_validation(
+    model, vqa_splits: list[D.VQASplit], captions: D.CaptionSplit, device=None, rerank_k: int = RERANK_K
+) -> dict:
+    """Validation metrics while training, flat: `<vqa split>.accuracy` (and `.vqa_<type>` per
+    question type) for each VQA split, and for the caption split CIDEr, BLEU-4 and retrieval
+    R@1/5/10 both ways, by ITC alone and ITM-re-ranked (`<split>.r1_i2t_rerank`, ...)."""
+    t0 = time.time()
+    out: dict = {}
+    for split in vqa_splits:
+        r = evaluate_vqa(model, split, device, generative=False)
+        out[f"{split.name}.accuracy"] = round(r["accuracy"], 4)
+        out |= {f"{split.name}.vqa_{k}": v for k, v in r.get("by_type", {}).items()}
+    predictions = generate_captions(model, captions.images, device)
+    scores = caption_scores(dict(enumerate(predictions)), dict(enumerate(captions.captions)))
+    retrieval = evaluate_retrieval(model, captions, device, rerank_k=rerank_k)
+    keep = [k for k in retrieval if k.startswith("r") and k[1:2].isdigit()]
+    out |= {f"{captions.name}.{k}": round(v, 4) for k, v in {**scores, **{k: retrieval[k] for k in keep}}.items()}
+    out["eval_seconds"] = round(time.time() - t0, 1)
+    return out
+
+
 def flat_metrics(results: dict) -> dict[str, float]:
     """The headline metrics as `section.key` -> value (the JSON contract of `trimvlm eval`)."""
     out = {}

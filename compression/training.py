@@ -61,6 +61,9 @@ class TrainConfig:
     warmup_steps: int = 300
     grad_clip: float = 1.0
     loss_weights: dict = field(default_factory=lambda: {"vqa": 1.0, "vqa_gen": 0.5, "itc": 1.0, "itm": 1.0, "caption": 1.0})
+    # sampling weight per VQA question type (scenes: color, count, existence, relation, shape;
+    # easy-VQA questions are type "easy_vqa"); unnamed types weigh 1. Empty: uniform over questions.
+    question_type_weights: dict = field(default_factory=dict)
     flip_easy_vqa: bool = True  # easy-VQA questions have no left/right, so flips are label-safe
     amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | off
     device: str = "auto"
@@ -111,9 +114,12 @@ class TrainData:
     cap_text_key: torch.Tensor  # [C] caption identity (equal strings share a key)
     cap_first: torch.Tensor  # [M] first caption row of each image (captions are grouped by image)
     cap_count: torch.Tensor  # [M] captions per image
+    vqa_type: list[str] = field(default_factory=list)  # [Q] question type ("easy_vqa" for easy-VQA)
+    vqa_weight: torch.Tensor | None = None  # [Q] sampling weights (None: uniform)
+    cap_partners: torch.Tensor | None = None  # [M, K] hard-negative images to batch with each image
 
     def to(self, device) -> TrainData:
-        return TrainData(**{k: v.to(device) for k, v in self.__dict__.items()})
+        return TrainData(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()})
 
 
 def tokenize_padded(tok: Tokenizer, texts: list[str], max_length: int, bos_id: int | None = None) -> torch.Tensor:
@@ -149,11 +155,12 @@ def load_training_splits(cfg: TrainConfig, spec: ImageSpec):
 
 def build_train_data(cfg: TrainConfig, tok: Tokenizer, answers: list[str], bos_id: int, vqa_splits, cap_splits) -> TrainData:
     a_index = {a: i for i, a in enumerate(answers)}
-    images, image_index, questions, answer_idx, answer_text, flip_ok = [], [], [], [], [], []
+    images, image_index, questions, answer_idx, answer_text, flip_ok, qtypes = [], [], [], [], [], [], []
     offset = 0
     for split in vqa_splits:
         images.append(torch.from_numpy(split.images))
         for s in split.samples:
+            qtypes.append("easy_vqa" if split.name.startswith("easy_vqa") else s.question_type or "other")
             image_index.append(offset + s.image)
             questions.append(s.question)
             answer_idx.append(a_index[s.answer])
@@ -176,6 +183,12 @@ def build_train_data(cfg: TrainConfig, tok: Tokenizer, answers: list[str], bos_i
     if not captions:
         raise ValueError("training needs captions (enable scenes)")
     keys = {c: i for i, c in enumerate(sorted(set(captions)))}
+    unknown = set(cfg.question_type_weights) - set(qtypes)
+    if unknown:
+        raise ValueError(f"question_type_weights names types the data lacks: {sorted(unknown)} (has {sorted(set(qtypes))})")
+    weight = None
+    if cfg.question_type_weights:
+        weight = torch.tensor([float(cfg.question_type_weights.get(t, 1.0)) for t in qtypes])
     return TrainData(
         vqa_images=torch.cat(images),
         vqa_image_index=torch.tensor(image_index),
@@ -189,6 +202,8 @@ def build_train_data(cfg: TrainConfig, tok: Tokenizer, answers: list[str], bos_i
         cap_text_key=torch.tensor([keys[c] for c in captions]),
         cap_first=torch.tensor(cap_first),
         cap_count=torch.tensor(cap_count),
+        vqa_type=qtypes,
+        vqa_weight=weight,
     )
 
 
@@ -246,6 +261,16 @@ class TaskOutputs:
     decoder: object = None  # StackOutput of the captioning pass
 
 
+@torch.no_grad()
+def draw_negatives(sim: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ITM negatives (a text per image, an image per text) drawn in proportion to the softmax of
+    the ITC similarities, never a caption equal to the positive (BLIP/ALBEF)."""
+    same = key[:, None] == key[None, :]
+    w_i2t = F.softmax(sim.float(), 1).masked_fill(same, 0) + 1e-6
+    w_t2i = F.softmax(sim.float().t(), 1).masked_fill(same, 0) + 1e-6
+    return torch.multinomial(w_i2t, 1).squeeze(1), torch.multinomial(w_t2i, 1).squeeze(1)
+
+
 def task_forward(
     m: TrimVLM, vqa: dict, cap: dict, gates: dict | None = None, states: bool = False, negatives=None
 ) -> TaskOutputs:
@@ -277,11 +302,7 @@ def task_forward(
 
     # ITM with hard negatives drawn from the ITC similarities (BLIP/ALBEF).
     if negatives is None:
-        with torch.no_grad():
-            same = cap["key"][:, None] == cap["key"][None, :]
-            w_i2t = F.softmax(sim.float(), 1).masked_fill(same, 0) + 1e-6
-            w_t2i = F.softmax(sim.float().t(), 1).masked_fill(same, 0) + 1e-6
-            negatives = (torch.multinomial(w_i2t, 1).squeeze(1), torch.multinomial(w_t2i, 1).squeeze(1))
+        negatives = draw_negatives(sim, cap["key"])
     neg_text, neg_img = negatives
     fused_txt = torch.cat([txt, txt[neg_text], txt])
     fused_mask = torch.cat([cap["mask"], cap["mask"][neg_text], cap["mask"]])
@@ -338,39 +359,70 @@ class MultiTaskLoss(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
-def sample_batches(
-    d: TrainData, spec: ImageSpec, pad_id: int, bos_id: int, batch: int, gen: torch.Generator
-) -> tuple[dict, dict]:
-    dev = d.vqa_images.device
-    qi = torch.randint(len(d.vqa_q_ids), (batch,), generator=gen, device="cpu").to(dev)
+def vqa_batch(d: TrainData, spec: ImageSpec, pad_id: int, qi: torch.Tensor, flip: torch.Tensor) -> dict:
+    """The VQA batch of questions `qi`, their images mirrored where `flip`; it keeps the
+    indices (`qi`, `flip`) so per-sample caches (compression/teacher_cache.py) can find them."""
     imgs = d.vqa_images[d.vqa_image_index[qi]]
-    flip = d.vqa_flip_ok[qi] & (torch.rand(batch, generator=gen).to(dev) < 0.5)
     imgs = torch.where(flip[:, None, None, None], imgs.flip(2), imgs)
     q_ids, q_mask = trim_padding(d.vqa_q_ids[qi], pad_id)
     a_ids, a_mask = trim_padding(d.vqa_answer_ids[qi], pad_id)
-    vqa = {
+    return {
         "pixels": normalize_on_device(imgs, spec),
         "q_ids": q_ids,
         "q_mask": q_mask,
         "answer": d.vqa_answer[qi],
         "a_ids": a_ids,
         "a_mask": a_mask,
+        "qi": qi,
+        "flip": flip,
     }
-    # captions: distinct images per batch keep ITC targets meaningful
-    n_img = len(d.cap_images)
-    ci_img = torch.randperm(n_img, generator=gen)[: min(batch, n_img)].to(dev)
-    # one random caption of each chosen image
-    pick = (torch.rand(len(ci_img), generator=gen).to(dev) * d.cap_count[ci_img]).long()
-    ci = d.cap_first[ci_img] + pick
+
+
+def caption_batch(d: TrainData, spec: ImageSpec, pad_id: int, bos_id: int, ci: torch.Tensor) -> dict:
+    """The caption batch of caption rows `ci` (kept as `ci`) with their images."""
     ids, mask = trim_padding(d.cap_ids[ci], pad_id)
-    cap = {
+    return {
         "pixels": normalize_on_device(d.cap_images[d.cap_image_index[ci]], spec),
         "ids": ids,
         "mask": mask,
         "key": d.cap_text_key[ci],
         "dec_ids": torch.cat([torch.full_like(ids[:, :1], bos_id), ids[:, 1:]], dim=1),
+        "ci": ci,
     }
-    return vqa, cap
+
+
+def _caption_images(d: TrainData, batch: int, gen: torch.Generator) -> torch.Tensor:
+    """Distinct images for a caption batch: random, or (with cap_partners) half random seeds each
+    followed by one of its mined hard-negative images, so in-batch ITC/ITM negatives are hard."""
+    n_img = len(d.cap_images)
+    perm = torch.randperm(n_img, generator=gen)
+    if d.cap_partners is None:
+        return perm[: min(batch, n_img)]
+    n_seed = min(batch, n_img) // 2
+    seeds = perm[:n_seed]
+    pick = torch.randint(d.cap_partners.shape[1], (n_seed,), generator=gen)
+    partners = d.cap_partners.cpu()[seeds, pick]
+    cand = torch.cat([torch.stack([seeds, partners], 1).flatten(), perm[n_seed:]]).numpy()
+    _, first = np.unique(cand, return_index=True)  # keep each image once, in order of appearance
+    return torch.from_numpy(cand[np.sort(first)][: min(batch, n_img)])
+
+
+def sample_batches(
+    d: TrainData, spec: ImageSpec, pad_id: int, bos_id: int, batch: int, gen: torch.Generator
+) -> tuple[dict, dict]:
+    dev = d.vqa_images.device
+    if d.vqa_weight is None:
+        qi = torch.randint(len(d.vqa_q_ids), (batch,), generator=gen, device="cpu").to(dev)
+    else:
+        qi = torch.multinomial(d.vqa_weight.cpu(), batch, replacement=True, generator=gen).to(dev)
+    flip = d.vqa_flip_ok[qi] & (torch.rand(batch, generator=gen).to(dev) < 0.5)
+    vqa = vqa_batch(d, spec, pad_id, qi, flip)
+    # captions: distinct images per batch keep ITC targets meaningful
+    ci_img = _caption_images(d, batch, gen).to(dev)
+    # one random caption of each chosen image
+    pick = (torch.rand(len(ci_img), generator=gen).to(dev) * d.cap_count[ci_img]).long()
+    ci = d.cap_first[ci_img] + pick
+    return vqa, caption_batch(d, spec, pad_id, bos_id, ci)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -467,6 +519,8 @@ def fit(
     extra_param_groups: list[dict] | None = None,
     log_name: str = "train_log.jsonl",
     checkpoint_name: str = "checkpoint.pt",
+    evaluator=None,
+    on_checkpoint=None,
 ) -> None:
     """The training loop shared by train, distill and prune.
 
@@ -475,6 +529,9 @@ def fit(
     their own learning rates; objective.before_step() / after_step(), when defined, run around
     the optimiser step (the Lagrangian's gradient ascent, log-alpha clamping). Checkpoints hold
     the objective's trainable state (never the frozen teacher) and the optimiser.
+    evaluator(model) -> {metric: value}, when given, also runs at every eval_every (and once
+    before a fresh run's first step), logged as {"step", "eval"}; on_checkpoint() runs after each
+    checkpoint is written (a teacher cache saves what it filled).
     """
     device, is_main = ctx.device, ctx.is_main
     wrapped: nn.Module = objective
@@ -515,6 +572,16 @@ def fit(
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
     log_path = ctx.out / log_name
     mcfg = model.config
+
+    def log_eval(at: int) -> None:
+        metrics = evaluator(model)
+        objective.train()
+        tqdm.write(f"step {at}: {json.dumps(metrics)}")
+        with log_path.open("a") as f:
+            f.write(json.dumps({"step": at, "eval": metrics}) + "\n")
+
+    if is_main and evaluator is not None and start == 0:
+        log_eval(0)
     objective.train()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not is_main, desc=ctx.out.name)
     t0 = time.time()
@@ -546,6 +613,8 @@ def fit(
             tqdm.write(f"step {step + 1}: val VQA accuracy {accs}")
             with log_path.open("a") as f:
                 f.write(json.dumps({"step": step + 1, "val": accs}) + "\n")
+            if evaluator is not None:
+                log_eval(step + 1)
         out_of_time = cfg.max_minutes is not None and (time.time() - t0) > 60 * cfg.max_minutes
         if ctx.world > 1 and cfg.max_minutes is not None:  # every rank must stop at the same step
             flag = torch.tensor(float(out_of_time), device=device)
@@ -556,6 +625,8 @@ def fit(
             state = {"model": trainable_state(), "optimizer": opt.state_dict(), "generator": gen.get_state(), "step": step + 1}
             torch.save(state, tmp)
             tmp.replace(ckpt_path)
+            if on_checkpoint is not None:
+                on_checkpoint()
         if out_of_time:
             if is_main:
                 tqdm.write(f"time budget of {cfg.max_minutes} min reached: stopping at step {step + 1} of {cfg.steps}")
