@@ -141,13 +141,13 @@ student: $(VENV)/.train
 	  --notes "Distilled from models/trimvlm-teacher/1 and pruned in flops cost mode (target 0.55, reached 0.44 in the CPU-sized schedule); the comparison with the teacher, the from-scratch baseline and the params-mode prune is in reports/compression/REPORT.md."
 
 ## Continue the served student's distillation in the background (docs/DISTILL_LONG.md): nice 19,
-## resumable, teacher cache, pid in /work/train.pids; run again to resume. STEPS=N for a longer schedule.
-DISTILL_LONG_RUN ?= /work/runs/distil-long
+## resumable, teacher cache; run again to resume. STEPS=N for a longer schedule.
+DISTILL_LONG_RUN ?= runs/distil-long
 distill-long: $(VENV)/.train
 	OUT=$(DISTILL_LONG_RUN) PY=$(VENV)/bin/python scripts/distill_long.sh
 distill-long-report: $(VENV)/.train
 	$(VENV)/bin/python -m compression.distill_report --run $(DISTILL_LONG_RUN) --out reports/distill-long
-## Per-step cost of distillation with and without the teacher cache (run it through /work/quiet.sh here).
+## Per-step cost of distillation with and without the teacher cache (pause other CPU work while it runs).
 distill-step-bench: $(VENV)/.train
 	$(VENV)/bin/python -m benchmarks.distill_step --steps 5 --out reports/distill-long/step_cost.json
 

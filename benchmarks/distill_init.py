@@ -6,7 +6,7 @@ metrics before any training, on the validation data the run evaluates on.
 Candidates: `teacher` (configs/distill.yaml's init: half the teacher's layers, copied from teacher
 layers 1, 3, ...) and a model folder (default models/trimvlm-student/2, the served student's torch
 source). Parameters are counted without the SmartTrim trimmer modules (they are not on the
-untrimmed path). Run it through /work/quiet.sh on a shared machine.
+untrimmed path). On a shared machine, pause other CPU work (background training) while it runs.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ alternating order, one uncached step (teacher forward with states) and one cache
 outputs read from the cache plus the teacher's ITM fusion on the batch's pairs) are timed, each
 followed by the same student forward + KD losses and backward, each phase timed separately.
 The losses of both steps are compared (they differ only by the cache's fp16 rounding).
-Run it through /work/quiet.sh on a shared machine. The cache goes to a temporary folder.
+On a shared machine, pause other CPU work (background training) while it runs. The cache goes to a temporary folder.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Metric-vs-steps report of a distillation run that logs full validation metrics (eval_full):
 
-    python -m compression.distill_report --run /work/runs/distil-long --out reports/distill-long
+    python -m compression.distill_report --run runs/distil-long --out reports/distill-long
 
 reads <run>/train_log.jsonl (rows {"step", "eval": {...}}; a resumed run may log a step twice:
 the last row wins), <run>/teacher_eval.json (the teacher on the same validation data) and, when
@@ -262,7 +262,7 @@ def _cost_lines(r: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Metric-vs-steps report of a distillation run.")
-    ap.add_argument("--run", default="/work/runs/distil-long")
+    ap.add_argument("--run", default="runs/distil-long")
     ap.add_argument("--out", default="reports/distill-long")
     ap.add_argument(
         "--resume-command", default="scripts/distill_long.sh   # or STEPS=N scripts/distill_long.sh for a longer schedule"
