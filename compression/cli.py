@@ -368,7 +368,9 @@ def export_cmd(
     model_dir: Annotated[Path, typer.Argument(help="Torch model folder (e.g. models/trimvlm-student/2 or runs/trim/model).")],
     out: Annotated[Path, typer.Option(help="Destination version folder, models/<name>/<version>.")],
     precision: Annotated[list[str], typer.Option(help="Variants beside fp32: int8 (CPU), fp16 (GPU). Repeatable.")] = ["int8"],  # noqa: B006
-    name: Annotated[Optional[str], typer.Option(help="Model name in the manifest (default: the config's).")] = None,
+    name: Annotated[
+        Optional[str], typer.Option(help="Model name in the manifest (default: <name> of --out models/<name>/<version>).")
+    ] = None,
     keep_fp32: Annotated[bool, typer.Option(help="Keep the fp32 graphs next to the variants.")] = True,
     description: Annotated[
         Optional[str], typer.Option(help="What the model knows (training domain, limits), shown by GET /v1/models.")
@@ -393,7 +395,8 @@ def export_cmd(
         model_dir,
         out,
         ("fp32", *precision),
-        name=name,
+        # served under the folder's name, so `models verify`, /v1/models and requests agree
+        name=name or out.parent.name,
         version=out.name,
         command=command,
         keep_fp32=keep_fp32,

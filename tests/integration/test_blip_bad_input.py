@@ -73,13 +73,19 @@ def import_cli(src: Path, out: Path, *options: str):
 
 @pytest.fixture(scope="module")
 def blip384(tmp_path_factory):
-    from compression.export import export_model
+    from typer.testing import CliRunner
+
+    from compression.cli import app
 
     root = tmp_path_factory.mktemp("blip384")
     hf_dir = save_blip_384(root)
-    res = import_cli(hf_dir, root / "imported", "--name", "blip-384")
+    res = import_cli(hf_dir, root / "imported")  # named after the checkpoint folder: hf-blip-384
     assert res.exit_code == 0, res.output
-    export_model(root / "imported", root / "models" / "blip-384" / "1", ("fp32",), name="blip-384")
+    out = root / "models" / "blip-384" / "1"
+    res = CliRunner().invoke(app, ["export", str(root / "imported"), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    # served under the folder it was exported to, as the README's `"model": "blip-vqa-base"` expects
+    assert json.loads((out / "manifest.json").read_text())["name"] == "blip-384"
     return {"root": root, "hf": hf_dir, "models": root / "models"}
 
 
