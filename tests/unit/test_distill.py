@@ -20,7 +20,7 @@ from tests.unit.test_modeling import tiny_config
 from tests.unit.test_prune import synthetic_batches
 
 
-def four_layer_config():
+def four_layer_config(**overrides):
     return tiny_config(
         vision_heads=[4, 2, 4, 3],
         vision_mlp=[64, 48, 32, 16],
@@ -29,6 +29,7 @@ def four_layer_config():
         decoder_self_heads=[4, 2],
         decoder_cross_heads=[4, 1],
         decoder_mlp=[40, 8],
+        **overrides,
     )
 
 

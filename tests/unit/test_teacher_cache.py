@@ -9,7 +9,7 @@ from compression.modeling import TrimVLM
 from compression.teacher_cache import TeacherCache
 from compression.training import TaskOutputs, TrainConfig, TrainData, _caption_images, build_train_data, sample_batches
 from service.preprocess import ImageSpec
-from tests.unit.test_modeling import tiny_config
+from tests.unit.test_distill import four_layer_config
 
 
 def tiny_data(cfg, n_img=6, n_q=20, n_cap_img=8, seed=0) -> TrainData:
@@ -50,18 +50,7 @@ def models():
     from compression.distill import init_from_teacher, student_config, student_layers
 
     torch.manual_seed(0)
-    tcfg = tiny_config(
-        vision_heads=[4, 2, 4, 3],
-        vision_mlp=[64, 48, 32, 16],
-        text_heads=[4, 2],
-        text_mlp=[40, 20],
-        decoder_self_heads=[4, 2],
-        decoder_cross_heads=[4, 1],
-        decoder_mlp=[40, 8],
-        decoder_cross_width=None,
-        text_width=32,
-        text_head_dim=8,
-    )
+    tcfg = four_layer_config(decoder_cross_width=None, text_width=32, text_head_dim=8)
     teacher = TrimVLM(tcfg).eval()
     student = TrimVLM(student_config(tcfg, student_layers(tcfg), "s"))
     init_from_teacher(student, teacher)
