@@ -11,7 +11,8 @@ size, every figure is a ratio of measurements taken side by side in one run, cal
   same keep (compression.trimmed.flops_ratio, the formula compute levels use);
 - graphs: every exported graph in fp32 and INT8 at batch 1 and 8 (vision, text and fusion also at
   32): INT8 speed-ups, and the runtime's per-item time by batch size;
-- KV cache: service.generation.greedy_decode with use_cache True vs False over the exported decoder
+- KV cache: service.generation.greedy_decode with the whole cache, with the cross K/V cached only, and
+  with no cache (benchmarks/kv_modes.py) over the exported decoder
   graphs, lengths forced by a runner that masks [SEP] (random weights stop anywhere), batch 1 and 8;
   INT8's top-1 agreement with fp32 on the generated tokens;
 - service (one size and precision): /vqa throughput at 16 closed-loop clients with dynamic batching
@@ -505,10 +506,19 @@ def sep_masked(run, sep_id: int, stamps: list[float] | None = None):
     return masked
 
 
+KV_MODES = {  # mode -> what is cached; greedy_decode's use_cache
+    "cache": True,  # cross K/V once per image, self-attention K/V grown per token (the service's path)
+    "cross_only": False,  # cross K/V once per image, the whole prefix run again at every step
+    "none": False,  # nothing cached: the cross K/V projected again at every step too (transformers, use_cache=False)
+}
+
+
 def kv_section(folder: Path, precisions, lengths, batches, repeats: int, options) -> dict:
-    """Greedy captions with the KV cache vs without at each batch, both precisions. One run per call
-    decodes max(lengths) tokens; the time to the L-th token is read from per-token timestamps, so
-    shorter lengths come from the same calls (greedy decoding is the same up to there)."""
+    """Greedy captions with the whole KV cache, with the cross K/V cached only, and with no cache, at
+    each batch, both precisions (benchmarks/kv_modes.py). One run per call decodes max(lengths)
+    tokens; the time to the L-th token is read from per-token timestamps, so shorter lengths come
+    from the same calls (greedy decoding is the same up to there)."""
+    from benchmarks.kv_modes import recomputing_cross, weight_stream_ms
     from service.generation import greedy_decode
 
     graphs = open_graphs(folder, precisions, ["vision", *DECODER], options)
@@ -519,57 +529,68 @@ def kv_section(folder: Path, precisions, lengths, batches, repeats: int, options
         px = g.pixels(images(g.manifest.preprocessing.image.size, n))
         states[p] = g.run("vision", {"pixel_values": px})["image_states"]
         stamps[p] = []
-        runners[p] = sep_masked(g.run, tok.sep, stamps[p])
+        runners[p] = {
+            mode: sep_masked(recomputing_cross(g.run, states[p]) if mode == "none" else g.run, tok.sep, stamps[p])
+            for mode in KV_MODES
+        }
     outputs: dict[str, np.ndarray] = {}
     samples: dict[str, list[dict[int, float]]] = {}
 
-    def call(p, b, cache):
-        key = f"{p}/b{b}/{'cache' if cache else 'nocache'}"
+    def call(p, b, mode):
+        key = f"{p}/b{b}/{mode}"
 
         def go():
             stamps[p].clear()
             t0 = time.perf_counter()
             outputs[key] = greedy_decode(
-                runners[p], states[p][:b], tok.bos, tok.sep, tok.pad, max_length=longest, use_cache=cache
+                runners[p][mode], states[p][:b], tok.bos, tok.sep, tok.pad, max_length=longest, use_cache=KV_MODES[mode]
             )
             samples.setdefault(key, []).append({length: (stamps[p][length - 1] - t0) * 1000 for length in lengths})
 
         return key, go
 
-    calls = dict(call(p, b, c) for b in batches for p in graphs for c in (True, False))
+    calls = dict(call(p, b, mode) for b in batches for p in graphs for mode in KV_MODES)
     times = interleaved(calls, repeats)
     rows: dict = {}
     for p in graphs:
         for b in batches:
-            timed = {k: samples[f"{p}/b{b}/{k}"][-len(times[f"{p}/b{b}/{k}"]) :] for k in ("cache", "nocache")}
+            timed = {m: samples[f"{p}/b{b}/{m}"][-len(times[f"{p}/b{b}/{m}"]) :] for m in KV_MODES}
             got = outputs[f"{p}/b{b}/cache"]
             for length in lengths:
-                c = p50([s[length] for s in timed["cache"]])
-                nc = p50([s[length] for s in timed["nocache"]])
+                ms = {m: p50([s[length] for s in timed[m]]) for m in KV_MODES}
                 rows.setdefault(p, {})[f"L{length}/b{b}"] = {
                     "new_tokens": length,
                     "batch": b,
                     "generated_tokens": int(got.shape[1]),
-                    "cache_p50_ms": c,
-                    "nocache_p50_ms": nc,
-                    "speedup": round(nc / c, 3),
-                    "cache_ms_per_token": round(c / length, 2),
+                    "cache_p50_ms": ms["cache"],
+                    "cross_only_p50_ms": ms["cross_only"],
+                    "no_cache_p50_ms": ms["none"],
+                    "speedup": round(ms["none"] / ms["cache"], 3),
+                    "speedup_vs_cross_only": round(ms["cross_only"] / ms["cache"], 3),
+                    "cache_ms_per_token": round(ms["cache"] / length, 2),
                     "timed_calls": len(timed["cache"]),
-                    "same_tokens_cache_vs_nocache": bool(np.array_equal(got, outputs[f"{p}/b{b}/nocache"])),
+                    "same_tokens_every_mode": all(np.array_equal(got, outputs[f"{p}/b{b}/{m}"]) for m in KV_MODES),
                 }
+    step_bytes = {p: (folder / g.manifest.graph_file("decoder_step", p)).stat().st_size for p, g in graphs.items()}
+    layout = next(iter(graphs.values())).manifest.decoder_kv_layout
+    agreement = int8_agreement(graphs, states, runners, tok, longest, n) if {"fp32", "int8"} <= set(graphs) else None
+    close_all(graphs)
+    stream = weight_stream_ms(step_bytes, options)
     out = {
         "precisions": rows,
         "repeats": repeats,
-        "kv_layout": next(iter(graphs.values())).manifest.decoder_kv_layout,
-        "how": "service.generation.greedy_decode over decoder_cross_kv/decoder_prefill/decoder_step (cache) or "
-        "decoder_nocache (no cache), image states from the same precision's vision graph; [SEP] masked to -inf in the "
+        "kv_layout": layout,
+        "step_floor": {p: {"decoder_step_mib": round(step_bytes[p] / 2**20, 1), "weight_stream_ms": stream[p]} for p in graphs},
+        "how": "service.generation.greedy_decode, image states from the same precision's vision graph: cache = "
+        "decoder_cross_kv once, then decoder_prefill/decoder_step (the service's path); cross K/V only = decoder_cross_kv "
+        "once, then decoder_nocache over the whole prefix per token; no cache = decoder_nocache per token with the cross "
+        "K/V projected again per token (transformers' BLIP decoder with use_cache=False). [SEP] masked to -inf in the "
         f"last position's logits by the runner so every caption runs to {longest} tokens; the time to token L (from the "
-        "call's start: cross K/V included) read from per-token timestamps of the same call; cache and no-cache calls "
-        "interleaved",
+        "call's start: cross K/V included) read from per-token timestamps of the same call; all modes interleaved. "
+        "Step floor: ONNX Runtime's batch-1 MatMul over fp32 weights of decoder_step's file size",
     }
-    if "fp32" in graphs and "int8" in graphs:
-        out["int8_agreement"] = int8_agreement(graphs, states, runners, tok, longest, n)
-    close_all(graphs)
+    if agreement:
+        out["int8_agreement"] = agreement
     return out
 
 
@@ -579,8 +600,8 @@ def int8_agreement(graphs: dict, states: dict, runners: dict, tok, length: int, 
     cross K/V and decoder graphs)."""
     from service.generation import greedy_decode
 
-    ref = greedy_decode(runners["fp32"], states["fp32"][:n], tok.bos, tok.sep, tok.pad, length, use_cache=True)
-    free = greedy_decode(runners["int8"], states["int8"][:n], tok.bos, tok.sep, tok.pad, length, use_cache=True)
+    ref = greedy_decode(runners["fp32"]["cache"], states["fp32"][:n], tok.bos, tok.sep, tok.pad, length, use_cache=True)
+    free = greedy_decode(runners["int8"]["cache"], states["int8"][:n], tok.bos, tok.sep, tok.pad, length, use_cache=True)
     run = graphs["int8"].run
     cross = run("decoder_cross_kv", {"image_states": states["int8"][:n]})
     cross["cross_attention_mask"] = np.ones(states["int8"][:n].shape[:2], np.int64)  # dropped by graphs without it
@@ -1344,17 +1365,26 @@ def _kv_markdown(kv: dict) -> list[str]:
     out = [
         "",
         "### Caption decoding: KV cache vs none",
-        "| precision | new tokens | batch | cache p50 ms | no cache p50 ms | speed-up | cache ms/token |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| precision | new tokens | batch | cache p50 ms | cross K/V only p50 ms | no cache p50 ms | speed-up vs no cache "
+        "| speed-up vs cross K/V only | cache ms/token |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for p, rows in kv["precisions"].items():
         for r in rows.values():
             out.append(
-                f"| {p} | {r['new_tokens']} | {r['batch']} | {r['cache_p50_ms']} | {r['nocache_p50_ms']} "
-                f"| **{r['speedup']}x** | {r['cache_ms_per_token']} |"
+                f"| {p} | {r['new_tokens']} | {r['batch']} | {r['cache_p50_ms']} | {r['cross_only_p50_ms']} "
+                f"| {r['no_cache_p50_ms']} | **{r['speedup']}x** | {r['speedup_vs_cross_only']}x | {r['cache_ms_per_token']} |"
             )
     layout = KV_LAYOUT_WORDS[kv.get("kv_layout", "tokens")]
     out += ["", f"How: {kv['how']}; {kv['repeats']} repeats. Decoder K/V layout of these graphs: {layout}."]
+    for p, f in kv.get("step_floor", {}).items():
+        r = kv["precisions"][p].get(f"L{max(x['new_tokens'] for x in kv['precisions'][p].values())}/b1")
+        if r:
+            out.append(
+                f"- {p}: a cached token costs {r['cache_ms_per_token']} ms at batch 1; streaming decoder_step's "
+                f"{f['decoder_step_mib']} MiB of weights through one MatMul takes {f['weight_stream_ms']} ms on this "
+                f"machine ({f['weight_stream_ms'] / r['cache_ms_per_token']:.0%} of the token)."
+            )
     a = kv.get("int8_agreement")
     if a:
         out += [
@@ -1440,7 +1470,7 @@ def _kv_diagnosis(k: dict, sec: dict, precision: str) -> list[str]:
     step = k["decoder_step"]
     by_type = step["by_op_type"]
     lm_head = sum(v for n, v in step["slowest_nodes"].items() if "predictions/decoder" in n)
-    need = row["nocache_p50_ms"] / TARGETS["kv_cache_speedup"]
+    need = row["no_cache_p50_ms"] / TARGETS["kv_cache_speedup"]
     per_step_now = (row["cache_p50_ms"] - cross) / longest
     per_step_need = (need - cross) / longest
     matmul = sum(by_type.get(op, 0) for op in ("MatMul", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"))
@@ -1457,7 +1487,7 @@ def _kv_diagnosis(k: dict, sec: dict, precision: str) -> list[str]:
     return [
         "",
         f"Reading: {longest} tokens at batch 1 took {row['cache_p50_ms']:.0f} ms with the cache and "
-        f"{row['nocache_p50_ms']:.0f} ms without; {verdict}. A cached step costs the same at every length (the weights "
+        f"{row['no_cache_p50_ms']:.0f} ms without; {verdict}. A cached step costs the same at every length (the weights "
         "are read once per token, memory-bound at batch 1), an uncached one grows with the prefix, so the ratio grows "
         f"with length and batch. In the cached step ONNX Runtime spends {100 * matmul:.0f}% in MatMul nodes (weights "
         f"and attention), "
