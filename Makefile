@@ -88,7 +88,7 @@ service-report: $(VENV)/.dev
 ## Lint and the whole test suite (what CI runs).
 test: $(VENV)/.dev
 	$(VENV)/bin/ruff check compression service tests benchmarks
-	$(VENV)/bin/pytest -q --timeout 900
+	$(VENV)/bin/pytest -q --timeout 900 --durations=20
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check compression service tests benchmarks

@@ -1299,7 +1299,8 @@ def _size_markdown(size: str, sec: dict) -> list[str]:
     if "graphs" in sec:
         out += _graphs_markdown(sec["graphs"])
     if "kv_cache" in sec:
-        out += _kv_markdown(sec["kv_cache"])
+        step = (sec.get("graphs") or {}).get("graphs", {}).get("decoder_step", {}).get("b1", {})
+        out += _kv_markdown(sec["kv_cache"], {p: v["p50_ms"] for p, v in step.items() if isinstance(v, dict)})
     out += [
         "",
         f"Peak RSS of the bench process so far (VmHWM; each part loads only the graphs it times): "
@@ -1361,7 +1362,8 @@ def _graphs_markdown(g: dict) -> list[str]:
     return out
 
 
-def _kv_markdown(kv: dict) -> list[str]:
+def _kv_markdown(kv: dict, step_ms: dict[str, float] | None = None) -> list[str]:
+    """step_ms: each precision's batch-1 decoder_step time from the graphs part, when it ran."""
     out = [
         "",
         "### Caption decoding: KV cache vs none",
@@ -1378,13 +1380,17 @@ def _kv_markdown(kv: dict) -> list[str]:
     layout = KV_LAYOUT_WORDS[kv.get("kv_layout", "tokens")]
     out += ["", f"How: {kv['how']}; {kv['repeats']} repeats. Decoder K/V layout of these graphs: {layout}."]
     for p, f in kv.get("step_floor", {}).items():
-        r = kv["precisions"][p].get(f"L{max(x['new_tokens'] for x in kv['precisions'][p].values())}/b1")
-        if r:
-            out.append(
-                f"- {p}: a cached token costs {r['cache_ms_per_token']} ms at batch 1; streaming decoder_step's "
-                f"{f['decoder_step_mib']} MiB of weights through one MatMul takes {f['weight_stream_ms']} ms on this "
-                f"machine ({f['weight_stream_ms'] / r['cache_ms_per_token']:.0%} of the token)."
-            )
+        step = (step_ms or {}).get(p)
+        took = (
+            f"one batch-1 decoder_step (graphs part, {STEP_PAST} cached tokens) takes {step} ms, "
+            f"{f['weight_stream_ms'] / step:.0%} of it the floor"
+            if step
+            else "decoder_step was not timed alone (graphs part not run)"
+        )
+        out.append(
+            f"- {p}: streaming decoder_step's {f['decoder_step_mib']} MiB of weights through one batch-1 MatMul takes "
+            f"{f['weight_stream_ms']} ms on this machine; {took}."
+        )
     a = kv.get("int8_agreement")
     if a:
         out += [
