@@ -16,6 +16,7 @@ takes to stream that many bytes through one MatMul at batch 1 (`weight_stream_ms
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -29,16 +30,17 @@ def recomputing_cross(run, image_states: np.ndarray):
     states of its rows. The projection greedy_decode makes before its first step serves that first
     step, so both paths project the image exactly once per step. Rows must not drop out mid-caption
     (the bench masks [SEP]), since the rows are taken as the first `batch` image states."""
-    fresh = [False]
+    fresh = False  # the last decoder_cross_kv call has not been used by a step yet
 
     def go(graph: str, feeds: dict) -> dict:
+        nonlocal fresh
         if graph == "decoder_cross_kv":
-            fresh[0] = True
+            fresh = True
         elif graph == "decoder_nocache":
-            if not fresh[0]:
+            if not fresh:
                 rows = feeds["input_ids"].shape[0]
                 feeds = {**feeds, **run("decoder_cross_kv", {"image_states": image_states[:rows]})}
-            fresh[0] = False
+            fresh = False
         return run(graph, feeds)
 
     return go
@@ -66,8 +68,6 @@ def weight_stream_ms(nbytes: dict[str, int], options, repeats: int = 7) -> dict[
     """Batch-1 MatMul time over fp32 weights of each given byte count (p50 of `repeats` after a
     warm-up), in ONNX Runtime with the service's runtime settings: the least time a batch-1 step
     that reads that many weight bytes can take on this machine."""
-    import time
-
     from service.runtime import load_runtime
 
     out = {}

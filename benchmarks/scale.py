@@ -820,7 +820,8 @@ def decode_step_curve(g: Graphs, lengths=(1, 10, 20, 30, 40), repeats: int = 3) 
         "cross_kv_ms": p50(times["cross_kv"]),
         "kv_layout": m.decoder_kv_layout,
         "how": "batch 1; cached = decoder_step with n-1 cached tokens + 1 new (prefill at n=1); uncached = decoder_nocache "
-        "over n tokens (logits for all n positions, as greedy_decode runs it)",
+        "over n tokens with the cross K/V given (the cross-K/V-only path; with no cache a step also pays cross_kv_ms), "
+        "logits for all n positions, as greedy_decode runs it",
     }
 
 
@@ -1487,7 +1488,7 @@ def _kv_diagnosis(k: dict, sec: dict, precision: str) -> list[str]:
     else:
         verdict = (
             f"for {TARGETS['kv_cache_speedup']}x the cached path would have to take {need:.0f} ms: with the cross K/V "
-            f"projection ({cross:.0f} ms, once per image, paid by both paths) that is {per_step_need:.1f} ms per token "
+            f"projection ({cross:.0f} ms, once per image in the cached path) that is {per_step_need:.1f} ms per token "
             f"instead of {per_step_now:.1f}"
         )
     return [
