@@ -106,6 +106,10 @@ class DistillConfig(TrainConfig):
     # ITM hard negatives mined from the teacher's similarities over the whole training set: each
     # caption batch pairs images with one of their k hardest (0: random batches). Needs teacher_cache.
     hard_negative_k: int = 0
+    # Templated captions are often true of other images, so a mined "negative" can match. ITM pairs
+    # drawn as negatives that the teacher scores above this match probability are left out of the
+    # student's hard-label ITM loss (the KD term keeps the teacher's soft label). null: keep all.
+    itm_false_negative_p: float | None = None
     # eval_every also logs scenes-val VQA (per type), ITC and ITM-re-ranked R@1/5/10, CIDEr and
     # easy-VQA val (a few minutes on CPU), and the teacher's once (teacher_eval.json)
     eval_full: bool = False
@@ -335,7 +339,13 @@ class Distiller(nn.Module):
             with torch.no_grad():
                 t_out = task_forward(self.teacher, vqa, cap, states=True)
         s_out = task_forward(self.student, vqa, cap, gates=gates, states=need_kd, negatives=t_out.negatives if t_out else None)
-        losses = task_losses(s_out, vqa, cap)
+        itm_keep = None
+        if t_out is not None and cfg.itm_false_negative_p is not None:
+            itm_keep = itm_false_negatives(t_out.itm_logits, cfg.itm_false_negative_p).logical_not().float()
+        losses = task_losses(s_out, vqa, cap, itm_keep)
+        if itm_keep is not None:
+            n_neg = itm_keep.numel() * 2 // 3
+            losses["itm_false_negatives"] = (n_neg - itm_keep[-n_neg:].sum()).detach() / n_neg  # logged, not optimised
         task = weighted_sum(losses, cfg.loss_weights)
         total = cfg.task_weight * task
         losses["task"] = task
@@ -361,6 +371,15 @@ class Distiller(nn.Module):
             total = total + cfg.kd_weight * losses["kd"]
         losses["total"] = total
         return losses
+
+
+def itm_false_negatives(teacher_itm_logits: torch.Tensor, p_match: float) -> torch.Tensor:
+    """[3B] bool: the negative ITM pairs (rows B..3B of positives, negative texts, negative images)
+    that the teacher scores as a match with probability above p_match. Positives are never flagged."""
+    b = teacher_itm_logits.shape[0] // 3
+    flagged = F.softmax(teacher_itm_logits.float(), dim=1)[:, 1] > p_match
+    flagged[:b] = False
+    return flagged
 
 
 # ----------------------------------------------------------------------------------------------

@@ -316,8 +316,9 @@ def task_forward(
     )
 
 
-def task_losses(out: TaskOutputs, vqa: dict, cap: dict) -> dict[str, torch.Tensor]:
-    """Supervised losses of every head (unweighted)."""
+def task_losses(out: TaskOutputs, vqa: dict, cap: dict, itm_keep: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Supervised losses of every head (unweighted). itm_keep: [3B] bool, the ITM pairs that count
+    (None: all); a distiller drops negatives its teacher says match (see itm_false_negatives)."""
     losses = {"vqa": F.cross_entropy(out.vqa_logits.float(), vqa["answer"])}
     if out.vqa_gen_logits is not None:
         losses["vqa_gen"] = lm_loss(out.vqa_gen_logits, vqa["a_ids"], vqa["a_mask"])
@@ -328,7 +329,11 @@ def task_losses(out: TaskOutputs, vqa: dict, cap: dict) -> dict[str, torch.Tenso
     losses["itc"] = 0.5 * (-(F.log_softmax(sim, 1) * target).sum(1).mean() - (F.log_softmax(sim.t(), 1) * target).sum(1).mean())
     b = sim.shape[0]
     labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(sim.device)
-    losses["itm"] = F.cross_entropy(out.itm_logits.float(), labels)
+    if itm_keep is None:
+        losses["itm"] = F.cross_entropy(out.itm_logits.float(), labels)
+    else:
+        per_pair = F.cross_entropy(out.itm_logits.float(), labels, reduction="none")
+        losses["itm"] = (per_pair * itm_keep).sum() / itm_keep.sum().clamp(min=1)
     losses["caption"] = lm_loss(out.caption_logits, cap["dec_ids"], cap["mask"])
     return losses
 

@@ -159,3 +159,40 @@ def test_init_from_an_existing_student_keeps_its_pruned_shape(tmp_path):
         student.state_dict()["vision_model.encoder.layers.0.mlp.fc1.weight"],
         pruned.state_dict()["vision_model.encoder.layers.0.mlp.fc1.weight"],
     )
+
+
+def test_itm_negatives_the_teacher_calls_matches_leave_the_hard_label_loss():
+    from compression.distill import itm_false_negatives
+    from compression.training import task_losses
+
+    # B = 2: rows 0-1 positives, 2-3 negative texts, 4-5 negative images; logits [no match, match]
+    t_logits = torch.tensor([[0.0, 5.0], [0.0, 5.0], [0.0, 4.0], [3.0, 0.0], [2.0, 0.0], [0.0, 0.1]])
+    flagged = itm_false_negatives(t_logits, 0.5)
+    assert flagged.tolist() == [False, False, True, False, False, True]  # positives never flagged
+    assert itm_false_negatives(t_logits, 0.99).tolist() == [False] * 6
+
+    cfg = tiny_config()
+    m = TrimVLM(cfg).eval()
+    vqa, cap = synthetic_batches(cfg)
+    out = task_forward(m, vqa, cap, negatives=(torch.arange(6).roll(1), torch.arange(6).roll(2)))
+    b = out.itm_logits.shape[0] // 3
+    labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long()
+    per_pair = torch.nn.functional.cross_entropy(out.itm_logits.float(), labels, reduction="none")
+    keep = torch.ones(3 * b)
+    keep[b] = keep[2 * b + 1] = 0.0
+    kept = task_losses(out, vqa, cap, keep)["itm"]
+    assert float(kept) == pytest.approx(float(per_pair[keep.bool()].mean()), rel=1e-6)
+    assert float(task_losses(out, vqa, cap, torch.ones(3 * b))["itm"]) == pytest.approx(float(task_losses(out, vqa, cap)["itm"]), rel=1e-6)
+
+
+def test_distiller_logs_the_share_of_negatives_it_dropped():
+    torch.manual_seed(0)
+    cfg = tiny_config(decoder_cross_width=None, text_width=32, text_head_dim=8)
+    teacher, student = TrimVLM(cfg).eval(), TrimVLM(cfg).eval()
+    vqa, cap = synthetic_batches(cfg)
+    keep_all = Distiller(student, teacher, DistillConfig(itm_false_negative_p=1.0))(vqa, cap)
+    drop_all = Distiller(student, teacher, DistillConfig(itm_false_negative_p=0.0))(vqa, cap)
+    assert float(keep_all["itm_false_negatives"]) == 0.0
+    assert float(drop_all["itm_false_negatives"]) == pytest.approx(1.0)
+    assert float(drop_all["itm"]) != pytest.approx(float(keep_all["itm"]))  # negatives left the loss
+    assert "itm_false_negatives" not in Distiller(student, teacher, DistillConfig())(vqa, cap)
