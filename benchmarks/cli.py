@@ -293,8 +293,12 @@ def bench_peers(
         ),
     ] = None,
     servers: Annotated[
-        str, typer.Option(help="Comma-separated subset of trimvlm,litserve,mosec,ray.")
-    ] = "trimvlm,litserve,mosec,ray",
+        str,
+        typer.Option(
+            help="Comma-separated subset of trimvlm,litserve,mosec,mosec-2w,ray (mosec-2w: mosec with two inference "
+            "worker processes, the layout TrimVLM runs by default)."
+        ),
+    ] = "trimvlm,litserve,mosec,mosec-2w,ray",
     clients: Annotated[str, typer.Option(help="Closed-loop client counts, comma-separated.")] = "1,32,64",
     duration: Annotated[float, typer.Option(help="Seconds of load per server, client count and round.")] = 8.0,
     rounds: Rounds = 3,

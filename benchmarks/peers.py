@@ -37,14 +37,18 @@ from benchmarks.service_bench import easy_vqa_requests, free_port
 from service.machine import machine_info
 
 REPO = Path(__file__).resolve().parents[1]  # the peers' apps run as `python -m benchmarks.baselines...` from here
-SERVERS = ("trimvlm", "litserve", "mosec", "ray")
+SERVERS = ("trimvlm", "litserve", "mosec", "mosec-2w", "ray")
 LABELS = {
     "trimvlm": "trimvlm serve (defaults)",
     "litserve": "LitServe",
     "mosec": "mosec",
+    "mosec-2w": "mosec, 2 inference workers",
     "ray": "Ray Serve",
 }
-PACKAGES = {"trimvlm": "trimvlm", "litserve": "litserve", "mosec": "mosec", "ray": "ray"}
+PACKAGES = {"trimvlm": "trimvlm", "litserve": "litserve", "mosec": "mosec", "mosec-2w": "mosec", "ray": "ray"}
+# Inference workers (processes) per peer; each session gets cores / workers threads. mosec-2w is
+# mosec laid out as TrimVLM runs by default: two batches at once, single-threaded sessions.
+INFERENCE_WORKERS = {"mosec-2w": 2}
 SCORE_TOLERANCE = 1e-4
 # The targets TrimVLM's serving layer is held to (same machine, same run)
 TARGETS = {
@@ -128,8 +132,11 @@ class Server:
             "PEER_BATCH_TIMEOUT_MS": f"{opts.batch_wait_ms:g}",
             "TRIMVLM_LOG_LEVEL": "warning",  # no access log line per request (peers run without theirs)
             "RAY_USAGE_STATS_ENABLED": "0",
+            "PEER_INFERENCE_WORKERS": str(INFERENCE_WORKERS.get(name, 1)),
         }
         py = [sys.executable, "-m"]
+        mosec = [*py, "benchmarks.baselines.mosec_app", "--port", str(self.port), "--address", "127.0.0.1"]
+        mosec += ["--log-level", "warning", "--timeout", str(timeout_ms)]
         cmd = {
             "trimvlm": [*py, "service", "serve", "--models", str(opts.model.resolve()), "--port", str(self.port)],
             "litserve": [
@@ -144,18 +151,8 @@ class Server:
                 "--timeout-s",
                 f"{opts.request_timeout_s:g}",
             ],
-            "mosec": [
-                *py,
-                "benchmarks.baselines.mosec_app",
-                "--port",
-                str(self.port),
-                "--address",
-                "127.0.0.1",
-                "--log-level",
-                "warning",
-                "--timeout",
-                str(timeout_ms),
-            ],
+            "mosec": mosec,
+            "mosec-2w": mosec,
             "ray": [*py, "benchmarks.baselines.ray_app", "--port", str(self.port)],
         }[name]
         self.log = logdir / f"{name}.log"
@@ -853,5 +850,6 @@ HOW = {
     "trimvlm": "`python -m service serve` with its defaults: uvicorn + FastAPI, dynamic batching in-process",
     "litserve": "an API server process (uvicorn) and one inference worker process (decode, batch, predict)",
     "mosec": "Rust HTTP server; a preprocessing worker process and a batching inference worker process",
+    "mosec-2w": "as mosec, with two batching inference worker processes (single-threaded sessions)",
     "ray": "Ray Serve: HTTP proxy actor, controller, one replica with `@serve.batch`, Ray's own daemons",
 }

@@ -78,8 +78,10 @@ class Settings(BaseSettings):
     max_queue_delay_ms: float = 0.0
     max_queue_size: int = 512  # queued items per batcher; beyond it 429 + Retry-After
     # Batches of one batcher running at once, each on its own inference thread. With intra_op_threads 0
-    # each session then gets cores / batch_concurrency threads (README, "Server layout": measured).
-    batch_concurrency: int = Field(1, ge=1)
+    # each session then gets cores / batch_concurrency threads. Two single-threaded batches on 2 cores
+    # served 1.2x the req/s of one two-threaded batch, with a lower 1-client p50 for the default model
+    # (README, "Server layout"); 1 gives one request all the cores (large models, latency first).
+    batch_concurrency: int = Field(2, ge=1)
     # Task requests in flight (reading, decoding, queued, running); beyond it 429 `overloaded` + Retry-After
     # at once. 0: no limit. Bounds the wait under overload to about this / capacity (docs/RELIABILITY.md).
     max_inflight_requests: int = 256

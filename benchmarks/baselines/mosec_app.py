@@ -13,7 +13,7 @@ import os
 
 from mosec import Server, Worker
 
-from benchmarks.baselines.vqa_model import VqaDecoder, VqaModel, model_folder
+from benchmarks.baselines.vqa_model import VqaDecoder, VqaModel, inference_workers, model_folder
 
 MAX_BATCH = int(os.environ.get("PEER_MAX_BATCH_SIZE", "32"))
 WAIT_MS = int(os.environ.get("PEER_BATCH_TIMEOUT_MS", "2"))
@@ -40,5 +40,5 @@ class Inference(Worker):
 if __name__ == "__main__":
     server = Server()
     server.append_worker(Preprocess, num=1, route="/vqa")
-    server.append_worker(Inference, num=1, max_batch_size=MAX_BATCH, max_wait_time=WAIT_MS, route="/vqa")
+    server.append_worker(Inference, num=inference_workers(), max_batch_size=MAX_BATCH, max_wait_time=WAIT_MS, route="/vqa")
     server.run()

@@ -28,6 +28,10 @@ from service.tasks import TaskModel
 MODEL_ENV = "TRIMVLM_PEER_MODEL"
 
 
+def inference_workers() -> int:
+    return int(os.environ.get("PEER_INFERENCE_WORKERS", "1"))
+
+
 def model_folder() -> Path:
     folder = os.environ.get(MODEL_ENV)
     if not folder:
@@ -71,7 +75,10 @@ class VqaModel(VqaDecoder):
     def __init__(self, folder: Path | None = None):
         folder = folder or model_folder()
         super().__init__(folder)
-        s = Settings()  # the service's defaults (TRIMVLM_* variables apply, as for `trimvlm serve`)
+        # the service's defaults (TRIMVLM_* variables apply, as for `trimvlm serve`), except that each
+        # session's threads follow the peer's own inference workers (PEER_INFERENCE_WORKERS, default 1:
+        # one worker with every core), not TrimVLM's batch concurrency
+        s = Settings(batch_concurrency=inference_workers())
         self.tasks = TaskModel(folder, s.backend, s.precision, s.runtime_options())
 
     def logits(self, items: list[VqaItem]) -> np.ndarray:
