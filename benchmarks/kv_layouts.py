@@ -22,7 +22,7 @@ from service.settings import Settings
 
 
 def measure(old: Path, new: Path, precisions: tuple[str, ...], length: int, repeats: int) -> dict:
-    options = Settings().runtime_options()
+    options = Settings(batch_concurrency=1).runtime_options()  # one graph call at a time, every core
     out = {}
     for p in precisions:
         graphs = {"tokens": Graphs(old, p, ["vision", *DECODER], options), "heads": Graphs(new, p, DECODER, options)}

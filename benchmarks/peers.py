@@ -596,11 +596,12 @@ def run(opts: Options, log=print) -> dict:
         "machine": machine_info(
             "cpu",
             "cores",
+            "cpu_features",
             "python",
             "platform",
             "numpy",
             "onnxruntime",
-            note="shared 2-core AMD EPYC (AVX2, no VNNI), loopback, the load generator on the same cores",
+            note="a shared machine, loopback, the load generator on the same cores",
         ),
         "model": {
             "folder": str(opts.model),
@@ -774,7 +775,7 @@ def markdown(r: dict) -> str:
 **{cfg["load_generator"]}** for {cfg["duration_s"]:g} s per cell after a {cfg["warmup_s"]:g} s warm-up,
 {cfg["rounds"]} interleaved round(s) (round r: the bare runtime, then every server at every client count,
 the servers' order rotated; one server up at a time), medians over rounds. Machine: {m["cpu"]}, {m["cores"]} cores
-({m["note"]}); python {m["python"]}, onnxruntime {m["onnxruntime"]}.
+({m.get("cpu_features") or "features not recorded"}; {m["note"]}); python {m["python"]}, onnxruntime {m["onnxruntime"]}.
 Absolute figures are this machine's; compare servers within the run.
 
 Every peer wraps the same `service.tasks.TaskModel` with the service's ONNX Runtime settings

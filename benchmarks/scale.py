@@ -703,6 +703,8 @@ def _service_section(fx: Fixture, precision: str, opts: Options, runtime_batchin
 
     env = {
         "TRIMVLM_PRECISION": precision,
+        # one batch at a time on every core: BLIP-base on few cores is latency-bound (README, "Server layout")
+        "TRIMVLM_BATCH_CONCURRENCY": "1",
         "TRIMVLM_MAX_BATCH_SIZE": str(opts.clients),
         "TRIMVLM_GALLERY_DIR": gallery,
     }
@@ -752,7 +754,7 @@ def _service_section(fx: Fixture, precision: str, opts: Options, runtime_batchin
         peak_rss = {"no_batching": vmhwm_mib(servers["no_batching"].proc.pid)}
         servers["no_batching"].stop()  # its memory back before the bare runtime loads
         log("service: overhead at one client ...")
-        options = Settings().runtime_options()
+        options = Settings(batch_concurrency=1).runtime_options()
         tasks = TaskModel(fx.export, precision=precision, options=options)
         from service.images import ImageLimits, load_request_image
 
@@ -885,7 +887,7 @@ def run(opts: Options) -> dict:
         ]
     report["started"] = time.strftime("%Y-%m-%d %H:%M:%S")
     service_size = opts.service_size or max(opts.image_sizes)
-    runtime_options = Settings().runtime_options()
+    runtime_options = Settings(batch_concurrency=1).runtime_options()
     profile_at: dict = {}
     for size in opts.image_sizes:
         fx = Fixture(opts.root, opts.size, size)

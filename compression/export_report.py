@@ -69,7 +69,7 @@ def write_report(
 
     # The service's runtime settings: ORT's default spin-waiting would let one graph's idle threads
     # steal the cores from the next (vision -> text -> fusion: 49 vs 30 ms per batch of 32 measured)
-    options = Settings().runtime_options()
+    options = Settings(batch_concurrency=1).runtime_options()  # one graph call at a time, every core
     runtime_settings = {"intra_op_threads": options.intra_op_threads, "allow_spinning": options.extra["allow_spinning"]}
     tasks = TaskModel(model, "onnxruntime", options=options)
     levels = tasks.level_names

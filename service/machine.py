@@ -24,6 +24,24 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+# CPU features that change what INT8 and fp32 graphs cost (VNNI: INT8 dot products; AMX: tile matmuls)
+_ISA_FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_vnni": "AVX512-VNNI", "avx_vnni": "AVX-VNNI", "amx_int8": "AMX-INT8"}
+
+
+def cpu_features() -> str:
+    """The vector extensions /proc/cpuinfo lists among those that matter here ("AVX2, AVX-512,
+    AVX512-VNNI"), "no VNNI" spelled out when neither VNNI is there; "" off Linux."""
+    try:
+        line = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
+    except OSError:
+        return ""
+    flags = set(line.split(":", 1)[-1].split())
+    found = [name for flag, name in _ISA_FLAGS.items() if flag in flags]
+    if found and not flags & {"avx512_vnni", "avx_vnni"}:
+        found.append("no VNNI")
+    return ", ".join(found)
+
+
 def _version(module: str) -> Callable[[], str]:
     return lambda: __import__(module).__version__
 
@@ -36,6 +54,7 @@ def _torch_threads() -> int:
 
 FACTS: dict[str, Callable[[], object]] = {
     "cpu": cpu_name,
+    "cpu_features": cpu_features,
     "cores": os.cpu_count,
     "threads": _torch_threads,  # torch's intra-op threads
     "python": platform.python_version,

@@ -39,3 +39,25 @@ def test_no_torch_unless_asked():
         "machine_info('cpu', 'cores', 'python', 'platform', 'onnxruntime'); assert 'torch' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ("fpu sse2 avx2 fma", "AVX2, no VNNI"),
+        ("avx2 avx512f avx512_vnni amx_int8", "AVX2, AVX-512, AVX512-VNNI, AMX-INT8"),
+        ("avx2 avx_vnni", "AVX2, AVX-VNNI"),
+    ],
+)
+def test_cpu_features_names_what_changes_int8_cost(monkeypatch, flags, expected):
+    from pathlib import Path
+
+    from service import machine
+
+    real = Path.read_text
+    monkeypatch.setattr(
+        Path,
+        "read_text",
+        lambda p, *a, **k: f"model name : X\nflags\t\t: {flags}\n" if str(p) == "/proc/cpuinfo" else real(p, *a, **k),
+    )
+    assert machine.cpu_features() == expected
