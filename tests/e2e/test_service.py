@@ -1204,7 +1204,7 @@ def test_disconnect_drops_queued_work(start_server):
     """Batch size 1 and many queued beam-search /caption requests; most clients hang up while
     queued. The batchers skip their items (vlm_cancelled_items_total), run only the rest, the
     clients that stayed get their captions, and the server serves on."""
-    srv = start_server(TRIMVLM_MAX_BATCH_SIZE=1)
+    srv = start_server(TRIMVLM_MAX_BATCH_SIZE=1, TRIMVLM_BATCH_CONCURRENCY=1)  # one at a time: the rest queue
     n, keep = 40, 6
     before = srv.metrics()
 
