@@ -339,13 +339,12 @@ class Distiller(nn.Module):
             with torch.no_grad():
                 t_out = task_forward(self.teacher, vqa, cap, states=True)
         s_out = task_forward(self.student, vqa, cap, gates=gates, states=need_kd, negatives=t_out.negatives if t_out else None)
-        itm_keep = None
+        flagged = None
         if t_out is not None and cfg.itm_false_negative_p is not None:
-            itm_keep = itm_false_negatives(t_out.itm_logits, cfg.itm_false_negative_p).logical_not().float()
-        losses = task_losses(s_out, vqa, cap, itm_keep)
-        if itm_keep is not None:
-            n_neg = itm_keep.numel() * 2 // 3
-            losses["itm_false_negatives"] = (n_neg - itm_keep[-n_neg:].sum()).detach() / n_neg  # logged, not optimised
+            flagged = itm_false_negatives(t_out.itm_logits, cfg.itm_false_negative_p)
+        losses = task_losses(s_out, vqa, cap, None if flagged is None else ~flagged)
+        if flagged is not None:  # the share of negatives dropped (rows B..3B): logged, not optimised
+            losses["itm_false_negatives"] = flagged[flagged.shape[0] // 3 :].float().mean()
         task = weighted_sum(losses, cfg.loss_weights)
         total = cfg.task_weight * task
         losses["task"] = task

@@ -333,7 +333,8 @@ def task_losses(out: TaskOutputs, vqa: dict, cap: dict, itm_keep: torch.Tensor |
         losses["itm"] = F.cross_entropy(out.itm_logits.float(), labels)
     else:
         per_pair = F.cross_entropy(out.itm_logits.float(), labels, reduction="none")
-        losses["itm"] = (per_pair * itm_keep).sum() / itm_keep.sum().clamp(min=1)
+        keep = itm_keep.float()
+        losses["itm"] = (per_pair * keep).sum() / keep.sum().clamp(min=1)
     losses["caption"] = lm_loss(out.caption_logits, cap["dec_ids"], cap["mask"])
     return losses
 
