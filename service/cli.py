@@ -31,12 +31,12 @@ def serve(
     port: Annotated[Optional[int], typer.Option(help="Port (TRIMVLM_PORT; default 8000).")] = None,
     models: Annotated[Optional[Path], typer.Option(help="Model repository (TRIMVLM_MODELS_DIR; default models/).")] = None,
     workers: Annotated[
-        int,
+        Optional[int],
         typer.Option(
-            help="Worker processes. More than 1 needs a shared gallery (TRIMVLM_GALLERY_BACKEND=chroma): the embedded "
-            "one belongs to one process."
+            help="Worker processes, each on its own socket of the port (TRIMVLM_WORKERS; default 1). More than 1 "
+            "needs a shared gallery (TRIMVLM_GALLERY_BACKEND=chroma): the embedded one belongs to one process."
         ),
-    ] = 1,
+    ] = None,
 ):
     """Serve the models in the repository over HTTP (FastAPI + uvicorn; no torch).
 
@@ -53,6 +53,7 @@ def serve(
         settings = Settings(**overrides)
     except ValidationError as e:  # a TRIMVLM_* variable or .env line that does not parse
         fail(f"invalid settings: {e}")
+    workers = settings.workers if workers is None else workers
     if workers < 1:
         fail(f"--workers {workers}: at least 1 (with the embedded gallery exactly 1; scale out with replicas)", code=2)
     if workers > 1 and settings.gallery_backend == "embedded":
@@ -66,11 +67,11 @@ def serve(
         problem = repository_problem(settings.models_dir, settings.version_policy)
         if problem:
             fail(f"{problem} (TRIMVLM_EXIT_ON_LOAD_ERROR=false serves anyway, never ready)")
-    sock = listen(settings.host, settings.port, settings.listen_backlog)  # before any model loads
+    sockets = listen(settings.host, settings.port, settings.listen_backlog, workers)  # before any model loads
     if workers > 1:
-        run_workers(settings, sock, workers, overrides)
+        run_workers(settings, sockets, {**overrides, "workers": workers})  # sessions share the cores by it
     else:
-        run_server(settings, sock)
+        run_server(settings, sockets[0])
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -101,15 +102,20 @@ def repository_problem(root: Path, version_policy: str = "latest:1") -> str | No
     return None
 
 
-def listen(host: str, port: int, backlog: int):
-    """The listening socket, bound before the models load, so a port in use fails at once (uvicorn
-    binds after the app's start-up). SO_REUSEADDR and the address family as uvicorn's own binding."""
+def listen(host: str, port: int, backlog: int, workers: int = 1) -> list:
+    """The listening sockets, bound before the models load, so a port in use fails at once (uvicorn
+    binds after the app's start-up): one, or one per worker sharing the port (service/workers.py).
+    SO_REUSEADDR and the address family as uvicorn's own binding."""
     import errno
     import socket
 
+    from service.workers import listen_shared
+
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        return socket.create_server((host, port), family=family, backlog=backlog)  # SO_REUSEADDR on POSIX
+        if workers > 1:
+            return listen_shared(host, port, backlog, workers)
+        return [socket.create_server((host, port), family=family, backlog=backlog)]  # SO_REUSEADDR on POSIX
     except OSError as e:
         where = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
         if e.errno == errno.EADDRINUSE:
@@ -156,27 +162,28 @@ def run_server(settings, sock) -> None:
         raise typer.Exit(3)  # uvicorn's start-up failure (it has logged why)
 
 
-def run_workers(settings, sock, workers: int, overrides: dict) -> None:
-    """uvicorn's process supervisor: `workers` processes accept on the one bound socket, each with its own
-    models and a client of the shared gallery. Each worker builds its settings from the environment (the
-    command-line overrides are passed on as TRIMVLM_* variables)."""
+def run_workers(settings, sockets: list, overrides: dict) -> None:
+    """One process per socket (service/workers.py), each with its own models and a client of the shared
+    gallery. Each worker builds its settings from the environment (the command-line overrides, and the
+    worker count its sessions share the cores by, are passed on as TRIMVLM_* variables)."""
     import os
 
     import uvicorn
-    from uvicorn.supervisors import Multiprocess
+
+    from service.workers import PerSocketWorkers
 
     for name, value in overrides.items():
         os.environ[f"TRIMVLM_{name.upper()}"] = str(value)
     config = uvicorn.Config(
         "service.app:create_app",
         factory=True,
-        workers=workers,
+        workers=len(sockets),
         access_log=False,
         timeout_graceful_shutdown=int(settings.graceful_shutdown_s),
         log_level=settings.log_level,
         backlog=settings.listen_backlog,
     )
-    Multiprocess(config, sockets=[sock]).run()
+    PerSocketWorkers(config, sockets).run()
 
 
 @index_app.command("build")

@@ -201,7 +201,7 @@ class ModelServer:
                 max_queue=settings.max_queue_size,
                 on_batch=self._on_batch,
                 on_dropped=lambda n, k: self.metrics.cancelled.labels(n).inc(k),
-                concurrency=settings.batch_concurrency,
+                concurrency=settings.batches_at_once(),
             )
             metrics.queue_capacity.labels(self.id, name).set(settings.max_queue_size)  # the queue alert's limit
 

@@ -78,10 +78,14 @@ class Settings(BaseSettings):
     max_queue_delay_ms: float = 0.0
     max_queue_size: int = 512  # queued items per batcher; beyond it 429 + Retry-After
     # Batches of one batcher running at once, each on its own inference thread. With intra_op_threads 0
-    # each session then gets cores / batch_concurrency threads. Two single-threaded batches on 2 cores
-    # served 1.2x the req/s of one two-threaded batch, with a lower 1-client p50 for the default model
-    # (README, "Server layout"); 1 gives one request all the cores (large models, latency first).
-    batch_concurrency: int = Field(2, ge=1)
+    # each session then gets cores / (workers x batches) threads. 0: 2 in a single process (two
+    # single-threaded batches on 2 cores served 1.2x the req/s of one two-threaded batch, with a lower
+    # 1-client p50), 1 in each of several workers (the processes already run side by side; a second
+    # batch each measured slower: README, "Server layout"). 1 gives one request all the cores (large
+    # models, latency first).
+    batch_concurrency: int = Field(0, ge=0)
+    # Server processes on this machine, each on its own socket of the port (`serve --workers`).
+    workers: int = Field(1, ge=1)
     # Task requests in flight (reading, decoding, queued, running); beyond it 429 `overloaded` + Retry-After
     # at once. 0: no limit. Bounds the wait under overload to about this / capacity (docs/RELIABILITY.md).
     max_inflight_requests: int = 256
@@ -145,13 +149,19 @@ class Settings(BaseSettings):
     def _version_policy(cls, value: str) -> str:
         return str(VersionPolicy.parse(value))  # a clear error now, rather than at model load
 
+    def batches_at_once(self) -> int:
+        """Batches of one batcher in flight per process: as set, or by the worker count (0)."""
+        return self.batch_concurrency or (2 if self.workers == 1 else 1)
+
     def session_threads(self) -> int:
         """Intra-op threads of each runtime session: as set, or with 0 the cores shared among the
-        batches that run at once (0 again, the library's one per core, for a single batch)."""
-        if self.intra_op_threads or self.batch_concurrency == 1:
+        batches that run at once in every worker (0 again, the library's one per core, for a single
+        batch in a single process)."""
+        sessions = self.batches_at_once() * self.workers
+        if self.intra_op_threads or sessions == 1:
             return self.intra_op_threads
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        return max(1, cores // self.batch_concurrency)
+        return max(1, cores // sessions)
 
     def runtime_options(self) -> RuntimeOptions:
         """The backend settings `trimvlm serve` runs its models with (reports and benchmarks that

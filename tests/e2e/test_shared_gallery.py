@@ -16,9 +16,9 @@ import time
 import httpx
 import pytest
 
+from benchmarks.chroma_server import ChromaServer, chroma_executable
 from tests.e2e.conftest import DEFAULT_MODEL, MODELS, READY_TIMEOUT_S, REPO, ServerProcess
 from tests.e2e.test_service import BLUE_RECTANGLE, GREEN_TRIANGLE, RED_CIRCLE, SHAPE_Q, assert_error
-from tests.gallery_server import ChromaServer, chroma_executable
 
 pytestmark = pytest.mark.skipif(chroma_executable() is None, reason="chromadb (the dev extra) is not installed")
 

@@ -1,11 +1,11 @@
-"""A real Chroma server process for the tests (`chroma run`, from the `chromadb` package in the dev extra),
-started and stopped by the tests themselves, on a free loopback port, persisting to a folder."""
+"""A real Chroma server process (`chroma run`, from the `chromadb` package in the dev extra), started and
+stopped by its caller on a free loopback port, persisting to a folder: the shared gallery of
+`trimvlm bench peers`' multi-worker row and of the shared-gallery tests."""
 
 from __future__ import annotations
 
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,16 +13,12 @@ from pathlib import Path
 
 import httpx
 
+from benchmarks.service_bench import free_port
+
 
 def chroma_executable() -> str | None:
     here = Path(sys.executable).parent / "chroma"  # the venv's, not whatever is on PATH
     return str(here) if here.exists() else shutil.which("chroma")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ChromaServer:
