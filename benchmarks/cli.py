@@ -295,10 +295,10 @@ def bench_peers(
     servers: Annotated[
         str,
         typer.Option(
-            help="Comma-separated subset of trimvlm,litserve,mosec,mosec-2w,ray (mosec-2w: mosec with two inference "
-            "worker processes, the layout TrimVLM runs by default)."
+            help="Comma-separated subset of trimvlm,trimvlm-2w,litserve,mosec,mosec-2w,ray (trimvlm-2w: `serve "
+            "--workers 2` with its gallery on a Chroma server; mosec-2w: mosec with two inference worker processes)."
         ),
-    ] = "trimvlm,litserve,mosec,mosec-2w,ray",
+    ] = "trimvlm,trimvlm-2w,litserve,mosec,mosec-2w,ray",
     clients: Annotated[str, typer.Option(help="Closed-loop client counts, comma-separated.")] = "1,32,64",
     duration: Annotated[float, typer.Option(help="Seconds of load per server, client count and round.")] = 8.0,
     rounds: Rounds = 3,
