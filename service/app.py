@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 import gc
 import hmac
+import itertools
 import json
 import logging
+import secrets
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -76,13 +77,16 @@ class RequestContext:
 
     def __init__(self, app, settings: Settings):
         self.app, self.settings = app, settings
+        # request ids: 16 random hex digits for this process, then a counter; unique across workers and
+        # replicas, and cheaper than a uuid4 (os.urandom) a request (~3% of the event loop's time, profiled)
+        self.id_prefix, self.id_count = secrets.token_hex(8), itertools.count()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         t0 = time.perf_counter()
         headers = dict(scope.get("headers", []))
-        rid = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
+        rid = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or f"{self.id_prefix}{next(self.id_count):016x}"
         scope.setdefault("state", {}).update(t0=t0, request_id=rid)
         limit = self.settings.max_body_bytes
         length = headers.get(b"content-length")

@@ -209,11 +209,12 @@ def _open_checked(data: bytes, limits: ImageLimits) -> tuple[Image.Image, str]:
     return img, fmt
 
 
-def _decode_rgb(data: bytes, limits: ImageLimits) -> tuple[Image.Image, str]:
+def _decode_rgb(data: bytes, limits: ImageLimits, opened: tuple[Image.Image, str] | None = None) -> tuple[Image.Image, str]:
+    """RGB pixels of image bytes; `opened`: their header already read and checked (_open_checked)."""
     if ImageFile.LOAD_TRUNCATED_IMAGES:  # someone flipped the global: truncated images must still fail
         log.warning("PIL ImageFile.LOAD_TRUNCATED_IMAGES was True; resetting it to False")
         ImageFile.LOAD_TRUNCATED_IMAGES = False
-    img, fmt = _open_checked(data, limits)
+    img, fmt = opened or _open_checked(data, limits)
     with img:
         try:
             img.load()  # decodes the first frame of animated images; truncation shows up here
@@ -230,19 +231,37 @@ def _decode_rgb(data: bytes, limits: ImageLimits) -> tuple[Image.Image, str]:
     return rgb, fmt
 
 
-def declared_pixels(payload: str | bytes, limits: ImageLimits) -> int | None:
-    """Pixels the payload's image header declares, without decoding the pixels (base64, data
-    URIs and raw bytes; None for URLs, which are never fetched here). Raises the ImageError that
-    decoding would raise for a payload refused from its header."""
-    if isinstance(payload, str):
+@dataclass
+class OpenedImage:
+    """A request image with its bytes decoded (base64, data URI) and its header read and checked, its
+    pixels not yet: what the event loop looks at to decide where to decode it (its pixel count), handed
+    on to load_request_image so that neither step is done twice."""
+
+    source: Source
+    data: bytes
+    image: Image.Image
+    format: str
+
+    @property
+    def pixels(self) -> int:
+        width, height = self.image.size
+        return width * height
+
+
+def open_request_image(payload: str | bytes, limits: ImageLimits) -> OpenedImage | None:
+    """The payload's bytes and image header, without decoding the pixels (base64, data URIs and raw
+    bytes; None for URLs, which are never fetched here). Raises the ImageError that decoding would
+    raise for a payload refused from its header."""
+    if isinstance(payload, (bytes, bytearray, memoryview)):
+        source, data = "multipart", bytes(payload)
+    else:
         text = payload.strip()
         if _URL_RE.match(text):
             return None
-        payload = decode_base64_image(text, limits)
-    img, _ = _open_checked(bytes(payload), limits)
-    width, height = img.size
-    img.close()
-    return width * height
+        source = "data_uri" if text[:5].lower() == "data:" else "base64"
+        data = decode_base64_image(text, limits)
+    img, fmt = _open_checked(data, limits)
+    return OpenedImage(source, data, img, fmt)
 
 
 def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
@@ -478,24 +497,16 @@ def fetch_url(url: str, limits: ImageLimits, *, resolver: Resolver | None = None
 # ---------------------------------------------------------------- one entry point
 
 
-def load_request_image(payload: str | bytes, limits: ImageLimits, spec: ImageSpec) -> LoadedImage:
+def load_request_image(payload: str | bytes | OpenedImage, limits: ImageLimits, spec: ImageSpec) -> LoadedImage:
     """A request image -> uint8 [spec.size, spec.size, 3] plus stats.
 
     str payloads are data URIs, http(s) URLs (only if `allow_urls`) or base64; bytes are raw
-    uploads (multipart or a raw body).
+    uploads (multipart or a raw body); an OpenedImage continues where open_request_image stopped.
     """
-    source: Source
-    if isinstance(payload, (bytes, bytearray, memoryview)):
-        source, data = "multipart", bytes(payload)
-    else:
-        text = payload.strip()
-        if _URL_RE.match(text):
-            source, data = "url", fetch_url(text, limits)
-        elif text[:5].lower() == "data:":
-            source, data = "data_uri", decode_base64_image(text, limits)
-        else:
-            source, data = "base64", decode_base64_image(text, limits)
-    rgb, fmt = _decode_rgb(data, limits)
-    original_size = rgb.size
-    array = image_to_uint8(rgb, spec)
-    return LoadedImage(array=array, source=source, nbytes=len(data), format=fmt, original_size=original_size)
+    if isinstance(payload, str) and _URL_RE.match(payload.strip()):
+        data = fetch_url(payload.strip(), limits)
+        payload = OpenedImage("url", data, *_open_checked(data, limits))
+    elif not isinstance(payload, OpenedImage):
+        payload = open_request_image(payload, limits)
+    rgb, fmt = _decode_rgb(payload.data, limits, (payload.image, payload.format))
+    return LoadedImage(image_to_uint8(rgb, spec), payload.source, len(payload.data), fmt, rgb.size)

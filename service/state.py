@@ -15,7 +15,7 @@ import numpy as np
 
 from service import tracing
 from service.errors import InvalidRequest, ModelUnavailable, UnknownModel
-from service.images import ImageError, ImageLimits, declared_pixels, load_request_image
+from service.images import ImageError, ImageLimits, OpenedImage, load_request_image, open_request_image
 from service.metrics import Metrics
 from service.repository import ManifestError, check_files, find_models, latest, load_manifest
 from service.server import ModelServer, TextInput
@@ -141,17 +141,29 @@ class AppState:
             raise
         self.gallery_error = None
 
-    def preprocess_inline(self, payload: str | bytes) -> bool:
-        """Whether an image payload is cheap enough to preprocess on the event loop (see
-        `inline_preprocess_max_pixels`): small on the wire and small in its header."""
+    def prepare_image(self, payload: str | bytes) -> tuple[str | bytes | OpenedImage, bool]:
+        """(What decode_image takes, whether it runs on the event loop): a payload small on the wire has its
+        base64 decoded and its header read here, once, and is decoded inline when the header declares at
+        most `inline_preprocess_max_pixels`. Larger images, URLs and anything big on the wire go to the
+        pool as they came."""
         limit = self.settings.inline_preprocess_max_pixels
         if limit <= 0 or len(payload) > 4 * limit + 4096:  # base64 of <= 3 bytes a pixel, plus headers
-            return False
+            return payload, False
         try:
-            pixels = declared_pixels(payload, self.image_limits)
+            opened = open_request_image(payload, self.image_limits)
         except ImageError:
-            return True  # refused from its header: decoding raises the same error at once
-        return pixels is not None and pixels <= limit
+            return payload, True  # refused from its header: decoding raises the same error at once
+        if opened is None:
+            return payload, False
+        if opened.pixels > limit:
+            opened.image.close()
+            return payload, False
+        return opened, True
+
+    async def image_pixels(self, payload: str | bytes, srv: ModelServer, endpoint: str) -> np.ndarray:
+        """A request image decoded for srv, on the event loop or in the pool (prepare_image)."""
+        prepared, inline = self.prepare_image(payload)
+        return await self.run_pre(self.decode_image, prepared, srv, endpoint, inline=inline)
 
     @tracing.traced("preprocess")
     async def run_pre(self, fn, *args, inline: bool = False):
@@ -167,10 +179,10 @@ class AppState:
             srv.latency.observe("preprocess", 1, seconds)
         return out
 
-    def decode_image(self, payload: str | bytes, srv: ModelServer, endpoint: str) -> np.ndarray:
+    def decode_image(self, payload: str | bytes | OpenedImage, srv: ModelServer, endpoint: str) -> np.ndarray:
         """Payload -> uint8 [H, W, 3] at srv's model size (raises ImageError); the batchers normalise a
         whole batch at once in the inference thread, cheaper than per image on the event loop. Runs in
-        the preprocess pool, or inline (preprocess_inline)."""
+        the preprocess pool, or inline (prepare_image)."""
         t0 = time.perf_counter()
         loaded = load_request_image(payload, self.image_limits, srv.tasks.image_spec)
         self.metrics.preprocess_duration.labels(endpoint, "image").observe(time.perf_counter() - t0)

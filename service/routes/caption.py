@@ -38,7 +38,7 @@ async def caption_one(request: Request, item: CaptionItem, t0: float) -> Caption
     deadline = deadline_for(request, item.deadline_ms)
     payload = image_payload(item)
     with field("image"):
-        pixels = await st.run_pre(st.decode_image, payload, srv, "caption", inline=st.preprocess_inline(payload))
+        pixels = await st.image_pixels(payload, srv, "caption")
     text, compute = await srv.caption(pixels, max_length, item.num_beams, call(request, "caption", deadline))
     return CaptionResponse(caption=text, compute=ComputeOut(**compute.__dict__), model=srv.id, latency_ms=ms_since(t0))
 

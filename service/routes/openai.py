@@ -245,7 +245,7 @@ class CaptionStream:
             raise bad(request, "trimvlm.num_beams", f"num_beams {ext.num_beams} exceeds the limit of {st.settings.max_beams}")
         deadline = deadline_for(request, ext.deadline_ms)
         with field("image"):
-            pixels = await st.run_pre(st.decode_image, url, srv, "caption", inline=st.preprocess_inline(url))
+            pixels = await st.image_pixels(url, srv, "caption")
         loop = asyncio.get_running_loop()
         tokens: asyncio.Queue = asyncio.Queue()
 
@@ -359,7 +359,7 @@ async def embeddings(request: Request, body: EmbeddingRequest):
         try:
             if kind == "image":
                 with field("image"):
-                    return await st.run_pre(st.decode_image, value, srv, "embeddings", inline=st.preprocess_inline(value))
+                    return await st.image_pixels(value, srv, "embeddings")
             with field("text"):
                 return (await st.run_pre(st.tokenize, [value], srv, "embeddings"))[0]
         except ServiceError as e:

@@ -40,11 +40,7 @@ router = APIRouter(prefix="/retrieval", tags=["retrieval"])
 
 async def _pixels(request: Request, srv: ModelServer, payloads: list) -> list[np.ndarray]:
     st = state(request)
-    return list(
-        await asyncio.gather(
-            *(st.run_pre(st.decode_image, p, srv, "retrieval", inline=st.preprocess_inline(p)) for p in payloads)
-        )
-    )
+    return list(await asyncio.gather(*(st.image_pixels(p, srv, "retrieval") for p in payloads)))
 
 
 async def _tokens(request: Request, srv: ModelServer, texts: list[str]) -> list[TextInput]:

@@ -34,7 +34,7 @@ async def answer_one(request: Request, item: VQAItem, t0: float) -> VQAResponse:
         if item.num_beams > st.settings.max_beams:
             raise InvalidRequest(f"num_beams {item.num_beams} exceeds the limit of {st.settings.max_beams}")
     deadline = deadline_for(request, item.deadline_ms)
-    payload = image_payload(item)
+    payload, inline = st.prepare_image(image_payload(item))
 
     def preprocess():  # together: one trip to the pool for a large image, none for a small one
         with field("image"):
@@ -43,7 +43,7 @@ async def answer_one(request: Request, item: VQAItem, t0: float) -> VQAResponse:
             question = st.tokenize([item.question], srv, "vqa")[0]  # validates the text first
         return pixels, question, srv.unknown_words(item.question)
 
-    pixels, question, unknown = await st.run_pre(preprocess, inline=st.preprocess_inline(payload))
+    pixels, question, unknown = await st.run_pre(preprocess, inline=inline)
     compute = item.compute.model_dump() if isinstance(item.compute, MaxFlops) else item.compute
     async with deadline_figures(request):
         answer = await srv.vqa(pixels, question, compute, item.top_k, call(request, "vqa", deadline), item.num_beams)

@@ -21,13 +21,14 @@ from service.images import (
     STATUS_BY_CODE,
     ImageError,
     ImageLimits,
-    declared_pixels,
+    OpenedImage,
     decode_base64_image,
     fetch_url,
     host_matches,
     is_public_address,
     load_request_image,
     open_image,
+    open_request_image,
 )
 from service.preprocess import ImageSpec
 
@@ -638,15 +639,23 @@ def test_https_verifies_the_host_name_while_connecting_to_the_checked_address(tl
 # ---------------------------------------------------------------- inline preprocessing
 
 
-def test_declared_pixels_reads_the_header_only():
+def test_open_request_image_reads_the_header_only():
     big = encode(Image.new("RGB", (300, 200), RED), "PNG")
-    assert declared_pixels(big, LIMITS) == 60_000
-    assert declared_pixels(base64.b64encode(big).decode(), LIMITS) == 60_000
-    assert declared_pixels("data:image/png;base64," + base64.b64encode(big).decode(), LIMITS) == 60_000
-    assert declared_pixels("https://example.com/cat.png", LIMITS) is None  # never fetched here
+    for payload, source in (
+        (big, "multipart"),
+        (base64.b64encode(big).decode(), "base64"),
+        ("data:image/png;base64," + base64.b64encode(big).decode(), "data_uri"),
+    ):
+        opened = open_request_image(payload, LIMITS)
+        assert (opened.pixels, opened.source, opened.format, opened.data) == (60_000, source, "PNG", big)
+        loaded = load_request_image(opened, LIMITS, SPEC)  # continues from the header: same as from the payload
+        again = load_request_image(payload, LIMITS, SPEC)
+        assert np.array_equal(loaded.array, again.array)
+        assert (loaded.source, loaded.nbytes, loaded.format, loaded.original_size) == (source, len(big), "PNG", (300, 200))
+    assert open_request_image("https://example.com/cat.png", LIMITS) is None  # never fetched here
     bomb = png_header(20_000, 20_000)  # a header alone: refused before any decoding
     with pytest.raises(ImageError) as e:
-        declared_pixels(bomb, LIMITS)
+        open_request_image(bomb, LIMITS)
     assert e.value.code == "too_many_pixels"
 
 
@@ -658,18 +667,19 @@ def test_only_small_images_are_preprocessed_on_the_event_loop():
     try:
         small = base64.b64encode(encode(Image.new("RGB", (64, 64), RED), "PNG")).decode()
         large = base64.b64encode(encode(Image.new("RGB", (65, 64), RED), "PNG")).decode()
-        assert st.preprocess_inline(small)
-        assert st.preprocess_inline(encode(Image.new("RGB", (64, 64), RED), "PNG"))  # multipart bytes
-        assert not st.preprocess_inline(large)
-        assert not st.preprocess_inline("http://example.com/a.png")  # URLs are fetched in the pool
-        assert not st.preprocess_inline("A" * 50_000)  # big on the wire: not even base64-decoded here
-        assert st.preprocess_inline("not base64!")  # refused from the header: the error comes back at once
+        prepared, inline = st.prepare_image(small)
+        assert inline and isinstance(prepared, OpenedImage)  # decoded once: handed on to decode_image
+        assert st.prepare_image(encode(Image.new("RGB", (64, 64), RED), "PNG"))[1]  # multipart bytes
+        assert st.prepare_image(large) == (large, False)  # the pool decodes it from the payload
+        assert st.prepare_image("http://example.com/a.png") == ("http://example.com/a.png", False)  # fetched in the pool
+        assert st.prepare_image("A" * 50_000) == ("A" * 50_000, False)  # big on the wire: not even base64-decoded here
+        assert st.prepare_image("not base64!") == ("not base64!", True)  # refused from the header: the error at once
     finally:
         st.preprocess_pool.shutdown()
         st.inference_pool.shutdown()
     off = AppState.create(Settings(inline_preprocess_max_pixels=0))
     try:
-        assert not off.preprocess_inline(small)
+        assert off.prepare_image(small) == (small, False)
     finally:
         off.preprocess_pool.shutdown()
         off.inference_pool.shutdown()
