@@ -170,6 +170,7 @@ def run_workers(settings, sockets: list, overrides: dict) -> None:
 
     import uvicorn
 
+    from service.worker_balance import BalancedHttpProtocol
     from service.workers import PerSocketWorkers
 
     for name, value in overrides.items():
@@ -178,6 +179,7 @@ def run_workers(settings, sockets: list, overrides: dict) -> None:
         "service.app:create_app",
         factory=True,
         workers=len(sockets),
+        http=BalancedHttpProtocol,  # hands connections back from a worker above its share
         access_log=False,
         timeout_graceful_shutdown=int(settings.graceful_shutdown_s),
         log_level=settings.log_level,

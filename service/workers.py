@@ -8,10 +8,13 @@ against 577 with a socket each (README, "Server layout").
 
 from __future__ import annotations
 
+import os
 import socket
 
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors.multiprocess import Multiprocess, Process, logger
+
+from service.worker_balance import LOADS_ENV, SLOT_ENV, WorkerLoads
 
 
 def listen_shared(host: str, port: int, backlog: int, count: int) -> list[socket.socket]:
@@ -37,8 +40,20 @@ class PerSocketWorkers(Multiprocess):
         super().__init__(config, sockets)
         if len(sockets) != self.processes_num:
             raise ValueError(f"{self.processes_num} workers need as many sockets, got {len(sockets)}")
+        self.loads_path = WorkerLoads.create(self.processes_num)  # connections per worker (worker_balance.py)
+        self.loads = WorkerLoads(self.loads_path, 0)
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            self.loads.close()
+            self.loads_path.unlink(missing_ok=True)
 
     def _spawn(self, slot: int) -> Process:
+        self.loads.clear(slot)
+        # a spawned worker reads its environment as it is at start()
+        os.environ[LOADS_ENV], os.environ[SLOT_ENV] = str(self.loads_path), str(slot)
         process = Process(self.config, [self.sockets[slot]])
         process.start()
         return process
