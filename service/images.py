@@ -503,10 +503,11 @@ def load_request_image(payload: str | bytes | OpenedImage, limits: ImageLimits, 
     str payloads are data URIs, http(s) URLs (only if `allow_urls`) or base64; bytes are raw
     uploads (multipart or a raw body); an OpenedImage continues where open_request_image stopped.
     """
-    if isinstance(payload, str) and _URL_RE.match(payload.strip()):
-        data = fetch_url(payload.strip(), limits)
-        payload = OpenedImage("url", data, *_open_checked(data, limits))
-    elif not isinstance(payload, OpenedImage):
-        payload = open_request_image(payload, limits)
+    if not isinstance(payload, OpenedImage):
+        opened = open_request_image(payload, limits)
+        if opened is None:  # a URL: fetched here, in the preprocessing pool
+            data = fetch_url(payload.strip(), limits)
+            opened = OpenedImage("url", data, *_open_checked(data, limits))
+        payload = opened
     rgb, fmt = _decode_rgb(payload.data, limits, (payload.image, payload.format))
     return LoadedImage(image_to_uint8(rgb, spec), payload.source, len(payload.data), fmt, rgb.size)
