@@ -348,6 +348,24 @@ def publish(
     typer.echo(f"published {src} to {to} ({dtype})")
 
 
+@app.command()
+def merge(
+    base: Annotated[Path, typer.Argument(help="The starting model folder (e.g. models/trimvlm-student/2).")],
+    tuned: Annotated[Path, typer.Argument(help="A run that continued from it (e.g. runs/distil-long/model).")],
+    out: Annotated[Path, typer.Option(help="Where the picked model folder goes.")],
+    teacher: Annotated[Path, typer.Option(help="The teacher retention is measured against.")] = Path("models/trimvlm-teacher/1"),
+    alpha: Annotated[list[float], typer.Option(help="Weight of TUNED to try (0: BASE, 1: TUNED). Repeatable.")] = [0.3, 0.5, 0.7],  # noqa: B006
+    device: Device = "auto",
+):
+    """Mix two weight sets of one architecture, (1 - alpha) x BASE + alpha x TUNED, and keep the
+    alpha whose weakest validation metric, as a fraction of the teacher's, is highest. Writes
+    merge.json beside the weights; re-calibrate compute levels afterwards (levels.json is not kept)."""
+    from compression.merge import merge as run_merge
+    from compression.torch_runtime import pick_device
+
+    run_merge(base, tuned, teacher, alpha, out, pick_device(device), log=typer.echo)
+
+
 @app.command("model-card")
 def model_card(
     model_dir: Path,
