@@ -245,7 +245,7 @@ def trim(cfg: TrimConfig, resume: bool = True) -> Path:
     if ctx.is_main:
         save_levels(final, levels)
         (ctx.out / "trim_config.yaml").write_text(yaml.safe_dump(cfg.__dict__, sort_keys=False))
-        for name in ("trim_log.jsonl",):
-            shutil.copy(ctx.out / name, final / name)
+        if (ctx.out / "trim_log.jsonl").is_file():  # none when steps is 0 (calibration only)
+            shutil.copy(ctx.out / "trim_log.jsonl", final / "trim_log.jsonl")
     end_run(ctx)
     return final

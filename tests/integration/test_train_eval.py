@@ -201,6 +201,13 @@ def test_distill_prune_and_eval_a_tiny_teacher(tmp_path):
     assert set(levels["levels"]) == {"full", "balanced", "fast"} and len(levels["curve"]) == 3
     assert levels["levels"]["full"]["flops_ratio"] == 1.0
     assert all(0 < p["flops_ratio"] < 1.1 for p in levels["curve"])
+    # calibration only (configs/calibrate-levels.yaml): no steps, the weights as they were, levels re-measured
+    recal_cfg = common | {"out": str(tmp_path / "recal"), "student": str(trimmed), "steps": 0, "lr": 0.0}
+    recal_cfg |= {"trimmer_lr": 0.0, "head_trimmer_lr": 0.0, "thresholds": [0.5], "calibration_limit": 30}
+    recal = trim(TrimConfig(**recal_cfg), resume=False)
+    assert [p["token_threshold"] for p in json.loads((recal / "levels.json").read_text())["curve"]] == [0.5]
+    before, after = load_model_dir(trimmed).model.state_dict(), load_model_dir(recal).model.state_dict()
+    assert before.keys() == after.keys() and all(before[k].equal(after[k]) for k in before)
     rows = [json.loads(line) for line in (trimmed / "trim_log.jsonl").read_text().splitlines()]
     assert {"self_distill", "cost", "flops_ratio", "beta"} <= set(rows[-1])
     rep = write_trim_report(trimmed, tmp_path / "trim_report", limit=20, latency_samples=4, rounds=1)
