@@ -79,14 +79,14 @@ def merge(
     rerank_k: int = 16,
     log=print,
 ) -> dict:
-    """Evaluate each mixing weight on validation, save the picked one to `out` (fp32) with
-    merge.json: every candidate's metrics, the teacher's, and the pick."""
+    """Evaluate each mixing weight on validation, save the picked one to `out` (fp32, with TUNED's
+    config: a continuation may add a head's use, e.g. decoder answers) and merge.json: every
+    candidate's metrics, the teacher's, and the pick."""
     from compression.evaluate import evaluate_validation
 
     out = Path(out)
     base, tuned = load_model_dir(base_dir, device), load_model_dir(tuned_dir, device)
-    if base.model.config.to_dict() != tuned.model.config.to_dict():
-        raise ValueError(f"{base_dir} and {tuned_dir} have different configs: not one architecture")
+    interpolate(base.model, tuned.model, 0.0)  # one architecture, or a clear error before any evaluation
     vqa, captions = validation_splits(base.preprocessing.image)
     splits = [f"{s.name} ({len(s.samples)} questions)" for s in vqa] + [f"{captions.name} ({len(captions.images)} images)"]
     log(f"validation: {', '.join(splits)}")

@@ -83,12 +83,12 @@ def test_merge_saves_the_picked_mixture_and_records_every_candidate(tmp_path, mo
     assert not (tmp_path / "out" / "levels.json").exists()
 
 
-def test_merge_refuses_two_configs(tmp_path):
+def test_merge_refuses_two_architectures_before_evaluating(tmp_path):
     a, _ = two_models()
     torch.manual_seed(1)
     pruned = TrimVLM(tiny_config(vision_mlp=[7, 3]))
     tok, pre = _tokenizer(), Preprocessing(image=ImageSpec(size=32))
     save_model_dir(tmp_path / "a", a, tok, pre)
     save_model_dir(tmp_path / "b", pruned, tok, pre)
-    with pytest.raises(ValueError, match="different configs"):
+    with pytest.raises(ValueError, match="not the same architecture"):
         M.merge(tmp_path / "a", tmp_path / "b", tmp_path / "a", [0.5], tmp_path / "out", log=lambda *_: None)
