@@ -355,6 +355,9 @@ def merge(
     out: Annotated[Path, typer.Option(help="Where the picked model folder goes.")],
     teacher: Annotated[Path, typer.Option(help="The teacher retention is measured against.")] = Path("models/trimvlm-teacher/1"),
     alpha: Annotated[list[float], typer.Option(help="Weight of TUNED to try (0: BASE, 1: TUNED). Repeatable.")] = [0.3, 0.5, 0.7],  # noqa: B006
+    teacher_metrics: Annotated[
+        Optional[Path], typer.Option(help="An earlier merge.json: reuse its teacher metrics instead of evaluating the teacher.")
+    ] = None,
     device: Device = "auto",
 ):
     """Mix two weight sets of one architecture, (1 - alpha) x BASE + alpha x TUNED, and keep the
@@ -363,7 +366,7 @@ def merge(
     from compression.merge import merge as run_merge
     from compression.torch_runtime import pick_device
 
-    run_merge(base, tuned, teacher, alpha, out, pick_device(device), log=typer.echo)
+    run_merge(base, tuned, teacher, alpha, out, pick_device(device), teacher_metrics=teacher_metrics, log=typer.echo)
 
 
 @app.command("model-card")

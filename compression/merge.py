@@ -77,6 +77,7 @@ def merge(
     out: str | Path,
     device: str = "cpu",
     rerank_k: int = 16,
+    teacher_metrics: str | Path | None = None,
     log=print,
 ) -> dict:
     """Evaluate each mixing weight on validation, save the picked one to `out` (fp32, with TUNED's
@@ -90,7 +91,10 @@ def merge(
     vqa, captions = validation_splits(base.preprocessing.image)
     splits = [f"{s.name} ({len(s.samples)} questions)" for s in vqa] + [f"{captions.name} ({len(captions.images)} images)"]
     log(f"validation: {', '.join(splits)}")
-    teacher = evaluate_validation(load_model_dir(teacher_dir, device), vqa, captions, device, rerank_k)
+    if teacher_metrics is not None:  # an earlier merge.json on the same splits: the teacher is the slow part
+        teacher = json.loads(Path(teacher_metrics).read_text())["teacher_metrics"]
+    else:
+        teacher = evaluate_validation(load_model_dir(teacher_dir, device), vqa, captions, device, rerank_k)
     log(f"teacher: {_brief(teacher)}")
     work = LoadedModel(copy.deepcopy(tuned.model), tuned.tokenizer, tuned.preprocessing)  # base, tuned stay as loaded
     candidates, weights = {}, {}

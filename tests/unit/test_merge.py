@@ -81,6 +81,19 @@ def test_merge_saves_the_picked_mixture_and_records_every_candidate(tmp_path, mo
     stored = json.loads((tmp_path / "out" / "merge.json").read_text())
     assert set(stored["candidates"]) == {"0.0", "0.5", "0.7", "1.0"} and stored["alpha"] == 0.5
     assert not (tmp_path / "out" / "levels.json").exists()
+    # the teacher's metrics from that merge.json: the same pick without evaluating the teacher again
+    calls = []
+    monkeypatch.setattr(compression.evaluate, "evaluate_validation", lambda *a: calls.append(a) or fake_eval(*a))
+    again = M.merge(
+        tmp_path / "base",
+        tmp_path / "tuned",
+        tmp_path / "teacher",
+        alphas,
+        tmp_path / "out2",
+        teacher_metrics=tmp_path / "out" / "merge.json",
+        log=lambda *_: None,
+    )
+    assert again["alpha"] == 0.5 and len(calls) == len(alphas)
 
 
 def test_merge_refuses_two_architectures_before_evaluating(tmp_path):
