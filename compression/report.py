@@ -118,6 +118,19 @@ def comparison_table(columns: dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
+def retention_section(columns: dict[str, dict], teacher: str = "teacher (torch)") -> str:
+    """What each other column keeps of the teacher's metrics, the unsaturated first (`trimvlm eval`
+    results per column); empty without a teacher column."""
+    if teacher not in columns:
+        return ""
+    from compression.compression_report import retention_table
+    from compression.evaluate import flat_metrics
+
+    rows = {teacher: {"metrics": flat_metrics(columns[teacher])}}
+    rows |= {name: {"metrics": flat_metrics(r)} for name, r in columns.items() if name != teacher}
+    return "\n" + "\n".join(retention_table(rows, teacher)).replace("## ", "### ", 1) + "\n"
+
+
 def domain_section(m) -> str:
     """The model card's "What it knows" section: the manifest's description, input size, closed
     answer list and known words (empty when the manifest has none of the first)."""
@@ -198,7 +211,7 @@ Same evaluation code for every column (`trimvlm eval`; exported folders run thro
 service's runtime, {runtime.get("backend", {}).get("runtime", "onnxruntime")} {runtime.get("precision", "")}):
 
 {comparison_table(columns)}
-
+{retention_section(columns)}
 Generative VQA accuracy is measured on torch models only (the exported decoder graphs take image
 states). Verify the files and reference outputs with `trimvlm models verify --models {export_dir}`.
 """

@@ -24,3 +24,22 @@ def test_retention_lists_unsaturated_metrics_first_with_ratios():
     ]
     assert body[0] == "| scenes VQA | 0.800 | 0.600 | 75.0% |"
     assert "| 90.0% |" in body[1] and "R@1 text->image" not in "\n".join(lines)  # absent metrics are left out
+
+
+def test_the_exported_models_card_has_a_retention_section_when_the_teacher_was_evaluated():
+    from compression.report import retention_section
+
+    def results(vqa, r1):
+        return {"easy_vqa": {"accuracy": 0.99}, "scenes": {"vqa_accuracy": vqa, "r1_i2t_rerank": r1, "caption_examples": []}}
+
+    columns = {
+        "exported (ONNX Runtime)": results(0.7, 0.5),
+        "torch source": results(0.72, 0.52),
+        "teacher (torch)": results(0.8, 0.75),
+    }
+    section = retention_section(columns)
+    assert section.lstrip().startswith("### Retention")
+    assert "| metric | teacher (torch) | exported (ONNX Runtime) | kept | torch source | kept |" in section
+    assert "| scenes VQA | 0.800 | 0.700 | 87.5% | 0.720 | 90.0% |" in section
+    assert "ITC top-16 re-ranked by ITM | 0.750 | 0.500 | 66.7% |" in section
+    assert retention_section({"exported (ONNX Runtime)": results(0.7, 0.5)}) == ""
