@@ -57,6 +57,12 @@ def metrics_table(results: dict) -> str:
                 f"| scenes test retrieval {d} R@1 / R@5 / R@10 | {sc[f'r1_{d}']:.4f} / {sc[f'r5_{d}']:.4f} / "
                 f"{sc[f'r10_{d}']:.4f} (chance R@1 {sc[f'chance_r1_{d}']:.4f}) |"
             )
+        for d in ("i2t", "t2i"):
+            if f"r1_{d}_rerank" in sc:
+                rows.append(
+                    f"| scenes test retrieval {d} R@1 / R@5 / R@10, ITC top-k re-ranked by ITM | {sc[f'r1_{d}_rerank']:.4f} / "
+                    f"{sc[f'r5_{d}_rerank']:.4f} / {sc[f'r10_{d}_rerank']:.4f} |"
+                )
     return "\n".join(rows)
 
 
