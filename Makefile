@@ -50,9 +50,9 @@ default-model: $(VENV)/.train
 
 ## The exported default vs the torch teacher (reports/export), and the service on loopback (reports/service).
 export-report: $(VENV)/.train
-	$(VENV)/bin/trimvlm export models/trimvlm-student/2 --out runs/export-fp32/trimvlm-default/1 --name trimvlm-default
+	$(VENV)/bin/trimvlm export models/trimvlm-student/3 --out runs/export-fp32/trimvlm-default/1 --name trimvlm-default
 	$(VENV)/bin/trimvlm report export models/trimvlm-default/1 --fp32 runs/export-fp32/trimvlm-default/1 \
-	  --source models/trimvlm-student/2 --out reports/export
+	  --source models/trimvlm-student/3 --out reports/export
 ## Every README figure: the model benchmark, the service benchmark, then docs/BENCHMARKS.md and the README
 ## headline block (each run is compared with the previous one: run it twice to see the run-to-run spread).
 bench: $(VENV)/.peers
