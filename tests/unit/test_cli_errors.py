@@ -42,7 +42,7 @@ else:
     main()
 """
 SERVING = ("serve", "models", "levels", "index")
-OFFLINE = ("data", "import", "train", "distill", "prune", "trim", "eval", "info", "publish", "model-card")
+OFFLINE = ("data", "import", "train", "distill", "prune", "trim", "eval", "info", "publish", "merge", "model-card")
 OFFLINE += ("export", "build-engine", "report", "pipeline")
 
 
@@ -159,7 +159,8 @@ def test_every_committed_config_loads_and_type_checks():
 
     kinds = {"teacher": TrainConfig, "tiny": TrainConfig, "scratch-student": DistillConfig, "distill": DistillConfig}
     kinds |= {"distill-long": DistillConfig}
-    kinds |= {"prune": PruneConfig, "trim": TrimConfig, "trim-continue": TrimConfig}
+    kinds |= {"prune": PruneConfig, "trim": TrimConfig, "trim-continue": TrimConfig, "trim-retune": TrimConfig}
+    kinds |= {"calibrate-levels": TrimConfig}
     for path in sorted((REPO / "configs").glob("*.yaml")):
         if path.stem.startswith("pipeline"):
             load_pipeline(path)

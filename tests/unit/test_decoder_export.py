@@ -151,14 +151,19 @@ def test_measure_caption_speed_reports_both_paths(setup):
     assert res["speedup"] == pytest.approx(res["nocache_p50_ms"] / res["cache_p50_ms"])
 
 
-def test_manifests_without_a_layout_are_the_old_tokens_layout():
-    """The committed exports predate the head-split cache: their manifests (no decoder_kv_layout)
-    read as `tokens`, and their cross K/V are [B, tokens, heads * d]."""
+def test_manifests_without_a_layout_are_the_old_tokens_layout(tmp_path):
+    """Exports from before the head-split cache have no decoder_kv_layout in their manifests: they
+    read as `tokens`. The committed default is a current export, with the head-split layout."""
+    import json
+
     from service.repository import load_manifest
     from tests.conftest import REPO
 
-    m = load_manifest(REPO / "models" / "trimvlm-default" / "1")
-    assert "decoder_kv_layout" not in (REPO / "models" / "trimvlm-default" / "1" / "manifest.json").read_text()
-    assert m.decoder_kv_layout == "tokens"
-    shape = next(t.shape for t in m.graphs["decoder_cross_kv"].outputs if t.name == "cross_key.0")
-    assert len(shape) == 3
+    committed = REPO / "models" / "trimvlm-default" / "1"
+    assert load_manifest(committed).decoder_kv_layout == "heads"
+    shape = next(t.shape for t in load_manifest(committed).graphs["decoder_cross_kv"].outputs if t.name == "cross_key.0")
+    assert len(shape) == 4  # [B, heads, tokens, d]
+    old = json.loads((committed / "manifest.json").read_text())
+    del old["decoder_kv_layout"]
+    (tmp_path / "manifest.json").write_text(json.dumps(old))
+    assert load_manifest(tmp_path).decoder_kv_layout == "tokens"
