@@ -366,7 +366,10 @@ def merge(
     from compression.merge import merge as run_merge
     from compression.torch_runtime import pick_device
 
-    run_merge(base, tuned, teacher, alpha, out, pick_device(device), teacher_metrics=teacher_metrics, log=typer.echo)
+    try:
+        run_merge(base, tuned, teacher, alpha, out, pick_device(device), teacher_metrics=teacher_metrics, log=typer.echo)
+    except (FileNotFoundError, ValueError) as e:  # a folder that is not a model, two architectures, alpha out of [0, 1]
+        fail(str(e), code=2)
 
 
 @app.command("model-card")

@@ -142,6 +142,13 @@ def test_bad_training_config_is_one_line_with_file_and_place(tmp_path, text, exp
     assert not (tmp_path / "run").exists()
 
 
+def test_merge_of_a_folder_that_is_not_a_model_is_one_line(tmp_path):
+    proc = cli("merge", "models/trimvlm-student/3", str(tmp_path / "nothing"), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2
+    assert "is not a model folder" in one_line_error(proc)
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_pipeline_config_is_one_line(tmp_path):
     bad = tmp_path / "pipeline.yaml"
     bad.write_text("teacher: {config: configs/teacher.yaml\nexport: {}\n")
