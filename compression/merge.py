@@ -97,17 +97,16 @@ def merge(
         teacher = evaluate_validation(load_model_dir(teacher_dir, device), vqa, captions, device, rerank_k)
     log(f"teacher: {_brief(teacher)}")
     work = LoadedModel(copy.deepcopy(tuned.model), tuned.tokenizer, tuned.preprocessing)  # base, tuned stay as loaded
-    candidates, weights = {}, {}
+    candidates = {}
     for alpha in sorted(set(alphas)):
-        weights[alpha] = interpolate(base.model, tuned.model, alpha)
-        work.model.load_state_dict(weights[alpha])
+        work.model.load_state_dict(interpolate(base.model, tuned.model, alpha))
         work.model.eval()
         candidates[alpha] = evaluate_validation(work, vqa, captions, device, rerank_k)
         kept = retention(candidates[alpha], teacher)
         weakest = min(kept, key=kept.get)
         log(f"alpha {alpha}: {_brief(candidates[alpha])}; weakest {weakest} at {kept[weakest]:.1%} of the teacher")
     best = pick(candidates, teacher)
-    work.model.load_state_dict(weights[best])
+    work.model.load_state_dict(interpolate(base.model, tuned.model, best))
     save_model_dir(out, work.model, work.tokenizer, work.preprocessing, extra_metadata={"merge_alpha": best})
     record = {
         "base": str(base_dir),
