@@ -119,13 +119,13 @@ compression-report: $(VENV)/.train
 	  $(foreach r,$(PRUNE_RUNS),--model pruned-$(r)=runs/prune-$(r)/model)
 
 ## Train SmartTrim trimmers on the pruned student from `make compress`, calibrate compute levels, and
-## write reports/trim (2 CPU cores: about 30 minutes). The committed result is models/trimvlm-student/2
+## write reports/trim (2 CPU cores: about 30 minutes). The committed result is models/trimvlm-student/3
 ## (this run continued by configs/trim-continue.yaml; see its model card).
 TRIM_STUDENT ?= runs/prune-flops-0.55/model
 trim: $(VENV)/.train
 	$(VENV)/bin/trimvlm trim configs/trim.yaml --student $(TRIM_STUDENT)
 	$(MAKE) trim-report
-TRIMMED ?= models/trimvlm-student/2
+TRIMMED ?= models/trimvlm-student/3
 trim-report: $(VENV)/.train
 	$(VENV)/bin/trimvlm report trim $(TRIMMED) --out reports/trim
 
