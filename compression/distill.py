@@ -40,6 +40,7 @@ from compression.training import (
     fit,
     load_data_for,
     save_run,
+    stack_kwargs,
     start_run,
     task_forward,
     task_losses,
@@ -80,6 +81,9 @@ DEFAULT_KD_WEIGHTS = {
     # against teacher texts and student texts against teacher images)
     "itc_contrastive": 0.0,
     "itc_interactive": 0.0,
+    # off unless set: the teacher's ITM ranking of each caption's top-k in-batch images (and each
+    # image's top-k captions, by the teacher's ITC) distilled listwise, as serving re-ranks
+    "itm_rank": 0.0,
 }
 
 
@@ -100,6 +104,7 @@ class DistillConfig(TrainConfig):
     kd_logits: list = field(default_factory=lambda: ["vqa", "vqa_gen", "itm", "itc", "caption"])
     projection_lr: float | None = None  # defaults to 2 x lr (EfficientVLM's lr_mult for new parameters)
     contrastive_temperature: float = 1.0  # of kd_weights.itc_contrastive
+    itm_rank_k: int = 4  # candidates per query of kd_weights.itm_rank
     # a folder for the teacher's outputs per training sample (compression/teacher_cache.py):
     # a teacher forward only the first time a sample is drawn. null: a teacher forward every step.
     teacher_cache: str | None = None
@@ -253,6 +258,39 @@ def interactive_contrastive(s: TaskOutputs, t: TaskOutputs, key: torch.Tensor, t
     return 0.5 * (-(F.log_softmax(i2t, 1) * target).sum(1).mean() - (F.log_softmax(t2i, 1) * target).sum(1).mean())
 
 
+def match_log_prob(model: TrimVLM, texts: torch.Tensor, mask: torch.Tensor, images: torch.Tensor, **fuse_kwargs) -> torch.Tensor:
+    """log p(match) of each (text, image) pair by the ITM head: the score re-ranking sorts by."""
+    logits = model.itm_logits(model.fuse(texts, mask, images, **fuse_kwargs).last_hidden_state).float()
+    return F.log_softmax(logits, dim=1)[:, 1]
+
+
+def itm_rank_candidates(teacher_sim: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(text row, image row) of every pair to rank: each caption with its k in-batch images the
+    teacher's ITC scores highest, then each image with its k highest captions ([2 x B x k] pairs)."""
+    b_img, b_txt = teacher_sim.shape
+    t2i = teacher_sim.t().topk(min(k, b_img), dim=1).indices  # [B_txt, k] images per caption
+    i2t = teacher_sim.topk(min(k, b_txt), dim=1).indices  # [B_img, k] captions per image
+    rows_t = torch.arange(b_txt, device=t2i.device)[:, None].expand_as(t2i)
+    rows_i = torch.arange(b_img, device=i2t.device)[:, None].expand_as(i2t)
+    return torch.cat([rows_t.reshape(-1), i2t.reshape(-1)]), torch.cat([t2i.reshape(-1), rows_i.reshape(-1)])
+
+
+def itm_rank_kd(
+    student: TrimVLM, teacher: TrimVLM, s: TaskOutputs, t: TaskOutputs, mask: torch.Tensor, k: int, gates: dict | None = None
+) -> torch.Tensor:
+    """KL(teacher || student) between the two models' ITM rankings of the same candidate lists
+    (softmax over each query's k candidates of log p(match)), both directions averaged. The
+    pointwise ITM KD matches one negative per pair; re-ranking only asks which candidate wins."""
+    text_rows, image_rows = itm_rank_candidates(t.itc_sim, k)
+    with torch.no_grad():
+        t_score = match_log_prob(teacher, t.caption_texts[text_rows], mask[text_rows], t.caption_images[image_rows])
+    s_score = match_log_prob(
+        student, s.caption_texts[text_rows], mask[text_rows], s.caption_images[image_rows], **stack_kwargs(gates, "fusion")
+    )
+    kk = min(k, t.itc_sim.shape[0], t.itc_sim.shape[1])
+    return kl_logits(s_score.view(-1, kk), t_score.view(-1, kk), 1.0)
+
+
 class Distiller(nn.Module):
     """Task + distillation losses of a student against a frozen teacher on the same batch.
 
@@ -359,6 +397,10 @@ class Distiller(nn.Module):
             if self.kd_weights["itc_interactive"]:
                 temp = self.student.temp.clamp(0.001, 0.5)
                 kd["itc_interactive"] = interactive_contrastive(s_out, t_out, cap["key"], temp)
+            if self.kd_weights["itm_rank"]:
+                kd["itm_rank"] = itm_rank_kd(
+                    self.student, self.teacher, s_out, t_out, cap["mask"], cfg.itm_rank_k, gates
+                )
             q_mask = vqa["q_mask"]
             kd.update(self.stack_losses("vision", s_out.vision, t_out.vision, None))
             kd.update(self.stack_losses("text", s_out.text, t_out.text, q_mask))

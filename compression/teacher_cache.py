@@ -295,6 +295,8 @@ class TeacherCache:
             itm_logits=itm,
             caption_logits=self._read("cap", cap_key, lc),
             negatives=negatives,
+            caption_images=img,
+            caption_texts=txt,
             vision=vision,
             text=text,
             fusion=fusion,

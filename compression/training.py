@@ -259,6 +259,8 @@ class TaskOutputs:
     text: object = None  # StackOutput of the questions
     fusion: object = None  # StackOutput of the VQA fusion pass
     decoder: object = None  # StackOutput of the captioning pass
+    caption_images: torch.Tensor | None = None  # [B, N_img, D] last vision states of the caption images
+    caption_texts: torch.Tensor | None = None  # [B, L, D] last text-encoder states of the captions
 
 
 @torch.no_grad()
@@ -312,7 +314,7 @@ def task_forward(
     # Captioning LM: [DEC] caption [SEP], cross-attending to the image tokens.
     caption_logits, decoder = m.text_decoder(cap["dec_ids"], cap["mask"], encoder_states=img, **kd, **st)
     return TaskOutputs(
-        vqa_logits, gen_logits, sim, image_emb, text_emb, itm, caption_logits, negatives, vision, text, fusion, decoder
+        vqa_logits, gen_logits, sim, image_emb, text_emb, itm, caption_logits, negatives, vision, text, fusion, decoder, img, txt
     )
 
 

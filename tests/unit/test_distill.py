@@ -197,3 +197,38 @@ def test_distiller_logs_the_share_of_negatives_it_dropped():
     assert float(drop_all["itm_false_negatives"]) == pytest.approx(1.0)
     assert float(drop_all["itm"]) != pytest.approx(float(keep_all["itm"]))  # negatives left the loss
     assert "itm_false_negatives" not in Distiller(student, teacher, DistillConfig())(vqa, cap)
+
+
+def test_itm_rank_candidates_are_the_teachers_top_k_both_ways():
+    from compression.distill import itm_rank_candidates
+
+    # 3 images x 3 captions: sim[i, j] of image i and caption j
+    sim = torch.tensor([[0.9, 0.1, 0.5], [0.2, 0.8, 0.7], [0.3, 0.6, 0.4]])
+    text_rows, image_rows = itm_rank_candidates(sim, 2)
+    pairs = list(zip(text_rows.tolist(), image_rows.tolist()))
+    # captions first (each with its two best images), then images (each with its two best captions)
+    assert pairs[:6] == [(0, 0), (0, 2), (1, 1), (1, 2), (2, 1), (2, 0)]
+    assert pairs[6:] == [(0, 0), (2, 0), (1, 1), (2, 1), (1, 2), (2, 2)]
+
+
+def test_itm_rank_kd_vanishes_on_agreement_and_trains_the_itm_ranking():
+    from compression.distill import itm_rank_kd
+
+    torch.manual_seed(0)
+    cfg = tiny_config(decoder_cross_width=None, text_width=32, text_head_dim=8)
+    teacher, student = TrimVLM(cfg).eval(), TrimVLM(cfg).eval()
+    student.load_state_dict(teacher.state_dict())
+    vqa, cap = synthetic_batches(cfg)
+    t_out = task_forward(teacher, vqa, cap)
+    s_out = task_forward(student, vqa, cap, negatives=t_out.negatives)
+    assert float(itm_rank_kd(student, teacher, s_out, t_out, cap["mask"], 3)) == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():  # a different ITM head ranks the same candidates differently
+        student.itm_head.weight.add_(torch.randn_like(student.itm_head.weight))
+    s_out = task_forward(student, vqa, cap, negatives=t_out.negatives)
+    loss = itm_rank_kd(student, teacher, s_out, t_out, cap["mask"], 3)
+    assert float(loss) > 1e-4
+    loss.backward()
+    assert student.itm_head.weight.grad.abs().sum() > 0 and all(p.grad is None for p in teacher.parameters())
+    # the Distiller adds it as its own KD term only when weighted
+    d = Distiller(student, teacher, DistillConfig(kd_weights={"itm_rank": 1.0}, itm_rank_k=3))
+    assert "itm_rank" in d(vqa, cap) and "itm_rank" not in Distiller(student, teacher, DistillConfig())(vqa, cap)
