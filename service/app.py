@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import __version__
 from service.admission import Admission, endpoint_of
+from service.direct_routes import DirectRoutes
 from service.errors import ServiceError, error_body
 from service.protocol_errors import error_response
 from service.routes import caption, docs, kserve, ops, retrieval, vqa
@@ -367,6 +368,8 @@ def create_app(settings: Settings | None = None, on_load_error: Callable[[str], 
         from service.routes import demo
 
         app.include_router(demo.router)
+    # innermost of the app's middleware: the hot task endpoints skip routing (service/direct_routes.py)
+    app.add_middleware(DirectRoutes, fastapi=app, routes=[*vqa.router.routes, *caption.router.routes], guards=(require_api_key,))
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
