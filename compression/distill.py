@@ -398,9 +398,7 @@ class Distiller(nn.Module):
                 temp = self.student.temp.clamp(0.001, 0.5)
                 kd["itc_interactive"] = interactive_contrastive(s_out, t_out, cap["key"], temp)
             if self.kd_weights["itm_rank"]:
-                kd["itm_rank"] = itm_rank_kd(
-                    self.student, self.teacher, s_out, t_out, cap["mask"], cfg.itm_rank_k, gates
-                )
+                kd["itm_rank"] = itm_rank_kd(self.student, self.teacher, s_out, t_out, cap["mask"], cfg.itm_rank_k, gates)
             q_mask = vqa["q_mask"]
             kd.update(self.stack_losses("vision", s_out.vision, t_out.vision, None))
             kd.update(self.stack_losses("text", s_out.text, t_out.text, q_mask))

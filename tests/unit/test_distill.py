@@ -205,7 +205,7 @@ def test_itm_rank_candidates_are_the_teachers_top_k_both_ways():
     # 3 images x 3 captions: sim[i, j] of image i and caption j
     sim = torch.tensor([[0.9, 0.1, 0.5], [0.2, 0.8, 0.7], [0.3, 0.6, 0.4]])
     text_rows, image_rows = itm_rank_candidates(sim, 2)
-    pairs = list(zip(text_rows.tolist(), image_rows.tolist()))
+    pairs = list(zip(text_rows.tolist(), image_rows.tolist(), strict=True))
     # captions first (each with its two best images), then images (each with its two best captions)
     assert pairs[:6] == [(0, 0), (0, 2), (1, 1), (1, 2), (2, 1), (2, 0)]
     assert pairs[6:] == [(0, 0), (2, 0), (1, 1), (2, 1), (1, 2), (2, 2)]
