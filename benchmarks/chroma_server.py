@@ -8,12 +8,9 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
-
-from benchmarks.service_bench import free_port
+from benchmarks.service_bench import free_port, wait_for_200
 
 
 def chroma_executable() -> str | None:
@@ -33,18 +30,18 @@ class ChromaServer:
         with open(self.log_path, "ab") as log:
             cmd = [exe, "run", "--path", str(self.path), "--host", "127.0.0.1", "--port", str(self.port)]
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"chroma exited with {self.proc.returncode}: {self.log_path.read_text()[-2000:]}")
-            try:
-                if httpx.get(self.url + "/api/v2/heartbeat", timeout=1.0).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise TimeoutError(f"chroma on {self.url} did not answer in {timeout_s:.0f}s")
+        try:
+            wait_for_200(
+                self.proc,
+                self.url + "/api/v2/heartbeat",
+                timeout_s,
+                lambda: f"chroma exited with {self.proc.returncode}: {self.log_path.read_text()[-2000:]}",
+                every_s=0.1,
+            )
+        except TimeoutError:
+            self.stop()
+            raise
+        return self
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -46,6 +47,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_200(proc: subprocess.Popen, url: str, timeout_s: float, exited: Callable[[], str], every_s: float = 0.2) -> None:
+    """Poll GET url until it answers 200. RuntimeError(exited()) if proc ends first, TimeoutError after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(exited())
+        try:
+            if httpx.get(url, timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(every_s)
+    raise TimeoutError(f"{url} did not answer 200 within {timeout_s:.0f} s")
+
+
 class ServerProcess:
     """`trimvlm serve` in a subprocess with TRIMVLM_* overrides; waits for /readyz."""
 
@@ -61,18 +77,11 @@ class ServerProcess:
             cmd = [sys.executable, "-m", "service", "serve", "--port", str(self.port), "--models", str(models)]
         ready = "/healthz" if naive_baseline else "/readyz"
         self.proc = subprocess.Popen(cmd, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + timeout_s
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stderr.read()[-2000:]}")
-            try:
-                if httpx.get(self.url + ready, timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise TimeoutError(f"server on {self.url} not ready after {timeout_s}s")
+        try:
+            wait_for_200(self.proc, self.url + ready, timeout_s, lambda: f"server exited: {self.proc.stderr.read()[-2000:]}")
+        except TimeoutError:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         if self.proc.poll() is None:
