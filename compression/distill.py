@@ -105,6 +105,7 @@ class DistillConfig(TrainConfig):
     projection_lr: float | None = None  # defaults to 2 x lr (EfficientVLM's lr_mult for new parameters)
     contrastive_temperature: float = 1.0  # of kd_weights.itc_contrastive
     itm_rank_k: int = 4  # candidates per query of kd_weights.itm_rank
+    itm_rank_directions: list = field(default_factory=lambda: ["t2i", "i2t"])  # whose rankings it distils
     # a folder for the teacher's outputs per training sample (compression/teacher_cache.py):
     # a teacher forward only the first time a sample is drawn. null: a teacher forward every step.
     teacher_cache: str | None = None
@@ -264,24 +265,39 @@ def match_log_prob(model: TrimVLM, texts: torch.Tensor, mask: torch.Tensor, imag
     return F.log_softmax(logits, dim=1)[:, 1]
 
 
-def itm_rank_candidates(teacher_sim: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(text row, image row) of every pair to rank: each caption with its k in-batch images the
-    teacher's ITC scores highest, then each image with its k highest captions ([2 x B x k] pairs)."""
+def itm_rank_candidates(
+    teacher_sim: torch.Tensor, k: int, directions: tuple = ("t2i", "i2t")
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(text row, image row) of every pair to rank: with "t2i", each caption with its k in-batch
+    images the teacher's ITC scores highest; then with "i2t", each image with its k highest
+    captions ([len(directions) x B x k] pairs)."""
     b_img, b_txt = teacher_sim.shape
-    t2i = teacher_sim.t().topk(min(k, b_img), dim=1).indices  # [B_txt, k] images per caption
-    i2t = teacher_sim.topk(min(k, b_txt), dim=1).indices  # [B_img, k] captions per image
-    rows_t = torch.arange(b_txt, device=t2i.device)[:, None].expand_as(t2i)
-    rows_i = torch.arange(b_img, device=i2t.device)[:, None].expand_as(i2t)
-    return torch.cat([rows_t.reshape(-1), i2t.reshape(-1)]), torch.cat([t2i.reshape(-1), rows_i.reshape(-1)])
+    texts, images = [], []
+    if "t2i" in directions:
+        t2i = teacher_sim.t().topk(min(k, b_img), dim=1).indices  # [B_txt, k] images per caption
+        texts.append(torch.arange(b_txt, device=t2i.device)[:, None].expand_as(t2i).reshape(-1))
+        images.append(t2i.reshape(-1))
+    if "i2t" in directions:
+        i2t = teacher_sim.topk(min(k, b_txt), dim=1).indices  # [B_img, k] captions per image
+        texts.append(i2t.reshape(-1))
+        images.append(torch.arange(b_img, device=i2t.device)[:, None].expand_as(i2t).reshape(-1))
+    return torch.cat(texts), torch.cat(images)
 
 
 def itm_rank_kd(
-    student: TrimVLM, teacher: TrimVLM, s: TaskOutputs, t: TaskOutputs, mask: torch.Tensor, k: int, gates: dict | None = None
+    student: TrimVLM,
+    teacher: TrimVLM,
+    s: TaskOutputs,
+    t: TaskOutputs,
+    mask: torch.Tensor,
+    k: int,
+    gates: dict | None = None,
+    directions: tuple = ("t2i", "i2t"),
 ) -> torch.Tensor:
     """KL(teacher || student) between the two models' ITM rankings of the same candidate lists
-    (softmax over each query's k candidates of log p(match)), both directions averaged. The
+    (softmax over each query's k candidates of log p(match)), the directions' lists averaged. The
     pointwise ITM KD matches one negative per pair; re-ranking only asks which candidate wins."""
-    text_rows, image_rows = itm_rank_candidates(t.itc_sim, k)
+    text_rows, image_rows = itm_rank_candidates(t.itc_sim, k, directions)
     with torch.no_grad():
         t_score = match_log_prob(teacher, t.caption_texts[text_rows], mask[text_rows], t.caption_images[image_rows])
     s_score = match_log_prob(
@@ -305,6 +321,9 @@ class Distiller(nn.Module):
         if unknown:
             raise ValueError(f"unknown kd_weights: {sorted(unknown)}")
         self.kd_weights = {**DEFAULT_KD_WEIGHTS, **cfg.kd_weights}
+        directions = cfg.itm_rank_directions
+        if not directions or not set(directions) <= {"t2i", "i2t"}:
+            raise ValueError(f"itm_rank_directions: one or both of t2i, i2t, got {directions!r}")
         s, t = student.config, teacher.config
         widths = {
             "vision": (s.vision_width, t.vision_width),
@@ -398,7 +417,16 @@ class Distiller(nn.Module):
                 temp = self.student.temp.clamp(0.001, 0.5)
                 kd["itc_interactive"] = interactive_contrastive(s_out, t_out, cap["key"], temp)
             if self.kd_weights["itm_rank"]:
-                kd["itm_rank"] = itm_rank_kd(self.student, self.teacher, s_out, t_out, cap["mask"], cfg.itm_rank_k, gates)
+                kd["itm_rank"] = itm_rank_kd(
+                    self.student,
+                    self.teacher,
+                    s_out,
+                    t_out,
+                    cap["mask"],
+                    cfg.itm_rank_k,
+                    gates,
+                    tuple(cfg.itm_rank_directions),
+                )
             q_mask = vqa["q_mask"]
             kd.update(self.stack_losses("vision", s_out.vision, t_out.vision, None))
             kd.update(self.stack_losses("text", s_out.text, t_out.text, q_mask))

@@ -209,6 +209,8 @@ def test_itm_rank_candidates_are_the_teachers_top_k_both_ways():
     # captions first (each with its two best images), then images (each with its two best captions)
     assert pairs[:6] == [(0, 0), (0, 2), (1, 1), (1, 2), (2, 1), (2, 0)]
     assert pairs[6:] == [(0, 0), (2, 0), (1, 1), (2, 1), (1, 2), (2, 2)]
+    text_rows, image_rows = itm_rank_candidates(sim, 2, ("t2i",))  # one direction: its lists only
+    assert list(zip(text_rows.tolist(), image_rows.tolist(), strict=True)) == pairs[:6]
 
 
 def test_itm_rank_kd_vanishes_on_agreement_and_trains_the_itm_ranking():
@@ -232,3 +234,5 @@ def test_itm_rank_kd_vanishes_on_agreement_and_trains_the_itm_ranking():
     # the Distiller adds it as its own KD term only when weighted
     d = Distiller(student, teacher, DistillConfig(kd_weights={"itm_rank": 1.0}, itm_rank_k=3))
     assert "itm_rank" in d(vqa, cap) and "itm_rank" not in Distiller(student, teacher, DistillConfig())(vqa, cap)
+    with pytest.raises(ValueError, match="itm_rank_directions"):
+        Distiller(student, teacher, DistillConfig(itm_rank_directions=["up"]))
