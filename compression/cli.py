@@ -358,6 +358,10 @@ def merge(
     teacher_metrics: Annotated[
         Optional[Path], typer.Option(help="An earlier merge.json: reuse its teacher metrics instead of evaluating the teacher.")
     ] = None,
+    module: Annotated[
+        Optional[list[str]],
+        typer.Option(help="Mix only this top-level module (e.g. fusion_encoder, itm_head); the rest stays BASE's. Repeatable."),
+    ] = None,
     device: Device = "auto",
 ):
     """Mix two weight sets of one architecture, (1 - alpha) x BASE + alpha x TUNED, and keep the
@@ -367,8 +371,19 @@ def merge(
     from compression.torch_runtime import pick_device
 
     try:
-        run_merge(base, tuned, teacher, alpha, out, pick_device(device), teacher_metrics=teacher_metrics, log=typer.echo)
-    except (FileNotFoundError, ValueError) as e:  # a folder that is not a model, two architectures, alpha out of [0, 1]
+        modules = tuple(module) if module else None
+        run_merge(
+            base,
+            tuned,
+            teacher,
+            alpha,
+            out,
+            pick_device(device),
+            teacher_metrics=teacher_metrics,
+            modules=modules,
+            log=typer.echo,
+        )
+    except (FileNotFoundError, ValueError) as e:  # not a model, two architectures, alpha out of [0, 1], unknown module
         fail(str(e), code=2)
 
 

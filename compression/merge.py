@@ -31,22 +31,35 @@ SELECTION_METRICS = (
 )
 
 
-def interpolate(base: torch.nn.Module, tuned: torch.nn.Module, alpha: float) -> dict[str, torch.Tensor]:
+def interpolate(
+    base: torch.nn.Module, tuned: torch.nn.Module, alpha: float, modules: tuple[str, ...] | None = None
+) -> dict[str, torch.Tensor]:
     """(1 - alpha) * base + alpha * tuned, weight by weight; non-float buffers come from `tuned`.
     Both must have the same weights with the same shapes (one architecture, e.g. a run that
-    continued from `base`)."""
+    continued from `base`). modules: only the weights of these top-level modules (e.g.
+    "fusion_encoder", "itm_head") are mixed; every other weight stays `base`'s. None: all."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be within [0, 1], got {alpha}")
     a, b = base.state_dict(), tuned.state_dict()
     if a.keys() != b.keys():
         only = sorted(a.keys() ^ b.keys())
         raise ValueError(f"the two models have different weights ({len(only)} not in both, e.g. {only[0]})")
+    if modules is not None:
+        known = {name.split(".")[0] for name in a}
+        unknown = sorted(set(modules) - known)
+        if unknown or not modules:
+            raise ValueError(f"modules to mix must be some of {sorted(known)}, got {list(modules)}")
     out = {}
     for name, wa in a.items():
         wb = b[name]
         if wa.shape != wb.shape:
             raise ValueError(f"{name}: shape {tuple(wa.shape)} vs {tuple(wb.shape)}: not the same architecture")
-        out[name] = torch.lerp(wa.float(), wb.float(), alpha).to(wa.dtype) if wa.is_floating_point() else wb.clone()
+        if modules is not None and name.split(".")[0] not in modules:
+            out[name] = wa.clone()
+        elif wa.is_floating_point():
+            out[name] = torch.lerp(wa.float(), wb.float(), alpha).to(wa.dtype)
+        else:
+            out[name] = wb.clone()
     return out
 
 
@@ -78,16 +91,17 @@ def merge(
     device: str = "cpu",
     rerank_k: int = 16,
     teacher_metrics: str | Path | None = None,
+    modules: tuple[str, ...] | None = None,
     log=print,
 ) -> dict:
     """Evaluate each mixing weight on validation, save the picked one to `out` (fp32, with TUNED's
     config: a continuation may add a head's use, e.g. decoder answers) and merge.json: every
-    candidate's metrics, the teacher's, and the pick."""
+    candidate's metrics, the teacher's, and the pick. modules: mix only these (see interpolate)."""
     from compression.evaluate import evaluate_validation
 
     out = Path(out)
     base, tuned = load_model_dir(base_dir, device), load_model_dir(tuned_dir, device)
-    interpolate(base.model, tuned.model, 0.0)  # one architecture, or a clear error before any evaluation
+    interpolate(base.model, tuned.model, 0.0, modules)  # one architecture, or a clear error before any evaluation
     vqa, captions = validation_splits(base.preprocessing.image)
     splits = [f"{s.name} ({len(s.samples)} questions)" for s in vqa] + [f"{captions.name} ({len(captions.images)} images)"]
     log(f"validation: {', '.join(splits)}")
@@ -99,14 +113,14 @@ def merge(
     work = LoadedModel(copy.deepcopy(tuned.model), tuned.tokenizer, tuned.preprocessing)  # base, tuned stay as loaded
     candidates = {}
     for alpha in sorted(set(alphas)):
-        work.model.load_state_dict(interpolate(base.model, tuned.model, alpha))
+        work.model.load_state_dict(interpolate(base.model, tuned.model, alpha, modules))
         work.model.eval()
         candidates[alpha] = evaluate_validation(work, vqa, captions, device, rerank_k)
         kept = retention(candidates[alpha], teacher)
         weakest = min(kept, key=kept.get)
         log(f"alpha {alpha}: {_brief(candidates[alpha])}; weakest {weakest} at {kept[weakest]:.1%} of the teacher")
     best = pick(candidates, teacher)
-    work.model.load_state_dict(interpolate(base.model, tuned.model, best))
+    work.model.load_state_dict(interpolate(base.model, tuned.model, best, modules))
     save_model_dir(out, work.model, work.tokenizer, work.preprocessing, extra_metadata={"merge_alpha": best})
     record = {
         "base": str(base_dir),
@@ -114,6 +128,7 @@ def merge(
         "teacher": str(teacher_dir),
         "rule": "mixing weight whose smallest metric / teacher's on validation is largest",
         "alpha": best,
+        "modules": list(modules) if modules is not None else "all",
         "teacher_metrics": teacher,
         "candidates": {str(a): {"metrics": m, "retention": retention(m, teacher)} for a, m in candidates.items()},
     }

@@ -149,6 +149,14 @@ def test_merge_of_a_folder_that_is_not_a_model_is_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_merge_of_an_unknown_module_is_one_line(tmp_path):
+    s3 = "models/trimvlm-student/3"
+    proc = cli("merge", s3, s3, "--out", str(tmp_path / "out"), "--module", "itm_hed")
+    assert proc.returncode == 2
+    assert "modules to mix must be some of" in one_line_error(proc)
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_pipeline_config_is_one_line(tmp_path):
     bad = tmp_path / "pipeline.yaml"
     bad.write_text("teacher: {config: configs/teacher.yaml\nexport: {}\n")

@@ -33,6 +33,20 @@ def test_interpolation_ends_are_the_two_models_and_the_middle_their_mean():
     assert mid.keys() == a.state_dict().keys()
 
 
+def test_mixing_some_modules_keeps_every_other_weight_of_the_base():
+    a, b = two_models()
+    sa, sb = a.state_dict(), b.state_dict()
+    mixed = M.interpolate(a, b, 0.5, ("itm_head", "fusion_encoder"))
+    for name, w in mixed.items():
+        if name.split(".")[0] in ("itm_head", "fusion_encoder"):
+            assert torch.allclose(w, torch.lerp(sa[name].float(), sb[name].float(), 0.5).to(w.dtype)), name
+        else:
+            assert torch.equal(w, sa[name]), name
+    assert not torch.equal(mixed["itm_head.weight"], sa["itm_head.weight"])
+    with pytest.raises(ValueError, match="modules to mix"):
+        M.interpolate(a, b, 0.5, ("itm_hed",))
+
+
 def test_different_architectures_and_weights_out_of_range_are_refused():
     a, _ = two_models()
     torch.manual_seed(1)
