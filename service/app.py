@@ -369,7 +369,9 @@ def create_app(settings: Settings | None = None, on_load_error: Callable[[str], 
 
         app.include_router(demo.router)
     # innermost of the app's middleware: the hot task endpoints skip routing (service/direct_routes.py)
-    app.add_middleware(DirectRoutes, fastapi=app, routes=[*vqa.router.routes, *caption.router.routes], guards=(require_api_key,))
+    app.add_middleware(
+        DirectRoutes, fastapi=app, routes=[*vqa.router.routes, *caption.router.routes], guards=tuple(d.dependency for d in auth)
+    )
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
