@@ -106,6 +106,9 @@ class DistillConfig(TrainConfig):
     contrastive_temperature: float = 1.0  # of kd_weights.itc_contrastive
     itm_rank_k: int = 4  # candidates per query of kd_weights.itm_rank
     itm_rank_directions: list = field(default_factory=lambda: ["t2i", "i2t"])  # whose rankings it distils
+    # train only these top-level modules of the student (e.g. fusion_encoder, itm_head, vqa_head)
+    # and keep every other weight as `init` has it; null: train all
+    train_modules: list | None = None
     # a folder for the teacher's outputs per training sample (compression/teacher_cache.py):
     # a teacher forward only the first time a sample is drawn. null: a teacher forward every step.
     teacher_cache: str | None = None
@@ -496,6 +499,8 @@ def distill(cfg: DistillConfig, resume: bool = True) -> Path:
     t = load_model_dir(cfg.teacher, ctx.device)
     adopt_image_spec(ctx, cfg, t.preprocessing.image, "teacher")
     student = build_student(cfg, t.model, t.tokenizer).to(ctx.device)
+    if cfg.train_modules is not None:
+        freeze_except(student, cfg.train_modules)
     objective = Distiller(student, t.model, cfg) if cfg.kd_weight > 0 else MultiTaskLoss(student, cfg.loss_weights)
     data, vqa_val = load_data_for(cfg, ctx, t.tokenizer, student.config.answers, student.config.bos_token_id)
     on_checkpoint = None
@@ -517,6 +522,18 @@ def distill(cfg: DistillConfig, resume: bool = True) -> Path:
     final = save_run(cfg, ctx, student, t.tokenizer)
     end_run(ctx)
     return final
+
+
+def freeze_except(model: nn.Module, modules: list[str]) -> None:
+    """Turn off the gradients of every parameter outside these top-level modules (names as in
+    model.named_parameters(), e.g. "fusion_encoder", "itm_head", "temp"): the optimiser then leaves
+    those weights exactly as they were, so what only they compute (ITC embeddings, captions) stays."""
+    known = {name.split(".")[0] for name, _ in model.named_parameters()}
+    unknown = sorted(set(modules) - known)
+    if unknown or not modules:
+        raise ValueError(f"train_modules must be some of {sorted(known)}, got {list(modules)}")
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.split(".")[0] in modules)
 
 
 def open_teacher_cache(cfg: DistillConfig, objective: Distiller, data, teacher: TrimVLM):

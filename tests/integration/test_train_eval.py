@@ -141,6 +141,8 @@ def test_distill_prune_and_eval_a_tiny_teacher(tmp_path):
     prune with the Lagrangian, slice, fine-tune, and evaluate the result through the CLI."""
     import dataclasses
 
+    import torch
+
     from compression.artifacts import load_model_dir
     from compression.distill import DistillConfig, distill
     from compression.flops import count_params
@@ -158,6 +160,13 @@ def test_distill_prune_and_eval_a_tiny_teacher(tmp_path):
     assert s_cfg.layer_counts == {"vision": 1, "text": 1, "fusion": 1, "decoder": 1} and s_cfg.role == "student"
     rows = [json.loads(line) for line in (tmp_path / "distill" / "train_log.jsonl").read_text().splitlines()]
     assert "kl_vqa" in rows[0] and "fusion_cross_attn" in rows[0]
+
+    # continuing it with train_modules moves only the named module's weights
+    only_itm = {"out": str(tmp_path / "itm-only"), "teacher": str(teacher), "init": str(student), "steps": 3}
+    tuned = distill(DistillConfig(**common | only_itm | {"train_modules": ["itm_head"], "lr": 1e-2}))
+    before, after = load_model_dir(student).model.state_dict(), load_model_dir(tuned).model.state_dict()
+    changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"itm_head"}
 
     pcfg = PruneConfig(
         **common

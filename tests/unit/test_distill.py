@@ -236,3 +236,16 @@ def test_itm_rank_kd_vanishes_on_agreement_and_trains_the_itm_ranking():
     assert "itm_rank" in d(vqa, cap) and "itm_rank" not in Distiller(student, teacher, DistillConfig())(vqa, cap)
     with pytest.raises(ValueError, match="itm_rank_directions"):
         Distiller(student, teacher, DistillConfig(itm_rank_directions=["up"]))
+
+
+def test_freeze_except_trains_only_the_named_modules_and_refuses_unknown_ones():
+    from compression.distill import freeze_except
+
+    student = TrimVLM(tiny_config())
+    freeze_except(student, ["fusion_encoder", "itm_head"])
+    trained = {n.split(".")[0] for n, p in student.named_parameters() if p.requires_grad}
+    assert trained == {"fusion_encoder", "itm_head"}
+    with pytest.raises(ValueError, match="train_modules must be some of"):
+        freeze_except(student, ["fusion"])
+    with pytest.raises(ValueError, match="train_modules"):
+        freeze_except(student, [])
