@@ -30,6 +30,7 @@ from torch import nn
 
 from compression.artifacts import load_model_dir
 from compression.config import ModelConfig
+from compression.config_file import ConfigError
 from compression.modeling import TrimVLM
 from compression.training import (
     MultiTaskLoss,
@@ -326,7 +327,7 @@ class Distiller(nn.Module):
         self.kd_weights = {**DEFAULT_KD_WEIGHTS, **cfg.kd_weights}
         directions = cfg.itm_rank_directions
         if not directions or not set(directions) <= {"t2i", "i2t"}:
-            raise ValueError(f"itm_rank_directions: one or both of t2i, i2t, got {directions!r}")
+            raise ConfigError(f"itm_rank_directions: one or both of t2i, i2t, got {directions!r}")
         s, t = student.config, teacher.config
         widths = {
             "vision": (s.vision_width, t.vision_width),
@@ -531,7 +532,7 @@ def freeze_except(model: nn.Module, modules: list[str]) -> None:
     known = {name.split(".")[0] for name, _ in model.named_parameters()}
     unknown = sorted(set(modules) - known)
     if unknown or not modules:
-        raise ValueError(f"train_modules must be some of {sorted(known)}, got {list(modules)}")
+        raise ConfigError(f"train_modules must be some of {sorted(known)}, got {list(modules)}")
     for name, p in model.named_parameters():
         p.requires_grad_(name.split(".")[0] in modules)
 

@@ -183,6 +183,21 @@ def test_every_committed_config_loads_and_type_checks():
             kinds[path.stem].from_yaml(path)
 
 
+def test_distill_config_values_the_model_refuses_are_one_line_errors(tmp_path):
+    """Values only the built student can check (module names, re-ranking directions) fail before
+    any data loads, as one line and exit 2."""
+    base = (REPO / "configs" / "distill-long-fusion.yaml").read_text()
+    cases = {
+        "train_modules: [fusion_encoder, itm_head, vqa_head]": ("train_modules: [fusion]", "train_modules must be some of"),
+        "itm_rank_k: 4": ("itm_rank_k: 4\nitm_rank_directions: [up]", "itm_rank_directions: one or both of t2i, i2t"),
+    }
+    for old, (new, message) in cases.items():
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(base.replace(old, new))
+        proc = cli("distill", str(bad), "--out", str(tmp_path / "run"))
+        assert proc.returncode == 2 and message in one_line_error(proc)
+
+
 # ---- trimvlm models list ---------------------------------------------------------------------------
 
 
