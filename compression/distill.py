@@ -31,7 +31,7 @@ from torch import nn
 from compression.artifacts import load_model_dir
 from compression.config import ModelConfig
 from compression.config_file import ConfigError
-from compression.modeling import TrimVLM
+from compression.modeling import TrimVLM, check_top_level_modules
 from compression.training import (
     MultiTaskLoss,
     TaskOutputs,
@@ -529,10 +529,7 @@ def freeze_except(model: nn.Module, modules: list[str]) -> None:
     """Turn off the gradients of every parameter outside these top-level modules (names as in
     model.named_parameters(), e.g. "fusion_encoder", "itm_head", "temp"): the optimiser then leaves
     those weights exactly as they were, so what only they compute (ITC embeddings, captions) stays."""
-    known = {name.split(".")[0] for name, _ in model.named_parameters()}
-    unknown = sorted(set(modules) - known)
-    if unknown or not modules:
-        raise ConfigError(f"train_modules must be some of {sorted(known)}, got {list(modules)}")
+    check_top_level_modules((name for name, _ in model.named_parameters()), modules, "train_modules", ConfigError)
     for name, p in model.named_parameters():
         p.requires_grad_(name.split(".")[0] in modules)
 

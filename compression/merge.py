@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from compression.artifacts import LoadedModel, load_model_dir, save_model_dir
+from compression.modeling import check_top_level_modules
 from compression.training import TrainConfig, load_training_splits
 
 # what `merge` compares with the teacher (flat keys of compression.evaluate.evaluate_validation)
@@ -45,10 +46,7 @@ def interpolate(
         only = sorted(a.keys() ^ b.keys())
         raise ValueError(f"the two models have different weights ({len(only)} not in both, e.g. {only[0]})")
     if modules is not None:
-        known = {name.split(".")[0] for name in a}
-        unknown = sorted(set(modules) - known)
-        if unknown or not modules:
-            raise ValueError(f"modules to mix must be some of {sorted(known)}, got {list(modules)}")
+        check_top_level_modules(a, modules, "modules to mix")
     out = {}
     for name, wa in a.items():
         wb = b[name]

@@ -767,3 +767,11 @@ class TrimVLM(nn.Module):
             if bool(done.all()):
                 break
         return torch.stack(generated, dim=1)
+
+
+def check_top_level_modules(weight_names, modules, label: str, error: type[Exception] = ValueError) -> None:
+    """Refuse `modules` unless it is non-empty and every name is a top-level part of a model whose
+    weights are `weight_names` (e.g. "fusion_encoder", "itm_head", "temp")."""
+    known = {name.split(".")[0] for name in weight_names}
+    if not modules or set(modules) - known:
+        raise error(f"{label} must be some of {sorted(known)}, got {list(modules)}")
