@@ -299,6 +299,10 @@ def eval_cmd(
     rerank_k: Annotated[
         int, typer.Option(help="Retrieval: ITC candidates re-ranked by ITM per query (the *_rerank keys); 0: ITC only.")
     ] = 16,
+    items: Annotated[
+        bool,
+        typer.Option("--items", help="Also write each item's result beside the JSON (X.items.npz), for trimvlm eval-compare."),
+    ] = False,
 ):
     """VQA accuracy (easy-VQA, scenes), caption BLEU-4/CIDEr and retrieval R@K (scenes): by ITC
     alone and with the ITC top-k re-ranked by ITM, as BLIP and EfficientVLM report it.
@@ -308,17 +312,54 @@ def eval_cmd(
     from rich.console import Console
     from rich.markdown import Markdown
 
+    from compression.eval_compare import save_items
     from compression.evaluate import evaluate
     from compression.report import metrics_table
 
+    if items and not json_out:
+        fail("--items writes beside the results JSON: give --json too", code=2)
+    per_item: dict | None = {} if items else None
     results = evaluate(
-        model_dir, limit=limit, device=device, scenes_root=scenes, backend=backend, precision=precision, rerank_k=rerank_k
+        model_dir,
+        limit=limit,
+        device=device,
+        scenes_root=scenes,
+        backend=backend,
+        precision=precision,
+        rerank_k=rerank_k,
+        items=per_item,
     )
     Console().print(Markdown(metrics_table(results)))
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(results, indent=2) + "\n")
         typer.echo(f"results written to {json_out}")
+    if per_item is not None:
+        typer.echo(f"per-item results written to {save_items(json_out, per_item)}")
+
+
+@app.command("eval-compare")
+def eval_compare(
+    base: Annotated[Path, typer.Argument(help="Evaluation JSON of the model in service (trimvlm eval --json --items).")],
+    candidate: Annotated[Path, typer.Argument(help="Evaluation JSON of the model that would replace it.")],
+    alpha: Annotated[
+        Optional[float],
+        typer.Option(help="Count a drop as worse only when the paired sign test gives p below this (default: any drop)."),
+    ] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the comparison as JSON here.")] = None,
+):
+    """Is CANDIDATE worse than BASE on any metric? Both are `trimvlm eval` results of the same test
+    splits; with their per-item results (--items) each metric also gets the items lost and won and
+    an exact paired sign test. Exits 1 when a metric is worse under the rule, 0 when none is."""
+    from compression.eval_compare import compare as run_compare
+    from compression.eval_compare import comparison_table
+
+    result = run_compare(base, candidate, alpha)
+    typer.echo(comparison_table(result))  # Markdown as it is: full metric names, pastes into a report
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    raise typer.Exit(1 if result.worse else 0)
 
 
 @app.command()

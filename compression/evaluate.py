@@ -29,9 +29,12 @@ def as_tasks(model, device=None):
     return TorchTasks(model, device or "cpu") if isinstance(model, LoadedModel) else model
 
 
-def evaluate_vqa(model, split: D.VQASplit, device=None, batch: int = 256, generative: bool = True) -> dict:
+def evaluate_vqa(
+    model, split: D.VQASplit, device=None, batch: int = 256, generative: bool = True, items: dict | None = None
+) -> dict:
     """Closed-vocabulary accuracy (VQAv2 metric), per question type, and generative accuracy
-    (models whose decoder answers from fused question states; exported ones too)."""
+    (models whose decoder answers from fused question states; exported ones too). `items`, when
+    given, receives each question's score ("accuracy") and type ("question_type")."""
     tasks = as_tasks(model, device)
     generative = generative and getattr(tasks, "generative_vqa", False)
     answers = tasks.answer_vocab
@@ -52,6 +55,9 @@ def evaluate_vqa(model, split: D.VQASplit, device=None, batch: int = 256, genera
             for s, text in zip(chunk, tasks.generate_answers(fused["fused_states"], mask), strict=True):
                 gen_scores.append(D.vqa_accuracy(text, s.answers))
     out = {"accuracy": float(np.mean(scores)) if scores else 0.0, "n": len(scores)}
+    if items is not None:
+        items["accuracy"] = np.asarray(scores, np.float32)
+        items["question_type"] = np.array([s.question_type or "all" for s in split.samples[: len(scores)]])
     if generative:
         out["generative_accuracy"] = float(np.mean(gen_scores)) if gen_scores else 0.0
     if len(by_type) > 1:
@@ -63,14 +69,18 @@ def _caption_tokens(text: str) -> str:
     return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
 
 
-def caption_scores(predictions: dict[int, str], references: dict[int, list[str]]) -> dict:
+def caption_scores(predictions: dict[int, str], references: dict[int, list[str]], items: dict | None = None) -> dict:
+    """Corpus BLEU-4 and CIDEr-D; `items`, when given, receives each image's CIDEr-D ("cider",
+    in the order of `predictions`; the corpus score is their mean)."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
 
     res = {k: [_caption_tokens(v)] for k, v in predictions.items()}
     gts = {k: [_caption_tokens(c) for c in references[k]] for k in predictions}
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    cider, _ = Cider().compute_score(gts, res)
+    cider, per_image = Cider().compute_score(gts, res)
+    if items is not None:
+        items["cider"] = np.asarray(per_image, np.float32)
     return {"bleu4": float(bleu[3]), "cider": float(cider)}
 
 
@@ -91,11 +101,15 @@ def recall_at_k(ranks: np.ndarray, ks=(1, 5, 10)) -> dict[int, float]:
 RERANK_K = 16  # ITC candidates re-ranked by ITM per query (BLIP / X-VLM / EfficientVLM use 128-256 on COCO)
 
 
-def evaluate_retrieval(model, split: D.CaptionSplit, device=None, batch: int = 256, rerank_k: int = RERANK_K) -> dict:
+def evaluate_retrieval(
+    model, split: D.CaptionSplit, device=None, batch: int = 256, rerank_k: int = RERANK_K, items: dict | None = None
+) -> dict:
     """Retrieval image->text (any of the image's captions counts) and text->image: by ITC alone
     (`r{k}_i2t`, `r{k}_t2i`), and as BLIP, X-VLM and EfficientVLM report it and POST
     /retrieval/search serves it: the ITC top `rerank_k` re-ranked by ITM (`r{k}_i2t_rerank`,
-    `r{k}_t2i_rerank`; the rest keep their ITC order). rerank_k 0 skips the re-ranking."""
+    `r{k}_t2i_rerank`; the rest keep their ITC order). rerank_k 0 skips the re-ranking. `items`,
+    when given, receives each query's 0-based rank of its first correct result ("rank_i2t" per
+    image, "rank_t2i" per caption, and "rank_*_rerank")."""
     tasks = as_tasks(model, device)
     images = [tasks.encode_images(tasks.pixels(split.images[sl])) for sl in _batches(len(split.images), batch)]
     texts = [c for caps in split.captions for c in caps]
@@ -109,7 +123,7 @@ def evaluate_retrieval(model, split: D.CaptionSplit, device=None, batch: int = 2
     # quicksort's order among ties moved R@1 with last-bit differences (torch vs ONNX Runtime)
     order_i2t = np.argsort(-sim, axis=1, kind="stable")
     order_t2i = np.argsort(-sim.T, axis=1, kind="stable")
-    out = _recalls(order_i2t, order_t2i, owner, "")
+    out = _recalls(order_i2t, order_t2i, owner, "", items)
     if rerank_k > 0:
         image_states = np.concatenate([s for s, _ in images])
         text_states = [(states[i], mask[i]) for (_, mask), (states, _) in encoded for i in range(len(states))]
@@ -121,7 +135,7 @@ def evaluate_retrieval(model, split: D.CaptionSplit, device=None, batch: int = 2
         for j in range(len(texts)):  # text -> its top-k images
             top = order_t2i[j, :k]
             order_t2i[j, :k] = top[_itm_order(tasks, [text_states[j]] * k, image_states[top])]
-        out |= _recalls(order_i2t, order_t2i, owner, "_rerank") | {"rerank_k": rerank_k}
+        out |= _recalls(order_i2t, order_t2i, owner, "_rerank", items) | {"rerank_k": rerank_k}
     return {
         **out,
         "n_images": len(split.images),
@@ -131,9 +145,13 @@ def evaluate_retrieval(model, split: D.CaptionSplit, device=None, batch: int = 2
     }
 
 
-def _recalls(order_i2t: np.ndarray, order_t2i: np.ndarray, owner: np.ndarray, suffix: str) -> dict[str, float]:
+def _recalls(
+    order_i2t: np.ndarray, order_t2i: np.ndarray, owner: np.ndarray, suffix: str, items: dict | None = None
+) -> dict[str, float]:
     ranks_i2t = np.array([np.where(owner[order_i2t[i]] == i)[0].min() for i in range(len(order_i2t))])
     ranks_t2i = np.array([np.where(order_t2i[j] == owner[j])[0][0] for j in range(len(order_t2i))])
+    if items is not None:
+        items[f"rank_i2t{suffix}"], items[f"rank_t2i{suffix}"] = ranks_i2t, ranks_t2i
     r_i2t, r_t2i = recall_at_k(ranks_i2t), recall_at_k(ranks_t2i)
     return {**{f"r{k}_i2t{suffix}": v for k, v in r_i2t.items()}, **{f"r{k}_t2i{suffix}": v for k, v in r_t2i.items()}}
 
@@ -161,8 +179,11 @@ def evaluate(
     backend: str = "onnxruntime",
     precision: str | None = None,
     rerank_k: int = RERANK_K,
+    items: dict | None = None,
 ) -> dict:
     """Every metric of a model folder; `limit` evaluates the first N items of each split.
+    `items`, when given, receives the per-item results behind the metrics (`metric_items`), the
+    input of a paired comparison of two models (compression.eval_compare).
 
     A torch model folder runs in torch on `device`; an exported folder (manifest.json) runs
     through the service's runtime (`backend`, `precision`), by the same evaluation loops."""
@@ -182,14 +203,16 @@ def evaluate(
     t0 = time.time()
     results: dict = {"model": str(model_dir), "limit": limit, "runtime": runtime}
     if include_easy_vqa:
-        results["easy_vqa"] = evaluate_vqa(lm, D.load_easy_vqa("test", spec).limit(limit), dev)
+        easy_items: dict = {}
+        results["easy_vqa"] = evaluate_vqa(lm, D.load_easy_vqa("test", spec).limit(limit), dev, items=easy_items)
     if include_scenes:
         root = D.ensure_scenes(scenes_root)
-        vqa = evaluate_vqa(lm, D.load_scenes_vqa(root, "test", spec).limit(limit), dev)
+        scene_items: dict = {}
+        vqa = evaluate_vqa(lm, D.load_scenes_vqa(root, "test", spec).limit(limit), dev, items=scene_items)
         caps = D.load_scenes_captions(root, "test", spec).limit(limit)
         predictions = generate_captions(lm, caps.images, dev)
-        scores = caption_scores(dict(enumerate(predictions)), dict(enumerate(caps.captions)))
-        retrieval = evaluate_retrieval(lm, caps, dev, rerank_k=rerank_k)
+        scores = caption_scores(dict(enumerate(predictions)), dict(enumerate(caps.captions)), scene_items)
+        retrieval = evaluate_retrieval(lm, caps, dev, rerank_k=rerank_k, items=scene_items)
         results["scenes"] = {
             "vqa_accuracy": vqa["accuracy"],
             "vqa_generative_accuracy": vqa.get("generative_accuracy"),
@@ -203,7 +226,31 @@ def evaluate(
             ],
         }
     results["eval_seconds"] = round(time.time() - t0, 1)
+    if items is not None:
+        items |= metric_items(easy_items if include_easy_vqa else {}, scene_items if include_scenes else {})
     return results
+
+
+def metric_items(easy: dict, scenes: dict) -> dict[str, np.ndarray]:
+    """Per-item scores under the flat metric names of `flat_metrics` (their means are the
+    metrics): easy_vqa.accuracy and scenes.vqa_accuracy per question, scenes.vqa_<type> per
+    question of that type, scenes.cider per image, scenes.r{1,5,10}_{i2t,t2i}[_rerank] per query
+    (1 where the first correct result is within the top k)."""
+    out: dict[str, np.ndarray] = {}
+    if "accuracy" in easy:
+        out["easy_vqa.accuracy"] = easy["accuracy"]
+    if "accuracy" in scenes:
+        out["scenes.vqa_accuracy"] = scenes["accuracy"]
+        types = scenes["question_type"]
+        if len(set(types.tolist())) > 1:
+            out |= {f"scenes.vqa_{t}": scenes["accuracy"][types == t] for t in sorted(set(types.tolist()))}
+    if "cider" in scenes:
+        out["scenes.cider"] = scenes["cider"]
+    for key, ranks in scenes.items():
+        if key.startswith("rank_"):
+            direction = key.removeprefix("rank_")
+            out |= {f"scenes.r{k}_{direction}": (ranks < k).astype(np.float32) for k in (1, 5, 10)}
+    return out
 
 
 def evaluate_validation(

@@ -42,7 +42,20 @@ else:
     main()
 """
 SERVING = ("serve", "models", "levels", "index")
-OFFLINE = ("data", "import", "train", "distill", "prune", "trim", "eval", "info", "publish", "merge", "model-card")
+OFFLINE = (
+    "data",
+    "import",
+    "train",
+    "distill",
+    "prune",
+    "trim",
+    "eval",
+    "eval-compare",
+    "info",
+    "publish",
+    "merge",
+    "model-card",
+)
 OFFLINE += ("export", "build-engine", "report", "pipeline")
 
 
