@@ -133,6 +133,10 @@ def compare(base: str | Path, candidate: str | Path, alpha: float | None = None)
     shared = [k for k in a if k in b]
     if not shared:
         raise ConfigError(f"{base} and {candidate} share no metric")
+    for key in sorted(k for k in base_items.keys() & cand_items.keys() if k.endswith(".items_digest")):
+        if str(base_items[key]) != str(cand_items[key]):
+            section = key.removesuffix(".items_digest")
+            raise ConfigError(f"{section}: {base} and {candidate} were evaluated on different test items")
     rows = []
     for k in shared:
         row = MetricComparison(k, a[k], b[k])

@@ -204,12 +204,16 @@ def evaluate(
     results: dict = {"model": str(model_dir), "limit": limit, "runtime": runtime}
     if include_easy_vqa:
         easy_items: dict = {}
-        results["easy_vqa"] = evaluate_vqa(lm, D.load_easy_vqa("test", spec).limit(limit), dev, items=easy_items)
+        easy = D.load_easy_vqa("test", spec).limit(limit)
+        results["easy_vqa"] = evaluate_vqa(lm, easy, dev, items=easy_items)
+        easy_items["digest"] = _digest([(s.image, s.question, s.answer) for s in easy.samples])
     if include_scenes:
         root = D.ensure_scenes(scenes_root)
         scene_items: dict = {}
-        vqa = evaluate_vqa(lm, D.load_scenes_vqa(root, "test", spec).limit(limit), dev, items=scene_items)
+        questions = D.load_scenes_vqa(root, "test", spec).limit(limit)
+        vqa = evaluate_vqa(lm, questions, dev, items=scene_items)
         caps = D.load_scenes_captions(root, "test", spec).limit(limit)
+        scene_items["digest"] = _digest([(s.image, s.question, s.answer) for s in questions.samples] + caps.captions)
         predictions = generate_captions(lm, caps.images, dev)
         scores = caption_scores(dict(enumerate(predictions)), dict(enumerate(caps.captions)), scene_items)
         retrieval = evaluate_retrieval(lm, caps, dev, rerank_k=rerank_k, items=scene_items)
@@ -231,12 +235,23 @@ def evaluate(
     return results
 
 
+def _digest(records: list) -> str:
+    """A fingerprint of a split's items, so that per-item results of different test sets are
+    never paired (images are compared through their row numbers and the texts through themselves)."""
+    import hashlib
+
+    return hashlib.sha256(repr(records).encode()).hexdigest()[:16]
+
+
 def metric_items(easy: dict, scenes: dict) -> dict[str, np.ndarray]:
     """Per-item scores under the flat metric names of `flat_metrics` (their means are the
     metrics): easy_vqa.accuracy and scenes.vqa_accuracy per question, scenes.vqa_<type> per
     question of that type, scenes.cider per image, scenes.r{1,5,10}_{i2t,t2i}[_rerank] per query
     (1 where the first correct result is within the top k)."""
     out: dict[str, np.ndarray] = {}
+    for section, found in (("easy_vqa", easy), ("scenes", scenes)):
+        if "digest" in found:
+            out[f"{section}.items_digest"] = np.array(found["digest"])
     if "accuracy" in easy:
         out["easy_vqa.accuracy"] = easy["accuracy"]
     if "accuracy" in scenes:

@@ -103,6 +103,30 @@ def test_exported_fp32_evaluates_like_torch(pipeline):
     assert exported["easy_vqa"]["accuracy"] == torch_res["easy_vqa"]["accuracy"]
 
 
+def test_per_item_results_pair_an_exported_model_with_its_torch_source(pipeline, tmp_path):
+    """`evaluate(..., items=)` of the exported fp32 graphs and of the torch model they came from:
+    the same 12 questions, item for item the same answers, so the paired comparison finds nothing
+    lost or won and nothing worse."""
+    from compression.eval_compare import compare, save_items
+    from compression.evaluate import evaluate
+
+    runs = {
+        "exported": (pipeline["export"], {"precision": "fp32"}),
+        "torch": (pipeline["tmp"] / "work" / "trim" / "model", {"device": "cpu"}),
+    }
+    for name, (folder, kwargs) in runs.items():
+        items: dict = {}
+        results = evaluate(folder, limit=12, include_scenes=False, items=items, **kwargs)
+        assert items["easy_vqa.accuracy"].shape == (12,) and items["easy_vqa.accuracy"].mean() == pytest.approx(
+            results["easy_vqa"]["accuracy"]
+        )
+        (tmp_path / f"{name}.json").write_text(json.dumps(results))
+        save_items(tmp_path / f"{name}.json", items)
+    result = compare(tmp_path / "torch.json", tmp_path / "exported.json")
+    (row,) = result.metrics
+    assert (row.metric, row.lost, row.won, row.worse) == ("easy_vqa.accuracy", 0, 0, False)
+
+
 def test_models_verify_passes_then_fails_clearly_on_an_altered_file(pipeline, tmp_path):
     import shutil
 

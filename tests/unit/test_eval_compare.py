@@ -91,6 +91,12 @@ def test_evaluations_of_different_items_are_refused(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not JSON"):
         compare(base, tmp_path / "bad.json")
+    other = _write(tmp_path, "other", [1] * 10, [1] * 10)
+    for path, digest in ((base, "a1"), (other, "b2")):
+        with np.load(items_path(path)) as data:
+            save_items(path, {**{k: data[k] for k in data.files}, "easy_vqa.items_digest": np.array(digest)})
+    with pytest.raises(ConfigError, match="different test items"):
+        compare(base, other)
     with pytest.raises(ConfigError, match="alpha"):
         compare(base, base, alpha=1.5)
 
