@@ -34,7 +34,8 @@ def evaluate_vqa(
 ) -> dict:
     """Closed-vocabulary accuracy (VQAv2 metric), per question type, and generative accuracy
     (models whose decoder answers from fused question states; exported ones too). `items`, when
-    given, receives each question's score ("accuracy") and type ("question_type")."""
+    given, receives each question's score ("accuracy", and "generative_accuracy" when measured) and
+    type ("question_type")."""
     tasks = as_tasks(model, device)
     generative = generative and getattr(tasks, "generative_vqa", False)
     answers = tasks.answer_vocab
@@ -60,6 +61,8 @@ def evaluate_vqa(
         items["question_type"] = np.array([s.question_type or "all" for s in split.samples[: len(scores)]])
     if generative:
         out["generative_accuracy"] = float(np.mean(gen_scores)) if gen_scores else 0.0
+        if items is not None:
+            items["generative_accuracy"] = np.asarray(gen_scores, np.float32)
     if len(by_type) > 1:
         out["by_type"] = {k: round(float(np.mean(v)), 4) for k, v in sorted(by_type.items())}
     return out
@@ -245,20 +248,25 @@ def _digest(records: list) -> str:
 
 def metric_items(easy: dict, scenes: dict) -> dict[str, np.ndarray]:
     """Per-item scores under the flat metric names of `flat_metrics` (their means are the
-    metrics): easy_vqa.accuracy and scenes.vqa_accuracy per question, scenes.vqa_<type> per
-    question of that type, scenes.cider per image, scenes.r{1,5,10}_{i2t,t2i}[_rerank] per query
-    (1 where the first correct result is within the top k)."""
+    metrics): easy_vqa.accuracy and scenes.vqa_accuracy per question (and their generative-answer
+    twins), scenes.vqa_<type> per question of that type, scenes.cider per image,
+    scenes.r{1,5,10}_{i2t,t2i}[_rerank] per query (1 where the first correct result is within the
+    top k)."""
     out: dict[str, np.ndarray] = {}
     for section, found in (("easy_vqa", easy), ("scenes", scenes)):
         if "digest" in found:
             out[f"{section}.items_digest"] = np.array(found["digest"])
     if "accuracy" in easy:
         out["easy_vqa.accuracy"] = easy["accuracy"]
+    if "generative_accuracy" in easy:
+        out["easy_vqa.generative_accuracy"] = easy["generative_accuracy"]
     if "accuracy" in scenes:
         out["scenes.vqa_accuracy"] = scenes["accuracy"]
         types = scenes["question_type"]
         if len(set(types.tolist())) > 1:
             out |= {f"scenes.vqa_{t}": scenes["accuracy"][types == t] for t in sorted(set(types.tolist()))}
+    if "generative_accuracy" in scenes:
+        out["scenes.vqa_generative_accuracy"] = scenes["generative_accuracy"]
     if "cider" in scenes:
         out["scenes.cider"] = scenes["cider"]
     for key, ranks in scenes.items():

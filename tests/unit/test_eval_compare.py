@@ -105,7 +105,11 @@ def test_metric_items_average_to_the_metrics():
     """The per-item arrays are what each metric averages: per question, per type, per query."""
     ranks = np.array([0, 3, 7, 12])
     items = metric_items(
-        {"accuracy": np.array([1.0, 0.0, 1.0, 1.0], np.float32), "question_type": np.array(["all"] * 4)},
+        {
+            "accuracy": np.array([1.0, 0.0, 1.0, 1.0], np.float32),
+            "generative_accuracy": np.array([1.0, 0.0, 0.0, 1.0], np.float32),
+            "question_type": np.array(["all"] * 4),
+        },
         {
             "accuracy": np.array([1.0, 0.0, 1.0], np.float32),
             "question_type": np.array(["color", "shape", "color"]),
@@ -113,7 +117,8 @@ def test_metric_items_average_to_the_metrics():
             "rank_t2i_rerank": ranks,
         },
     )
-    assert items["easy_vqa.accuracy"].mean() == 0.75
+    assert items["easy_vqa.accuracy"].mean() == 0.75 and items["easy_vqa.generative_accuracy"].mean() == 0.5
+    assert "scenes.vqa_generative_accuracy" not in items  # not measured there
     assert items["scenes.vqa_accuracy"].mean() == pytest.approx(2 / 3)
     assert list(items["scenes.vqa_color"]) == [1.0, 1.0] and list(items["scenes.vqa_shape"]) == [0.0]
     assert [items[f"scenes.r{k}_i2t"].mean() for k in (1, 5, 10)] == [0.25, 0.5, 0.75]
