@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -113,8 +114,11 @@ def load_evaluation(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     items = items_path(path)
     if not items.is_file():
         return results, {}
-    with np.load(items) as data:
-        return results, {k: data[k] for k in data.files}
+    try:
+        with np.load(items) as data:
+            return results, {k: data[k] for k in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        raise ConfigError(f"{items}: unreadable per-item results ({err})") from None
 
 
 def compare(base: str | Path, candidate: str | Path, alpha: float | None = None) -> Comparison:
@@ -146,10 +150,9 @@ def compare(base: str | Path, candidate: str | Path, alpha: float | None = None)
                 raise ConfigError(f"{k}: {len(x)} items in {base} but {len(y)} in {candidate}: not the same test set")
             row.lost, row.won = int(np.sum(y < x)), int(np.sum(y > x))
             row.p = sign_test(row.lost, row.won)
-        dropped = row.delta < 0
-        row.worse = dropped if alpha is None else dropped and row.p is not None and row.p < alpha
-        if alpha is not None and dropped and row.p is None:
-            row.worse = True  # no items to test the drop with: the strict rule
+        # without per-item results a drop cannot be tested, so the strict rule applies to it
+        tested = alpha is not None and row.p is not None
+        row.worse = row.delta < 0 and (row.p < alpha if tested else True)
         rows.append(row)
     return Comparison(str(base), str(candidate), alpha, rows)
 

@@ -88,6 +88,10 @@ def test_evaluations_of_different_items_are_refused(tmp_path):
         compare(base, limited)
     with pytest.raises(ConfigError, match="no such evaluation"):
         compare(base, tmp_path / "missing.json")
+    broken = _write(tmp_path, "broken", [1] * 10, [1] * 10)
+    items_path(broken).write_bytes(b"not a zip file")
+    with pytest.raises(ConfigError, match="unreadable per-item results"):
+        compare(base, broken)
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not JSON"):
         compare(base, tmp_path / "bad.json")
