@@ -205,18 +205,22 @@ def evaluate(
         runtime = {"backend": "torch", "device": str(dev)}
     t0 = time.time()
     results: dict = {"model": str(model_dir), "limit": limit, "runtime": runtime}
+    # per-item results are kept only when asked for (a paired comparison's input)
+    easy_items: dict | None = {} if items is not None and include_easy_vqa else None
+    scene_items: dict | None = {} if items is not None and include_scenes else None
     if include_easy_vqa:
-        easy_items: dict = {}
         easy = D.load_easy_vqa("test", spec).limit(limit)
         results["easy_vqa"] = evaluate_vqa(lm, easy, dev, items=easy_items)
-        easy_items["digest"] = _digest([(s.image, s.question, s.answer) for s in easy.samples])
+        if easy_items is not None:
+            easy_items["digest"] = _digest([(s.image, s.question, s.answer) for s in easy.samples])
     if include_scenes:
         root = D.ensure_scenes(scenes_root)
-        scene_items: dict = {}
         questions = D.load_scenes_vqa(root, "test", spec).limit(limit)
         vqa = evaluate_vqa(lm, questions, dev, items=scene_items)
         caps = D.load_scenes_captions(root, "test", spec).limit(limit)
-        scene_items["digest"] = _digest([(s.image, s.question, s.answer) for s in questions.samples] + caps.captions)
+        if scene_items is not None:
+            records = [(s.image, s.question, s.answer) for s in questions.samples] + caps.captions
+            scene_items["digest"] = _digest(records)
         predictions = generate_captions(lm, caps.images, dev)
         scores = caption_scores(dict(enumerate(predictions)), dict(enumerate(caps.captions)), scene_items)
         retrieval = evaluate_retrieval(lm, caps, dev, rerank_k=rerank_k, items=scene_items)
@@ -234,7 +238,7 @@ def evaluate(
         }
     results["eval_seconds"] = round(time.time() - t0, 1)
     if items is not None:
-        items |= metric_items(easy_items if include_easy_vqa else {}, scene_items if include_scenes else {})
+        items |= metric_items(easy_items or {}, scene_items or {})
     return results
 
 
