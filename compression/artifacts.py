@@ -27,6 +27,7 @@ class LoadedModel:
     tokenizer: Tokenizer
     preprocessing: Preprocessing
     path: Path | None = None
+    rerank_itc_weight: float = 0.0  # rerank.json's calibrated weight (compression/rerank.py); 0: ITM alone
 
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -70,7 +71,21 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> Load
     model.float().to(device).eval()
     tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
     pre = with_positions(Preprocessing.model_validate_json((path / "preprocess.json").read_text()), cfg)
-    return LoadedModel(model, tokenizer, pre, path)
+    return LoadedModel(model, tokenizer, pre, path, load_rerank_weight(path))
+
+
+RERANK_FILE = "rerank.json"
+
+
+def load_rerank_weight(path: str | Path) -> float:
+    """The folder's calibrated ITC weight in the re-ranking score (rerank.json), 0 without one."""
+    f = Path(path) / RERANK_FILE
+    if not f.is_file():
+        return 0.0
+    weight = json.loads(f.read_text()).get("itc_weight")
+    if not isinstance(weight, (int, float)) or weight < 0:
+        raise ValueError(f"{f}: itc_weight must be a number >= 0, got {weight!r}")
+    return float(weight)
 
 
 def with_positions(pre: Preprocessing, cfg: ModelConfig) -> Preprocessing:

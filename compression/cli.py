@@ -303,9 +303,14 @@ def eval_cmd(
         bool,
         typer.Option("--items", help="Also write each item's result beside the JSON (X.items.npz), for trimvlm eval-compare."),
     ] = False,
+    rerank_itc_weight: Annotated[
+        Optional[float],
+        typer.Option(min=0, help="Re-ranking score's ITC weight (default: the model's calibrated one; 0: ITM alone)."),
+    ] = None,
 ):
     """VQA accuracy (easy-VQA, scenes), caption BLEU-4/CIDEr and retrieval R@K (scenes): by ITC
-    alone and with the ITC top-k re-ranked by ITM, as BLIP and EfficientVLM report it.
+    alone and with the ITC top-k re-ranked, as BLIP and EfficientVLM report it (ITM log p(match) +
+    w x ITC cosine; w from the model's rerank.json or manifest, `trimvlm calibrate-rerank`).
 
     MODEL_DIR is a torch model folder, or an exported one (manifest.json), which then runs
     through the service's runtime by the same evaluation code."""
@@ -328,6 +333,7 @@ def eval_cmd(
         precision=precision,
         rerank_k=rerank_k,
         items=per_item,
+        rerank_itc_weight=rerank_itc_weight,
     )
     Console().print(Markdown(metrics_table(results)))
     if json_out:
@@ -336,6 +342,34 @@ def eval_cmd(
         typer.echo(f"results written to {json_out}")
     if per_item is not None:
         typer.echo(f"per-item results written to {save_items(json_out, per_item)}")
+
+
+@app.command("calibrate-rerank")
+def calibrate_rerank(
+    model_dir: Annotated[Path, typer.Argument(help="Torch model folder; its rerank.json is written.")],
+    split: Annotated[str, typer.Option(help="Scenes split to calibrate on (val; test is for reporting).")] = "val",
+    rerank_k: Annotated[int, typer.Option(help="ITC candidates re-ranked per query, as served.")] = 16,
+    grid: Annotated[str, typer.Option(help="Comma-separated ITC weights to try.")] = "0,0.5,1,2,3,5,10,20,50,100",
+    limit: Limit = None,
+    device: Device = "auto",
+    scenes: Annotated[Optional[Path], typer.Option(help="Scenes folder (generated if missing).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the sweep; leave rerank.json as it is.")] = False,
+):
+    """Calibrate the retrieval re-ranking score, log p(match) + w x ITC cosine, on validation: sweep
+    w, keep the best R@1 both ways in MODEL_DIR/rerank.json (exports and the service use it)."""
+    from compression.config_file import ConfigError
+    from compression.rerank import calibrate, parse_grid, sweep_table
+
+    try:
+        weights = parse_grid(grid)
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"--split is train, val or test, got {split!r}")
+        result = calibrate(model_dir, split, rerank_k, weights, limit, device, scenes, write=not dry_run)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(str(e)) from None
+    typer.echo(sweep_table(result))
+    where = "not written (--dry-run)" if dry_run else f"written to {model_dir / 'rerank.json'}"
+    typer.echo(f"ITC weight {result['itc_weight']:g} on {result['split']} ({result['seconds']} s); {where}")
 
 
 @app.command("eval-compare")
@@ -378,14 +412,15 @@ def publish(
     dtype: Annotated[str, typer.Option(help="Stored dtype: fp32 | fp16 | bf16.")] = "fp16",
 ):
     """Copy a trained model folder into the model repository (weights cast to --dtype)."""
-    from compression.artifacts import load_model_dir, save_model_dir
+    from compression.artifacts import RERANK_FILE, load_model_dir, save_model_dir
 
     lm = load_model_dir(src)
     if name:
         lm.model.config.name = name
     save_model_dir(to, lm.model, lm.tokenizer, lm.preprocessing, dtype=dtype)
-    if (src / "levels.json").is_file():  # calibrated compute levels travel with the weights
-        (to / "levels.json").write_text((src / "levels.json").read_text())
+    for calibration in ("levels.json", RERANK_FILE):  # calibrated levels and re-ranking weight travel with the weights
+        if (src / calibration).is_file():
+            (to / calibration).write_text((src / calibration).read_text())
     typer.echo(f"published {src} to {to} ({dtype})")
 
 

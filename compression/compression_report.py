@@ -150,8 +150,8 @@ def build_report(models: dict[str, Path], teacher: str = "teacher", limit: int |
 RETENTION = [
     ("scenes VQA", "scenes.vqa_accuracy"),
     *[(f"scenes VQA: {t}", f"scenes.vqa_{t}") for t in ("color", "count", "existence", "relation", "shape")],
-    ("R@1 image->text, ITC top-16 re-ranked by ITM", "scenes.r1_i2t_rerank"),
-    ("R@1 text->image, ITC top-16 re-ranked by ITM", "scenes.r1_t2i_rerank"),
+    ("R@1 image->text, ITC top-16 re-ranked by ITM + w x ITC", "scenes.r1_i2t_rerank"),
+    ("R@1 text->image, ITC top-16 re-ranked by ITM + w x ITC", "scenes.r1_t2i_rerank"),
     ("R@1 image->text, ITC only", "scenes.r1_i2t"),
     ("R@1 text->image, ITC only", "scenes.r1_t2i"),
     ("CIDEr", "scenes.cider"),

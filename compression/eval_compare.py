@@ -27,8 +27,8 @@ from compression.config_file import ConfigError
 from compression.evaluate import flat_metrics
 
 ITEMS_SUFFIX = ".items.npz"
-# counts, timings and chance levels describe the run, not the model's quality
-_NOT_QUALITY = ("n", "vqa_n", "n_images", "n_texts", "rerank_k", "eval_seconds", "limit")
+# counts, settings, timings and chance levels describe the run, not the model's quality
+_NOT_QUALITY = ("n", "vqa_n", "n_images", "n_texts", "rerank_k", "rerank_itc_weight", "eval_seconds", "limit")
 
 
 def items_path(eval_json: str | Path) -> Path:

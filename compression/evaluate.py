@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ import numpy as np
 from compression import data as D
 from compression.artifacts import LoadedModel, load_model_dir
 from compression.torch_runtime import TorchTasks, pick_device
+from service.tasks import log_match, rerank_scores
 
 
 def _batches(n: int, size: int):
@@ -105,15 +107,54 @@ RERANK_K = 16  # ITC candidates re-ranked by ITM per query (BLIP / X-VLM / Effic
 
 
 def evaluate_retrieval(
-    model, split: D.CaptionSplit, device=None, batch: int = 256, rerank_k: int = RERANK_K, items: dict | None = None
+    model,
+    split: D.CaptionSplit,
+    device=None,
+    batch: int = 256,
+    rerank_k: int = RERANK_K,
+    items: dict | None = None,
+    rerank_itc_weight: float | None = None,
 ) -> dict:
     """Retrieval image->text (any of the image's captions counts) and text->image: by ITC alone
     (`r{k}_i2t`, `r{k}_t2i`), and as BLIP, X-VLM and EfficientVLM report it and POST
-    /retrieval/search serves it: the ITC top `rerank_k` re-ranked by ITM (`r{k}_i2t_rerank`,
-    `r{k}_t2i_rerank`; the rest keep their ITC order). rerank_k 0 skips the re-ranking. `items`,
-    when given, receives each query's 0-based rank of its first correct result ("rank_i2t" per
-    image, "rank_t2i" per caption, and "rank_*_rerank")."""
+    /retrieval/search serves it: the ITC top `rerank_k` re-ranked (`r{k}_i2t_rerank`,
+    `r{k}_t2i_rerank`; the rest keep their ITC order) by the ITM head's log p(match) plus
+    `rerank_itc_weight` x the ITC cosine (service.tasks.rerank_scores; None: the model's calibrated
+    weight, 0: the ITM head alone). rerank_k 0 skips the re-ranking. `items`, when given, receives
+    each query's 0-based rank of its first correct result ("rank_i2t" per image, "rank_t2i" per
+    caption, and "rank_*_rerank")."""
     tasks = as_tasks(model, device)
+    enc = encode_split(tasks, split, batch, states=rerank_k > 0)
+    out = _recalls(enc.order_i2t, enc.order_t2i, enc.owner, "", items)
+    if rerank_k > 0:
+        weight = float(getattr(tasks, "rerank_itc_weight", 0.0) if rerank_itc_weight is None else rerank_itc_weight)
+        cand = rerank_candidates(tasks, enc, rerank_k)
+        order_i2t, order_t2i = cand.reranked_orders(weight)
+        out |= _recalls(order_i2t, order_t2i, enc.owner, "_rerank", items)
+        out |= {"rerank_k": rerank_k, "rerank_itc_weight": weight}
+    return {
+        **out,
+        "n_images": len(split.images),
+        "n_texts": len(enc.owner),
+        "chance_r1_i2t": float(np.mean([len(c) for c in split.captions]) / len(enc.owner)) if len(enc.owner) else 0.0,
+        "chance_r1_t2i": 1.0 / max(1, len(split.images)),
+    }
+
+
+@dataclass
+class EncodedSplit:
+    """A caption split through the encoders: states, the ITC similarity and both ITC orders."""
+
+    owner: np.ndarray  # caption -> its image
+    sim: np.ndarray  # [images, captions] ITC cosine
+    order_i2t: np.ndarray  # [images, captions], best first
+    order_t2i: np.ndarray  # [captions, images]
+    image_states: np.ndarray | None
+    text_states: list | None  # per caption: (states, mask)
+
+
+def encode_split(tasks, split: D.CaptionSplit, batch: int = 256, states: bool = True) -> EncodedSplit:
+    """`states`: keep the encoders' states for ITM (re-ranking); without, only the ITC ranking."""
     images = [tasks.encode_images(tasks.pixels(split.images[sl])) for sl in _batches(len(split.images), batch)]
     texts = [c for caps in split.captions for c in caps]
     owner = np.array([i for i, caps in enumerate(split.captions) for _ in caps])
@@ -124,28 +165,60 @@ def evaluate_retrieval(
     sim = img_emb @ txt_emb.T  # [N_img, N_txt]
     # stable: duplicate captions (1985 distinct of 2500 in the scenes test split) tie exactly, and
     # quicksort's order among ties moved R@1 with last-bit differences (torch vs ONNX Runtime)
-    order_i2t = np.argsort(-sim, axis=1, kind="stable")
-    order_t2i = np.argsort(-sim.T, axis=1, kind="stable")
-    out = _recalls(order_i2t, order_t2i, owner, "", items)
-    if rerank_k > 0:
-        image_states = np.concatenate([s for s, _ in images])
-        text_states = [(states[i], mask[i]) for (_, mask), (states, _) in encoded for i in range(len(states))]
-        k = min(rerank_k, len(texts))
-        for i in range(len(split.images)):  # image -> its top-k texts
-            top = order_i2t[i, :k]
-            order_i2t[i, :k] = top[_itm_order(tasks, [text_states[j] for j in top], image_states[[i] * k])]
-        k = min(rerank_k, len(split.images))
-        for j in range(len(texts)):  # text -> its top-k images
-            top = order_t2i[j, :k]
-            order_t2i[j, :k] = top[_itm_order(tasks, [text_states[j]] * k, image_states[top])]
-        out |= _recalls(order_i2t, order_t2i, owner, "_rerank", items) | {"rerank_k": rerank_k}
-    return {
-        **out,
-        "n_images": len(split.images),
-        "n_texts": len(texts),
-        "chance_r1_i2t": float(np.mean([len(c) for c in split.captions]) / len(texts)) if texts else 0.0,
-        "chance_r1_t2i": 1.0 / max(1, len(split.images)),
-    }
+    return EncodedSplit(
+        owner=owner,
+        sim=sim,
+        order_i2t=np.argsort(-sim, axis=1, kind="stable"),
+        order_t2i=np.argsort(-sim.T, axis=1, kind="stable"),
+        image_states=np.concatenate([s for s, _ in images]) if states else None,
+        text_states=[(st[i], mask[i]) for (_, mask), (st, _) in encoded for i in range(len(st))] if states else None,
+    )
+
+
+@dataclass
+class RerankCandidates:
+    """Each query's ITC top k with their ITC cosines and ITM log p(match): enough to re-rank them
+    under any weight without running the fusion encoder again."""
+
+    enc: EncodedSplit
+    k_i2t: int
+    k_t2i: int
+    itc_i2t: np.ndarray  # [images, k_i2t] cosine of the image's top captions, in ITC order
+    log_p_i2t: np.ndarray
+    itc_t2i: np.ndarray  # [captions, k_t2i]
+    log_p_t2i: np.ndarray
+
+    def reranked_orders(self, itc_weight: float) -> tuple[np.ndarray, np.ndarray]:
+        """Both full orders with each query's top k re-ranked (stable: ties keep their ITC order)."""
+        order_i2t, order_t2i = self.enc.order_i2t.copy(), self.enc.order_t2i.copy()
+        for order, k, itc, log_p in (
+            (order_i2t, self.k_i2t, self.itc_i2t, self.log_p_i2t),
+            (order_t2i, self.k_t2i, self.itc_t2i, self.log_p_t2i),
+        ):
+            score = rerank_scores(log_p, itc, itc_weight)
+            top = order[:, :k]
+            order[:, :k] = np.take_along_axis(top, np.argsort(-score, axis=1, kind="stable"), axis=1)
+        return order_i2t, order_t2i
+
+
+def rerank_candidates(tasks, enc: EncodedSplit, rerank_k: int) -> RerankCandidates:
+    k_i2t, k_t2i = min(rerank_k, len(enc.owner)), min(rerank_k, len(enc.image_states))
+    top_i2t, top_t2i = enc.order_i2t[:, :k_i2t], enc.order_t2i[:, :k_t2i]
+    log_p_i2t = np.stack(
+        [_itm_log_match(tasks, [enc.text_states[j] for j in top], enc.image_states[[i] * k_i2t]) for i, top in enumerate(top_i2t)]
+    )
+    log_p_t2i = np.stack(
+        [_itm_log_match(tasks, [enc.text_states[j]] * k_t2i, enc.image_states[top]) for j, top in enumerate(top_t2i)]
+    )
+    return RerankCandidates(
+        enc,
+        k_i2t,
+        k_t2i,
+        np.take_along_axis(enc.sim, top_i2t, axis=1),
+        log_p_i2t,
+        np.take_along_axis(enc.sim.T, top_t2i, axis=1),
+        log_p_t2i,
+    )
 
 
 def _recalls(
@@ -159,17 +232,15 @@ def _recalls(
     return {**{f"r{k}_i2t{suffix}": v for k, v in r_i2t.items()}, **{f"r{k}_t2i{suffix}": v for k, v in r_t2i.items()}}
 
 
-def _itm_order(tasks, texts: list[tuple[np.ndarray, np.ndarray]], image_states: np.ndarray) -> np.ndarray:
-    """Order of the (text, image) pairs by ITM match probability, best first (stable on ties)."""
+def _itm_log_match(tasks, texts: list[tuple[np.ndarray, np.ndarray]], image_states: np.ndarray) -> np.ndarray:
+    """ITM log p(match) of the (text, image) pairs."""
     n = max(int(m.sum()) for _, m in texts)  # each text is padded to its own batch's longest: re-pad to these
     states = np.zeros((len(texts), n, texts[0][0].shape[-1]), texts[0][0].dtype)
     mask = np.zeros((len(texts), n), texts[0][1].dtype)
     for i, (s, m) in enumerate(texts):
         k = min(n, len(m))
         states[i, :k], mask[i, :k] = s[:k], m[:k]
-    logits = tasks.fuse(states, mask, image_states)["itm_logits"].astype(np.float32)
-    match = logits[:, 1] - np.logaddexp(logits[:, 0], logits[:, 1])  # log softmax of "match"
-    return np.argsort(-match, kind="stable")
+    return log_match(tasks.fuse(states, mask, image_states)["itm_logits"])
 
 
 def evaluate(
@@ -183,8 +254,10 @@ def evaluate(
     precision: str | None = None,
     rerank_k: int = RERANK_K,
     items: dict | None = None,
+    rerank_itc_weight: float | None = None,
 ) -> dict:
     """Every metric of a model folder; `limit` evaluates the first N items of each split.
+    `rerank_itc_weight` overrides the model's calibrated re-ranking weight (0: the ITM head alone).
     `items`, when given, receives the per-item results behind the metrics (`metric_items`), the
     input of a paired comparison of two models (compression.eval_compare).
 
@@ -223,7 +296,7 @@ def evaluate(
             scene_items["digest"] = _digest(records)
         predictions = generate_captions(lm, caps.images, dev)
         scores = caption_scores(dict(enumerate(predictions)), dict(enumerate(caps.captions)), scene_items)
-        retrieval = evaluate_retrieval(lm, caps, dev, rerank_k=rerank_k, items=scene_items)
+        retrieval = evaluate_retrieval(lm, caps, dev, rerank_k=rerank_k, items=scene_items, rerank_itc_weight=rerank_itc_weight)
         results["scenes"] = {
             "vqa_accuracy": vqa["accuracy"],
             "vqa_generative_accuracy": vqa.get("generative_accuracy"),
@@ -285,7 +358,7 @@ def evaluate_validation(
 ) -> dict:
     """Validation metrics while training, flat: `<vqa split>.accuracy` (and `.vqa_<type>` per
     question type) for each VQA split, and for the caption split CIDEr, BLEU-4 and retrieval
-    R@1/5/10 both ways, by ITC alone and ITM-re-ranked (`<split>.r1_i2t_rerank`, ...)."""
+    R@1/5/10 both ways, by ITC alone and re-ranked by the ITM head alone (`<split>.r1_i2t_rerank`, ...)."""
     t0 = time.time()
     out: dict = {}
     for split in vqa_splits:
@@ -294,7 +367,9 @@ def evaluate_validation(
         out |= {f"{split.name}.vqa_{k}": v for k, v in r.get("by_type", {}).items()}
     predictions = generate_captions(model, captions.images, device)
     scores = caption_scores(dict(enumerate(predictions)), dict(enumerate(captions.captions)))
-    retrieval = evaluate_retrieval(model, captions, device, rerank_k=rerank_k)
+    # the ITM head alone: models in training (and merge's mixes) have no calibrated weight, so the
+    # teacher's and the students' values compare like with like
+    retrieval = evaluate_retrieval(model, captions, device, rerank_k=rerank_k, rerank_itc_weight=0.0)
     keep = [k for k in retrieval if k.startswith("r") and k[1:2].isdigit()]
     out |= {f"{captions.name}.{k}": round(v, 4) for k, v in {**scores, **{k: retrieval[k] for k in keep}}.items()}
     out["eval_seconds"] = round(time.time() - t0, 1)

@@ -298,6 +298,7 @@ def export_model(
             "cuda": "fp16" if "fp16" in precisions else "fp32",
         },
         itc_temperature=float(model.temp.detach().clamp(0.001, 0.5)),
+        rerank_itc_weight=lm.rerank_itc_weight,
         levels=load_levels(model_dir) if model.trimmers is not None else None,
         description=description,
         known_words=sorted(set(known_words)) if known_words is not None else None,

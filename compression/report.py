@@ -60,8 +60,8 @@ def metrics_table(results: dict) -> str:
         for d in ("i2t", "t2i"):
             if f"r1_{d}_rerank" in sc:
                 rows.append(
-                    f"| scenes test retrieval {d} R@1 / R@5 / R@10, ITC top-k re-ranked by ITM | {sc[f'r1_{d}_rerank']:.4f} / "
-                    f"{sc[f'r5_{d}_rerank']:.4f} / {sc[f'r10_{d}_rerank']:.4f} |"
+                    f"| scenes test retrieval {d} R@1 / R@5 / R@10, ITC top-k re-ranked by ITM + w x ITC | "
+                    f"{sc[f'r1_{d}_rerank']:.4f} / {sc[f'r5_{d}_rerank']:.4f} / {sc[f'r10_{d}_rerank']:.4f} |"
                 )
     return "\n".join(rows)
 

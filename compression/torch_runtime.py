@@ -153,6 +153,7 @@ class TorchTasks(Encoders):
 
     def __init__(self, lm: LoadedModel, device: str | torch.device = "cpu"):
         self.lm, self.model, self.device = lm, lm.model, device
+        self.rerank_itc_weight = lm.rerank_itc_weight
         self.tokenizer, self.pre = lm.tokenizer, lm.preprocessing
         self.runtime = TorchRuntime.from_model(lm.model, device, ("vision", "text"))
 

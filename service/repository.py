@@ -96,6 +96,9 @@ class Manifest(BaseModel):
     # neither, callers that make K/V arrays themselves use `kv_shape`.
     decoder_kv_layout: Literal["tokens", "heads"] = "tokens"
     itc_temperature: float
+    # Re-ranking score = ITM log p(match) + this x ITC cosine (service.tasks.rerank_scores), calibrated
+    # on validation; 0 (manifests without the field) ranks by the ITM head alone
+    rerank_itc_weight: float = Field(0.0, ge=0)
     # What the model knows, in words: its training domain and what it cannot do (shown by /v1/models)
     description: str | None = None
     # Every word of the training texts (questions, answers, captions) as `service.preprocess.text_words`

@@ -164,7 +164,11 @@ class RankRequest(Strict):
 class RankResponse(BaseModel):
     scores: list[float] = Field(description="Per candidate, in request order: ITM match probability (rerank) or ITC cosine.")
     itc_scores: list[float]
-    ranking: list[int] = Field(description="Candidate indices, best first.")
+    rank_scores: list[float] = Field(
+        description="Per candidate, what `ranking` orders by: with rerank, log p(match) + w x ITC cosine (w: the "
+        "model's calibrated rerank_itc_weight, 0 = the ITM head alone), else the ITC cosine."
+    )
+    ranking: list[int] = Field(description="Candidate indices, best first (by rank_scores).")
     model: str
     latency_ms: float
 
@@ -182,8 +186,12 @@ class SearchRequest(Strict):
 
 class SearchHit(BaseModel):
     id: str
-    score: float
+    score: float = Field(description="ITM match probability where re-ranked, else the ITC cosine.")
     itc_score: float
+    rank_score: float = Field(
+        description="What the results are ordered by: log p(match) + w x ITC cosine where re-ranked (w: the model's "
+        "rerank_itc_weight), else the ITC cosine; hits that could not be re-ranked (no stored states) follow the rest."
+    )
     metadata: dict | None = None
 
 
@@ -255,6 +263,11 @@ class ModelInfo(BaseModel):
     answers: list[str] | None = Field(description="The closed VQA answer list, in the classifier's order; null when open.")
     image_size: int = Field(description="Images are resized to image_size x image_size pixels before the model sees them.")
     max_text_length: int = Field(description="Questions and texts are cut to this many tokens, [CLS] and [SEP] included.")
+    rerank_itc_weight: float = Field(
+        0.0,
+        description="Retrieval re-ranks by log p(match) + this x ITC cosine (calibrated on validation; 0: the ITM "
+        "head alone). The rank_scores / rank_score of /retrieval responses.",
+    )
     known_words: list[str] | None = Field(
         None,
         description="The words of the model's training texts (questions, answers, captions); question words outside "

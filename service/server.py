@@ -27,7 +27,7 @@ from service.errors import InvalidRequest
 from service.levels import Level, resolve
 from service.metrics import Metrics
 from service.settings import Settings
-from service.tasks import TaskModel
+from service.tasks import TaskModel, rerank_scores
 
 log = logging.getLogger("trimvlm.server")
 
@@ -98,6 +98,7 @@ class VqaAnswer:
 class Ranking:
     scores: list[float]  # ITM match probabilities when re-ranked, else the ITC scores
     itc_scores: list[float]
+    rank_scores: list[float]  # what the ranking orders by: service.tasks.rerank_scores, else the ITC scores
 
 
 @dataclass
@@ -105,6 +106,7 @@ class Hit:
     id: str
     score: float  # the ITM match probability when re-ranked, else the ITC score
     itc_score: float
+    rank_score: float  # what the results are ordered by (service.tasks.rerank_scores when re-ranked)
     metadata: dict
 
 
@@ -237,10 +239,11 @@ class ModelServer:
         return [Encoding(states[i, : len(items[i].ids)], embeds[i]) for i in range(len(items))]
 
     def _run_itm(self, items: list[ItmInput]) -> list[float]:
+        """log p(match) per pair."""
         text = _pad_states([it.text_states for it in items])
         mask = _pad_stack([np.ones(len(it.text_states), np.int64) for it in items])
         image = np.stack([it.image_states for it in items])
-        return list(self.tasks.itm_scores(text, mask, image))
+        return list(self.tasks.itm_log_match(text, mask, image))
 
     def _run_caption(self, items: list[CaptionInput]) -> list[str]:
         # decode each (max_length, num_beams) setting as one batch
@@ -301,7 +304,7 @@ class ModelServer:
         caption = self._run_caption([CaptionInput(states[0], 8, 1)])
         self.latency.observe("caption", 1, time.perf_counter() - t)
         text_states, _ = self.tasks.encode_texts(ids, mask)
-        score = self._run_itm([ItmInput(text_states[0], states[0])])[0]
+        score = float(np.exp(self._run_itm([ItmInput(text_states[0], states[0])])[0]))
         if not (isinstance(caption[0], str) and 0.0 <= score <= 1.0):
             raise RuntimeError(f"warm-up produced invalid outputs (caption {caption!r}, itm {score})")
         self.warmup_s = time.perf_counter() - t0
@@ -409,12 +412,13 @@ class ModelServer:
     async def encode_texts(self, texts: list[TextInput], call: Call) -> list[Encoding]:
         return list(await asyncio.gather(*(self._run("text", t, call) for t in texts)))
 
-    async def itm(self, pairs: list[ItmInput], call: Call) -> list[float]:
-        return list(await asyncio.gather(*(self._run("itm", p, call) for p in pairs)))
+    async def itm(self, pairs: list[ItmInput], call: Call) -> np.ndarray:
+        """log p(match) per (text, image) pair."""
+        return np.asarray(await asyncio.gather(*(self._run("itm", p, call) for p in pairs)), np.float32)
 
     async def rank(self, query: np.ndarray | TextInput, candidates: list, rerank: bool, call: Call) -> Ranking:
         """An image query (pixels) against candidate texts, or a text query against candidate images:
-        ITC scores, and ITM match probabilities when `rerank`."""
+        ITC scores, and when `rerank` ITM match probabilities and the re-ranking score."""
         if isinstance(query, TextInput):
             [text] = await self.encode_texts([query], call)
             images = await self.encode_images(candidates, call)
@@ -425,12 +429,17 @@ class ModelServer:
             texts = await self.encode_texts(candidates, call)
             itc = [float(image.embed @ t.embed) for t in texts]
             pairs = [ItmInput(t.states, image.states) for t in texts]
-        return Ranking(await self.itm(pairs, call) if rerank else itc, itc)
+        if not rerank:
+            return Ranking(itc, itc, itc)
+        log_p = await self.itm(pairs, call)
+        ranked = rerank_scores(log_p, np.asarray(itc), self.tasks.rerank_itc_weight)
+        return Ranking([float(p) for p in np.exp(log_p)], itc, [float(r) for r in ranked])
 
     async def search(self, query: np.ndarray | TextInput, gallery, top_k: int, rerank: int, call: Call, io) -> list[Hit]:
         """A text or image query (pixels) against a gallery: its `top_k` best by ITC; with `rerank` > 0
-        (text queries), the `max(top_k, rerank)` best by ITC re-ranked by ITM where the gallery stored
-        the image's states. Gallery reads run on the `io` executor (SQLite, the index)."""
+        (text queries), the `max(top_k, rerank)` best by ITC re-ranked (service.tasks.rerank_scores)
+        where the gallery stored the image's states; those it could not re-rank follow, by ITC. Gallery
+        reads run on the `io` executor (SQLite, the index)."""
         if isinstance(query, TextInput):
             [q] = await self.encode_texts([query], call)
         else:
@@ -439,14 +448,21 @@ class ModelServer:
         loop = asyncio.get_running_loop()
         hits = await loop.run_in_executor(io, gallery.search, q.embed, max(top_k, rerank))
         itc = {h[0]: h[1] for h in hits}
-        scores = dict(itc)
+        scores, ranks = dict(itc), dict(itc)
+        order = sorted(itc, key=lambda k: -itc[k])
         if rerank and hits:
             stored = await loop.run_in_executor(io, gallery.states_many, [h[0] for h in hits])  # one read
-            rerankable = [(hid, st) for hid, st in stored.items() if st is not None]
-            itm = await self.itm([ItmInput(q.states, st.astype(np.float32)) for _, st in rerankable], call)
-            scores.update({hid: float(p) for (hid, _), p in zip(rerankable, itm, strict=True)})
+            rerankable = [hid for hid in order if stored.get(hid) is not None]
+            if rerankable:
+                log_p = await self.itm([ItmInput(q.states, stored[hid].astype(np.float32)) for hid in rerankable], call)
+                ranked = rerank_scores(log_p, np.array([itc[h] for h in rerankable]), self.tasks.rerank_itc_weight)
+                scores |= {hid: float(p) for hid, p in zip(rerankable, np.exp(log_p), strict=True)}
+                ranks |= {hid: float(r) for hid, r in zip(rerankable, ranked, strict=True)}
+                done = set(rerankable)
+                # stable: equal scores keep their ITC order
+                order = sorted(rerankable, key=lambda k: -ranks[k]) + [h for h in order if h not in done]
         meta = {h[0]: h[2] for h in hits}
-        return [Hit(k, scores[k], itc[k], meta[k]) for k in sorted(scores, key=lambda k: -scores[k])[:top_k]]
+        return [Hit(k, scores[k], itc[k], ranks[k], meta[k]) for k in order[:top_k]]
 
     async def index(self, pixels: np.ndarray, gallery, item_id: str | None, metadata: dict, call: Call, io) -> str:
         """Encode an image and store it in a gallery (its ITC embedding, and its states in fp16 for ITM
@@ -489,5 +505,6 @@ class ModelServer:
             "answers": list(m.answers) or None,
             "image_size": m.preprocessing.image.size,
             "max_text_length": m.preprocessing.max_text_length,
+            "rerank_itc_weight": m.rerank_itc_weight,
             "known_words": m.known_words,
         }

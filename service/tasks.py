@@ -33,6 +33,20 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(-1, keepdims=True)
 
 
+def log_match(itm_logits: np.ndarray) -> np.ndarray:
+    """log p(match) of each pair from its ITM logits [B, 2] (no-match, match)."""
+    logits = itm_logits.astype(np.float32)
+    return logits[:, 1] - np.logaddexp(logits[:, 0], logits[:, 1])
+
+
+def rerank_scores(log_p_match: np.ndarray, itc: np.ndarray, itc_weight: float) -> np.ndarray:
+    """The re-ranking score of ITC candidates: the ITM head's log p(match) plus `itc_weight` x the
+    ITC cosine. BLIP's retrieval evaluation adds the two as well; the weight is calibrated per model
+    on validation (compression/rerank.py), since a small student's ITM head alone can rank worse
+    than its own ITC. Weight 0 is the ITM head alone."""
+    return np.asarray(log_p_match, np.float32) + np.float32(itc_weight) * np.asarray(itc, np.float32)
+
+
 class Encoders:
     """The vision and text encoders of a model whose graphs run in `self.runtime`: shared by the
     exported model (ONNX Runtime, TensorRT) and the torch parity path (compression/torch_runtime.py)."""
@@ -70,6 +84,7 @@ class TaskModel(Encoders):
         self.tokenizer = Tokenizer.from_file(str(self.folder / self.manifest.tokenizer))
         self.image_spec: ImageSpec = self.manifest.preprocessing.image
         self.vqa_mode = self.manifest.vqa_mode
+        self.rerank_itc_weight = self.manifest.rerank_itc_weight
         # trimmed levels: the gather graph gives classifier logits, so a generative model runs full
         trimmed = self.manifest.levels is not None and self.has("vqa_trimmed") and self.vqa_mode == "classifier"
         self.levels: dict[str, Level] = self.manifest.levels.levels if trimmed else {"full": FULL}  # the named levels
@@ -199,9 +214,9 @@ class TaskModel(Encoders):
         order = np.argsort(-probs, axis=1)[:, :top_k]
         return [[(self.manifest.answers[j], float(p[j])) for j in row] for p, row in zip(probs, order, strict=True)]
 
-    def itm_scores(self, text_states: np.ndarray, mask: np.ndarray, image_states: np.ndarray) -> np.ndarray:
-        """Probability that each (text, image) pair matches."""
-        return softmax(self.fuse(text_states, mask, image_states)["itm_logits"].astype(np.float32))[:, 1]
+    def itm_log_match(self, text_states: np.ndarray, mask: np.ndarray, image_states: np.ndarray) -> np.ndarray:
+        """log p(match) of each (text, image) pair."""
+        return log_match(self.fuse(text_states, mask, image_states)["itm_logits"])
 
     def captions(self, image_states: np.ndarray, max_length: int | None = None, num_beams: int = 1, on_step=None) -> list[str]:
         """on_step(rows, tokens): each greedy step's new tokens as they are chosen (generation.greedy_decode)."""

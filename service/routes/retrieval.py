@@ -71,12 +71,13 @@ async def rank(request: Request, body: RankRequest):
         [query] = await _tokens(request, srv, [body.text])
         candidates = await _pixels(request, srv, candidates)
     ranked = await srv.rank(query, candidates, body.rerank, call(request, "retrieval", deadline))
-    scores = ranked.scores
-    ranking = sorted(range(len(scores)), key=lambda i: -scores[i])
+    ranks = ranked.rank_scores
+    ranking = sorted(range(len(ranks)), key=lambda i: -ranks[i])
     return json_model(
         RankResponse(
-            scores=[float(s) for s in scores],
+            scores=[float(s) for s in ranked.scores],
             itc_scores=ranked.itc_scores,
+            rank_scores=[float(r) for r in ranks],
             ranking=ranking,
             model=srv.id,
             latency_ms=ms_since(t0),
@@ -102,7 +103,9 @@ async def search(request: Request, body: SearchRequest):
         [query] = await _pixels(request, srv, [body.image])
     rerank = st.settings.rerank_top_k if body.rerank else 0
     hits = await srv.search(query, gallery, body.top_k, rerank, call(request, "retrieval", deadline), st.preprocess_pool)
-    results = [SearchHit(id=h.id, score=h.score, itc_score=h.itc_score, metadata=h.metadata) for h in hits]
+    results = [
+        SearchHit(id=h.id, score=h.score, itc_score=h.itc_score, rank_score=h.rank_score, metadata=h.metadata) for h in hits
+    ]
     return json_model(SearchResponse(results=results, gallery_size=len(gallery), model=srv.id, latency_ms=ms_since(t0)))
 
 

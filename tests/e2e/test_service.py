@@ -265,9 +265,14 @@ def test_rank_image_against_texts(client):
     assert len(body["scores"]) == len(body["itc_scores"]) == 3 and sorted(body["ranking"]) == [0, 1, 2]
     assert body["ranking"][0] == 1, body  # the matching caption first
     assert all(0.0 <= s <= 1.0 for s in body["scores"])  # ITM match probabilities
-    assert [body["scores"][i] for i in body["ranking"]] == sorted(body["scores"], reverse=True)
+    # the ranking follows the re-ranking score: log p(match) + the model's weight x ITC cosine
+    assert [body["rank_scores"][i] for i in body["ranking"]] == sorted(body["rank_scores"], reverse=True)
+    [info] = [m for m in client.get("/v1/models").json() if m["id"] == body["model"]]
+    w = info["rerank_itc_weight"]
+    expected = np.log(np.maximum(body["scores"], 1e-30)) + w * np.array(body["itc_scores"])
+    np.testing.assert_allclose(body["rank_scores"], expected, atol=1e-4)
     itc = client.post("/retrieval/rank", json={"image": RED_CIRCLE, "texts": texts, "rerank": False}).json()
-    assert itc["scores"] == itc["itc_scores"] and itc["ranking"][0] == 1, itc
+    assert itc["scores"] == itc["itc_scores"] == itc["rank_scores"] and itc["ranking"][0] == 1, itc
 
 
 def test_rank_text_against_images(client):
@@ -306,7 +311,9 @@ def test_gallery_index_search_delete(client):
     body = r.json()
     assert {"results", "gallery_size", "model"} <= set(body) and body["gallery_size"] == 5
     assert {h["id"] for h in body["results"]} == {"red-circle", generated}, body  # the two red circles
-    assert {"id", "score", "metadata"} <= set(body["results"][0])
+    assert {"id", "score", "itc_score", "rank_score", "metadata"} <= set(body["results"][0])
+    ranks = [h["rank_score"] for h in body["results"]]
+    assert ranks == sorted(ranks, reverse=True) and all(0.0 <= h["score"] <= 1.0 for h in body["results"])
     image_query = client.post("/retrieval/search", json={"image": BLUE_RECTANGLE, "top_k": 1}).json()
     [hit] = image_query["results"]
     assert hit["id"] == "blue-rectangle" and hit["score"] > 0.99 and hit["metadata"] == {"shape": "blue-rectangle"}
@@ -320,6 +327,29 @@ def test_gallery_index_search_delete(client):
     assert_error(client.delete("/retrieval/index/red-circle"), 404, "unknown_id")
     assert_error(client.post("/retrieval/search", json={"text": "x", "image": RED_CIRCLE}), 422, "invalid_request")
     assert_error(client.post("/retrieval/search", json={"text": "a red circle", "top_k": 101}), 422, "invalid_request")
+
+
+def test_search_ranks_items_it_cannot_rerank_after_those_it_can(client):
+    """An item stored without encoder states (its embedding only) cannot be re-ranked by ITM: it
+    keeps its ITC cosine as score and rank_score and follows the re-ranked hits, whatever its cosine."""
+    st = client.app.state.trimvlm
+    srv = st.server(None)
+    gallery = st.gallery(srv)
+    for item_id, image in (("rr-red", RED_CIRCLE), ("rr-blue", BLUE_RECTANGLE)):
+        assert client.post("/retrieval/index", json={"image": image, "id": item_id}).status_code == 200
+    query = client.post("/retrieval/search", json={"text": "a red circle", "top_k": 1, "rerank": False}).json()
+    [top] = query["results"]
+    embed = np.asarray(gallery.get(top["id"]).embedding, np.float32)
+    gallery.add(embed, "rr-no-states", None, None)  # the best possible ITC match, no states
+    hits = client.post("/retrieval/search", json={"text": "a red circle", "top_k": 50}).json()["results"]
+    ids = [h["id"] for h in hits]
+    assert ids[-1] == "rr-no-states", ids
+    last = hits[-1]
+    assert last["score"] == last["itc_score"] == last["rank_score"]
+    plain = client.post("/retrieval/search", json={"text": "a red circle", "top_k": 50, "rerank": False}).json()["results"]
+    assert plain[0]["itc_score"] == pytest.approx(last["itc_score"], abs=1e-5)  # by ITC alone it would lead
+    for item_id in ("rr-red", "rr-blue", "rr-no-states"):
+        client.delete(f"/retrieval/index/{item_id}")
 
 
 @pytest.fixture(scope="module")

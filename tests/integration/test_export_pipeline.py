@@ -261,3 +261,34 @@ def test_export_report_schema_on_the_tiny_pipeline(pipeline, tmp_path):
     assert r["runtime_settings"] == {"intra_op_threads": 0, "allow_spinning": False}
     assert set(r["passed"]) == set(TARGETS) - {"int8_max_drop_points"}
     assert "| full |" in (tmp_path / "export" / "REPORT.md").read_text()
+
+
+def test_the_calibrated_rerank_weight_travels_from_the_torch_folder_into_export_and_evaluation(pipeline, tmp_path):
+    """`trimvlm calibrate-rerank` writes rerank.json (the sweep's pick); load_model_dir, publish's
+    copy and the export's manifest carry it, and `evaluate` re-ranks by it on torch and exported
+    folders alike unless told otherwise."""
+    import shutil
+
+    from compression.artifacts import load_model_dir
+    from compression.evaluate import evaluate
+    from compression.export import export_model
+    from compression.rerank import calibrate
+    from service.repository import load_manifest
+
+    src = tmp_path / "model"
+    shutil.copytree(pipeline["tmp"] / "work" / "trim" / "model", src)
+    result = calibrate(src, limit=12, grid=(0.0, 1.0, 5.0), device="cpu")
+    stored = json.loads((src / "rerank.json").read_text())
+    assert stored["itc_weight"] == result["itc_weight"] in (0.0, 1.0, 5.0) and len(stored["sweep"]) == 3
+    assert stored["split"] == "scenes_val" and stored["rerank_k"] == 16
+    assert load_model_dir(src).rerank_itc_weight == result["itc_weight"]
+
+    stored["itc_weight"] = 1.5  # a weight the grid did not hold: what the export copies is the file's
+    (src / "rerank.json").write_text(json.dumps(stored))
+    out = export_model(src, tmp_path / "export" / "1", ("fp32",), name="tiny-rerank")
+    assert load_manifest(out).rerank_itc_weight == 1.5
+    for folder, kwargs in ((out, {"precision": "fp32"}), (src, {"device": "cpu"})):
+        res = evaluate(folder, limit=12, include_easy_vqa=False, **kwargs)
+        assert res["scenes"]["rerank_itc_weight"] == 1.5
+        alone = evaluate(folder, limit=12, include_easy_vqa=False, rerank_itc_weight=0.0, **kwargs)
+        assert alone["scenes"]["rerank_itc_weight"] == 0.0

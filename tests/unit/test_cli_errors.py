@@ -51,6 +51,7 @@ OFFLINE = (
     "trim",
     "eval",
     "eval-compare",
+    "calibrate-rerank",
     "info",
     "publish",
     "merge",
@@ -168,6 +169,24 @@ def test_merge_of_an_unknown_module_is_one_line(tmp_path):
     assert proc.returncode == 2
     assert "modules to mix must be some of" in one_line_error(proc)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["models/trimvlm-default/1"], "is an exported folder: calibrate its torch source"),
+        (["models/trimvlm-student/3", "--grid", "1,x"], "--grid takes comma-separated numbers"),
+        (["models/trimvlm-student/3", "--grid", "-1"], "--grid takes comma-separated weights >= 0"),
+        (["models/trimvlm-student/3", "--split", "dev"], "--split is train, val or test"),
+        (["models/trimvlm-student/3", "--rerank-k", "1"], "rerank_k must be at least 2"),
+    ],
+)
+def test_calibrate_rerank_refuses_bad_input_in_one_line(args, expected):
+    before = (REPO / "models/trimvlm-student/3/rerank.json").read_bytes()
+    proc = cli("calibrate-rerank", *args)
+    assert proc.returncode == 2
+    assert expected in one_line_error(proc)
+    assert (REPO / "models/trimvlm-student/3/rerank.json").read_bytes() == before  # nothing written
 
 
 def test_bad_pipeline_config_is_one_line(tmp_path):

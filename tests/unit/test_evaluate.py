@@ -97,3 +97,41 @@ class _Padded(_Matcher):
         for r, i in enumerate(idx):
             ids[r, : 1 + i % 3], mask[r, : 1 + i % 3] = i, 1
         return ids, mask
+
+
+class _Unsure(_Matcher):
+    """An ITM head that is nearly right: it prefers the true pair by only a little, and for
+    caption 0 it prefers image 1 by a little. ITC ranks each caption's own image first by a wide margin."""
+
+    def fuse(self, text_states, mask, image_states):
+        t, i = text_states[:, 0, 0], image_states[:, 0, 0]
+        match = np.where(t == i, 0.2, 0.0) + np.where((t == 0) & (i == 1), 0.5, 0.0)
+        return {"itm_logits": np.stack([np.zeros(len(t)), match], 1)}
+
+
+def test_the_rerank_weight_blends_the_itc_cosine_into_the_itm_score():
+    """log p(match) + w x ITC cosine: at w 0 the ITM head alone decides (and gets caption 0 wrong);
+    a weight that lets ITC's margin count fixes it. The model's own weight is the default; an
+    explicit one overrides it, and the results record which weight was used."""
+    from service.tasks import log_match, rerank_scores
+
+    n = 6
+    image_emb = np.eye(n, dtype=np.float32)
+    text_emb = (np.eye(n) + 0.3 * np.roll(np.eye(n), 1, axis=1)).astype(np.float32)  # own image first, next one second
+    texts = [f"caption {j}" for j in range(n)]
+    images = np.zeros((n, 1, 1, 3), np.uint8)
+    images[:, 0, 0, 0] = np.arange(n)
+    split = D.CaptionSplit("blend", images, list(range(n)), [[t] for t in texts])
+    tasks = _Unsure(image_emb, text_emb, texts)
+    alone = evaluate_retrieval(tasks, split, rerank_k=2)  # no calibrated weight: ITM alone
+    assert alone["rerank_itc_weight"] == 0.0 and alone["r1_t2i"] == 1.0
+    assert alone["r1_t2i_rerank"] == (n - 1) / n  # caption 0 goes to image 1
+    blended = evaluate_retrieval(tasks, split, rerank_k=2, rerank_itc_weight=1.0)
+    assert blended["rerank_itc_weight"] == 1.0 and blended["r1_t2i_rerank"] == 1.0
+    tasks.rerank_itc_weight = 1.0  # the model's calibrated weight applies when none is given
+    assert evaluate_retrieval(tasks, split, rerank_k=2)["r1_t2i_rerank"] == 1.0
+    assert evaluate_retrieval(tasks, split, rerank_k=2, rerank_itc_weight=0.0)["r1_t2i_rerank"] == (n - 1) / n
+    # the score itself: log-softmax of "match", plus the weighted cosine
+    lp = log_match(np.array([[0.0, 0.0], [0.0, 3.0]]))
+    np.testing.assert_allclose(lp, [np.log(0.5), 3.0 - np.log1p(np.exp(3.0))], rtol=1e-6)
+    np.testing.assert_allclose(rerank_scores(lp, np.array([0.5, -0.5]), 2.0), lp + [1.0, -1.0], rtol=1e-6)

@@ -41,7 +41,7 @@ def test_the_exported_models_card_has_a_retention_section_when_the_teacher_was_e
     assert section.lstrip().startswith("### Retention")
     assert "| metric | teacher (torch) | exported (ONNX Runtime) | kept | torch source | kept |" in section
     assert "| scenes VQA | 0.800 | 0.700 | 87.5% | 0.720 | 90.0% |" in section
-    assert "ITC top-16 re-ranked by ITM | 0.750 | 0.500 | 66.7% |" in section
+    assert "ITC top-16 re-ranked by ITM + w x ITC | 0.750 | 0.500 | 66.7% |" in section
     assert retention_section({"exported (ONNX Runtime)": results(0.7, 0.5)}) == ""
 
 
@@ -54,5 +54,7 @@ def test_the_metrics_table_shows_re_ranked_recall_when_evaluated():
     assert "re-ranked" not in metrics_table({"scenes": sc})
     sc |= {"r1_i2t_rerank": 0.58, "r5_i2t_rerank": 0.88, "r10_i2t_rerank": 0.95}
     table = metrics_table({"scenes": sc})
-    assert "| scenes test retrieval i2t R@1 / R@5 / R@10, ITC top-k re-ranked by ITM | 0.5800 / 0.8800 / 0.9500 |" in table
+    assert (
+        "| scenes test retrieval i2t R@1 / R@5 / R@10, ITC top-k re-ranked by ITM + w x ITC | 0.5800 / 0.8800 / 0.9500 |" in table
+    )
     assert "t2i R@1 / R@5 / R@10, ITC top-k" not in table
