@@ -149,9 +149,29 @@ def run_pipeline(path: str | Path, force: set[str] | None = None) -> dict[str, P
     export_dir = Path(ex["out"])
 
     def run_export() -> Path:
+        from compression.artifacts import RERANK_FILE
         from compression.export import export_model
         from compression.training import training_words
 
+        # the model's re-ranking weight (compression/rerank.py), calibrated here for a model this pipeline
+        # trained; `rerank: false` exports without one (the ITM head alone)
+        rerank = ex.get("rerank", {})
+        if rerank is not False and not isinstance(rerank, dict):
+            raise ConfigError(f"{path}: export.rerank is false or a mapping (split, limit), got {rerank!r}")
+        reused = any(isinstance(cfg.get(n), dict) and Path(str(cfg[n].get("reuse"))) == Path(final) for n in STAGES)
+        if rerank is not False and not (Path(final) / RERANK_FILE).is_file():
+            if reused:
+                console.print(
+                    f"[yellow]{final} has no {RERANK_FILE}: retrieval re-ranks by the ITM head alone "
+                    f"(`trimvlm calibrate-rerank {final}` calibrates it)[/yellow]"
+                )
+            else:
+                from compression.rerank import calibrate
+
+                result = calibrate(final, split=rerank.get("split", "val"), limit=rerank.get("limit"), device=device or "auto")
+                console.print(
+                    f"re-ranking weight {result['itc_weight']:g} calibrated on {result['split']} ({final / RERANK_FILE})"
+                )
         precisions = ("fp32", *ex.get("precisions", ["int8"]))
         name = cfg.get("name")
         words_from = ex.get("known_words_from")  # a training YAML: its texts' words become known_words

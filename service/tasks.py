@@ -42,7 +42,7 @@ def log_match(itm_logits: np.ndarray) -> np.ndarray:
 def rerank_scores(log_p_match: np.ndarray, itc: np.ndarray, itc_weight: float) -> np.ndarray:
     """The re-ranking score of ITC candidates: the ITM head's log p(match) plus `itc_weight` x the
     ITC cosine. BLIP's retrieval evaluation adds the two as well; the weight is calibrated per model
-    on validation (compression/rerank.py), since a small student's ITM head alone can rank worse
+    on validation (`trimvlm calibrate-rerank`), since a small student's ITM head alone can rank worse
     than its own ITC. Weight 0 is the ITM head alone."""
     return np.asarray(log_p_match, np.float32) + np.float32(itc_weight) * np.asarray(itc, np.float32)
 

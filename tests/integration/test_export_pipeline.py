@@ -54,6 +54,7 @@ def pipeline(tmp_path_factory):
                     "precisions": ["int8"],
                     "description": "A tiny test model: shapes only.",
                     "known_words_from": str(teacher_yaml),
+                    "rerank": {"limit": 30},
                 },
                 "evaluate": {"limit": 12, "precision": "fp32", "teacher": False},
                 "report": {},
@@ -82,6 +83,9 @@ def test_pipeline_exports_a_complete_model_folder(pipeline):
     assert m.description == "A tiny test model: shapes only."
     assert m.known_words and {"what", "shape"} <= set(m.known_words) and m.known_words == sorted(set(m.known_words))
     assert "## What it knows" in card and "A tiny test model: shapes only." in card
+    # the trained model's re-ranking weight, calibrated on val by the export stage, is in the manifest
+    calibrated = json.loads((pipeline["tmp"] / "work" / "trim" / "model" / "rerank.json").read_text())
+    assert calibrated["limit"] == 30 and m.rerank_itc_weight == calibrated["itc_weight"]
 
 
 def test_pipeline_skips_current_stages_and_reruns_after_a_change(pipeline):
