@@ -17,6 +17,7 @@ from safetensors.torch import load_model, save_model
 from tokenizers import Tokenizer
 
 from compression.config import ModelConfig
+from compression.config_file import ConfigError
 from compression.modeling import TrimVLM
 from service.preprocess import Preprocessing
 
@@ -82,9 +83,12 @@ def load_rerank_weight(path: str | Path) -> float:
     f = Path(path) / RERANK_FILE
     if not f.is_file():
         return 0.0
-    weight = json.loads(f.read_text()).get("itc_weight")
-    if not isinstance(weight, (int, float)) or weight < 0:
-        raise ValueError(f"{f}: itc_weight must be a number >= 0, got {weight!r}")
+    try:
+        weight = json.loads(f.read_text()).get("itc_weight")
+    except (ValueError, AttributeError):
+        raise ConfigError(f"{f}: not a JSON object with itc_weight (`trimvlm calibrate-rerank` writes it)") from None
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+        raise ConfigError(f"{f}: itc_weight must be a number >= 0, got {weight!r}")
     return float(weight)
 
 

@@ -153,8 +153,8 @@ def run_pipeline(path: str | Path, force: set[str] | None = None) -> dict[str, P
         from compression.export import export_model
         from compression.training import training_words
 
-        # the model's re-ranking weight (compression/rerank.py), calibrated here for a model this pipeline
-        # trained; `rerank: false` exports without one (the ITM head alone)
+        # the model's re-ranking weight (compression/rerank.py, rerank.json), calibrated here for a model
+        # this pipeline trained and has none; `rerank: false` skips the calibration
         rerank = ex.get("rerank", {})
         if rerank is not False and not isinstance(rerank, dict):
             raise ConfigError(f"{path}: export.rerank is false or a mapping (split, limit), got {rerank!r}")

@@ -60,10 +60,15 @@ def test_calibrate_refuses_exported_folders_and_tiny_k(tmp_path):
 
 def test_a_bad_rerank_json_is_a_clear_error(tmp_path):
     from compression.artifacts import load_rerank_weight
+    from compression.config_file import ConfigError
 
     assert load_rerank_weight(tmp_path) == 0.0  # none: the ITM head alone
     (tmp_path / "rerank.json").write_text(json.dumps({"itc_weight": 2.5}))
     assert load_rerank_weight(tmp_path) == 2.5
-    (tmp_path / "rerank.json").write_text(json.dumps({"itc_weight": -1}))
-    with pytest.raises(ValueError, match="itc_weight"):
+    for bad in ({"itc_weight": -1}, {"itc_weight": "2"}, {"itc_weight": True}, {}, [2.0]):
+        (tmp_path / "rerank.json").write_text(json.dumps(bad))
+        with pytest.raises(ConfigError, match="itc_weight"):
+            load_rerank_weight(tmp_path)
+    (tmp_path / "rerank.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not a JSON object"):
         load_rerank_weight(tmp_path)
