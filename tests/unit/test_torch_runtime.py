@@ -85,7 +85,7 @@ def test_torch_runtime_minimal_contract_and_errors(tmp_path, monkeypatch):
 def test_torch_tasks_run_the_exported_graph_modules_and_match_the_model():
     torch.manual_seed(0)
     model = TrimVLM(tiny_config(itc_text_through_fusion=True)).eval()
-    lm = SimpleNamespace(model=model, tokenizer=None, preprocessing=None)
+    lm = SimpleNamespace(model=model, tokenizer=None, preprocessing=None, rerank_itc_weight=0.0)
     state = torch.get_rng_state()
     tasks = TorchTasks(lm, "cpu")
     assert torch.equal(torch.get_rng_state(), state)  # specs from sample inputs leave the caller's random stream alone
