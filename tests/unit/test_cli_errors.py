@@ -157,15 +157,15 @@ def test_bad_training_config_is_one_line_with_file_and_place(tmp_path, text, exp
 
 
 def test_merge_of_a_folder_that_is_not_a_model_is_one_line(tmp_path):
-    proc = cli("merge", "models/trimvlm-student/3", str(tmp_path / "nothing"), "--out", str(tmp_path / "out"))
+    proc = cli("merge", "models/trimvlm-student/4", str(tmp_path / "nothing"), "--out", str(tmp_path / "out"))
     assert proc.returncode == 2
     assert "is not a model folder" in one_line_error(proc)
     assert not (tmp_path / "out").exists()
 
 
 def test_merge_of_an_unknown_module_is_one_line(tmp_path):
-    s3 = "models/trimvlm-student/3"
-    proc = cli("merge", s3, s3, "--out", str(tmp_path / "out"), "--module", "itm_hed")
+    s4 = "models/trimvlm-student/4"
+    proc = cli("merge", s4, s4, "--out", str(tmp_path / "out"), "--module", "itm_hed")
     assert proc.returncode == 2
     assert "modules to mix must be some of" in one_line_error(proc)
     assert not (tmp_path / "out").exists()
@@ -175,18 +175,18 @@ def test_merge_of_an_unknown_module_is_one_line(tmp_path):
     "args, expected",
     [
         (["models/trimvlm-default/1"], "is an exported folder: calibrate its torch source"),
-        (["models/trimvlm-student/3", "--grid", "1,x"], "--grid takes comma-separated numbers"),
-        (["models/trimvlm-student/3", "--grid", "-1"], "--grid takes comma-separated weights >= 0"),
-        (["models/trimvlm-student/3", "--split", "dev"], "--split is train, val or test"),
-        (["models/trimvlm-student/3", "--rerank-k", "1"], "rerank_k must be at least 2"),
+        (["models/trimvlm-student/4", "--grid", "1,x"], "--grid takes comma-separated numbers"),
+        (["models/trimvlm-student/4", "--grid", "-1"], "--grid takes comma-separated weights >= 0"),
+        (["models/trimvlm-student/4", "--split", "dev"], "--split is train, val or test"),
+        (["models/trimvlm-student/4", "--rerank-k", "1"], "rerank_k must be at least 2"),
     ],
 )
 def test_calibrate_rerank_refuses_bad_input_in_one_line(args, expected):
-    before = (REPO / "models/trimvlm-student/3/rerank.json").read_bytes()
+    before = (REPO / "models/trimvlm-student/4/rerank.json").read_bytes()
     proc = cli("calibrate-rerank", *args)
     assert proc.returncode == 2
     assert expected in one_line_error(proc)
-    assert (REPO / "models/trimvlm-student/3/rerank.json").read_bytes() == before  # nothing written
+    assert (REPO / "models/trimvlm-student/4/rerank.json").read_bytes() == before  # nothing written
 
 
 def test_bad_pipeline_config_is_one_line(tmp_path):
