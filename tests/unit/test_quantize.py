@@ -249,3 +249,10 @@ def test_failed_symbolic_shape_inference_leaves_no_files_behind(graph, tmp_path,
     assert out == work / "relative.onnx" and out.is_file()
     assert sorted(p.name for p in work.iterdir()) == ["relative.onnx"]
     assert rel_err(run(out, feed()), run(graph, feed())) < 0.05
+
+
+def test_the_export_reports_int8_drop_is_the_worst_level():
+    from compression.export_report import int8_max_drop_points
+
+    acc = {"m fp32 full": 0.995, "m int8 full": 0.996, "m fp32 fast": 0.961, "m int8 fast": 0.956}
+    assert int8_max_drop_points(acc, "m", "m", "int8", ["full", "fast"]) == pytest.approx(0.5)
