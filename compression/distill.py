@@ -458,9 +458,17 @@ def itm_false_negatives(teacher_itm_logits: torch.Tensor, p_match: float) -> tor
 # ----------------------------------------------------------------------------------------------
 
 
+def _load_config_model(key: str, path, device):
+    """The model folder a config key names; a folder that is not there is a config error (one line)."""
+    try:
+        return load_model_dir(path, device)
+    except FileNotFoundError as e:
+        raise ConfigError(f"{key}: {e}") from None
+
+
 def build_student(cfg: DistillConfig, teacher: TrimVLM, tokenizer) -> TrimVLM:
     if cfg.init not in ("teacher", "scratch"):  # an existing student: keep its (possibly pruned) shape
-        existing = load_model_dir(cfg.init, "cpu")
+        existing = _load_config_model("init", cfg.init, "cpu")
         if existing.tokenizer.get_vocab() != tokenizer.get_vocab():
             raise ValueError(f"{cfg.init}: tokenizer differs from the teacher's")
         student = existing.model.float()
@@ -497,7 +505,7 @@ def _init_text_from_minilm(model: TrimVLM, tokenizer, text_init: dict) -> None:
 def distill(cfg: DistillConfig, resume: bool = True) -> Path:
     """Distil a student from cfg.teacher and save it under <out>/model."""
     ctx = start_run(cfg)
-    t = load_model_dir(cfg.teacher, ctx.device)
+    t = _load_config_model("teacher", cfg.teacher, ctx.device)
     adopt_image_spec(ctx, cfg, t.preprocessing.image, "teacher")
     student = build_student(cfg, t.model, t.tokenizer).to(ctx.device)
     if cfg.train_modules is not None:

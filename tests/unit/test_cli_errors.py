@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -221,6 +222,7 @@ def test_distill_config_values_the_model_refuses_are_one_line_errors(tmp_path):
     """Values only the built student can check (module names, re-ranking directions) fail before
     any data loads, as one line and exit 2."""
     base = (REPO / "configs" / "distill-long-fusion.yaml").read_text()
+    base = re.sub(r"(?m)^init: .*$", "init: models/trimvlm-student/4", base)  # the committed student
     cases = {
         "train_modules: [fusion_encoder, itm_head, vqa_head]": ("train_modules: [fusion]", "train_modules must be some of"),
         "itm_rank_k: 4": ("itm_rank_k: 4\nitm_rank_directions: [up]", "itm_rank_directions: one or both of t2i, i2t"),
@@ -230,6 +232,14 @@ def test_distill_config_values_the_model_refuses_are_one_line_errors(tmp_path):
         bad.write_text(base.replace(old, new))
         proc = cli("distill", str(bad), "--out", str(tmp_path / "run"))
         assert proc.returncode == 2 and message in one_line_error(proc)
+
+
+def test_a_distill_config_naming_a_missing_model_folder_is_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(re.sub(r"(?m)^init: .*$", "init: models/trimvlm-student/0", (REPO / "configs" / "distill.yaml").read_text()))
+    proc = cli("distill", str(bad), "--out", str(tmp_path / "run"))
+    assert proc.returncode == 2
+    assert "init: models/trimvlm-student/0 is not a model folder" in one_line_error(proc)
 
 
 # ---- trimvlm models list ---------------------------------------------------------------------------
