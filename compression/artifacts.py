@@ -54,11 +54,15 @@ def save_model_dir(
     return out
 
 
+class NotAModelFolder(FileNotFoundError):
+    """A path given as a model folder lacks one of its files (every offline command says so in one line)."""
+
+
 def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     path = Path(path)
     for name in ("config.json", "model.safetensors", "tokenizer.json", "preprocess.json"):
         if not (path / name).is_file():
-            raise FileNotFoundError(f"{path} is not a model folder: {name} is missing")
+            raise NotAModelFolder(f"{path} is not a model folder: {name} is missing")
     cfg = ModelConfig.load(path / "config.json")
     model = TrimVLM(cfg)
     # Load in the stored dtype, then cast: load_model copies values, so an fp16 file fills an

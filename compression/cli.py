@@ -52,6 +52,12 @@ class OfflineCommand(TyperCommand):
             )
         except ConfigError as e:
             fail(str(e), code=2)
+        except FileNotFoundError as e:
+            from compression.artifacts import NotAModelFolder
+
+            if not isinstance(e, NotAModelFolder):
+                raise
+            fail(str(e), code=2)
 
 
 class OfflineApp(typer.Typer):

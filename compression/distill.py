@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compression.artifacts import load_model_dir
+from compression.artifacts import NotAModelFolder, load_model_dir
 from compression.config import ModelConfig
 from compression.config_file import ConfigError
 from compression.modeling import TrimVLM, check_top_level_modules
@@ -459,10 +459,10 @@ def itm_false_negatives(teacher_itm_logits: torch.Tensor, p_match: float) -> tor
 
 
 def _load_config_model(key: str, path, device):
-    """The model folder a config key names; a folder that is not there is a config error (one line)."""
+    """The model folder a config key names; the error for a missing one names the key."""
     try:
         return load_model_dir(path, device)
-    except FileNotFoundError as e:
+    except NotAModelFolder as e:
         raise ConfigError(f"{key}: {e}") from None
 
 

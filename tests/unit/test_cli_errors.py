@@ -242,6 +242,13 @@ def test_a_distill_config_naming_a_missing_model_folder_is_one_line(tmp_path):
     assert "init: models/trimvlm-student/0 is not a model folder" in one_line_error(proc)
 
 
+def test_a_student_folder_that_is_not_there_is_one_line_for_trim_and_prune(tmp_path):
+    for command, config in (("trim", "configs/trim-retune.yaml"), ("prune", "configs/prune.yaml")):
+        proc = cli(command, config, "--student", str(tmp_path / "nothing"), "--out", str(tmp_path / command))
+        assert proc.returncode == 2
+        assert f"{tmp_path / 'nothing'} is not a model folder" in one_line_error(proc)
+
+
 # ---- trimvlm models list ---------------------------------------------------------------------------
 
 
