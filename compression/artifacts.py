@@ -17,7 +17,7 @@ from safetensors.torch import load_model, save_model
 from tokenizers import Tokenizer
 
 from compression.config import ModelConfig
-from compression.config_file import ConfigError
+from compression.config_file import ConfigError, NotAModelFolder
 from compression.modeling import TrimVLM
 from service.preprocess import Preprocessing
 
@@ -52,10 +52,6 @@ def save_model_dir(
     tokenizer.save(str(out / "tokenizer.json"))
     (out / "preprocess.json").write_text(json.dumps(preprocessing.model_dump(mode="json"), indent=2) + "\n")
     return out
-
-
-class NotAModelFolder(FileNotFoundError):
-    """A path given as a model folder lacks one of its files (every offline command says so in one line)."""
 
 
 def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:

@@ -38,7 +38,7 @@ class OfflineCommand(TyperCommand):
     each: running it in the serving install (no torch), and a config file that does not parse or fit."""
 
     def invoke(self, ctx):
-        from compression.config_file import ConfigError
+        from compression.config_file import ConfigError, NotAModelFolder
 
         try:
             return super().invoke(ctx)
@@ -50,13 +50,7 @@ class OfflineCommand(TyperCommand):
                 f"this command needs the training extra ({missing} is not installed): "
                 "pip install 'trimvlm[train]' (or `make install` in a checkout)"
             )
-        except ConfigError as e:
-            fail(str(e), code=2)
-        except FileNotFoundError as e:
-            from compression.artifacts import NotAModelFolder
-
-            if not isinstance(e, NotAModelFolder):
-                raise
+        except (ConfigError, NotAModelFolder) as e:
             fail(str(e), code=2)
 
 

@@ -1,7 +1,7 @@
 """Reading run configs (YAML): the one place a training, distillation, pruning, trimming or
 pipeline YAML is parsed and checked against its dataclass, so that a mistake in the file is
 one line naming the file and where in it (line and column, or the key), not a traceback.
-Torch-free: the CLI catches ConfigError and prints it."""
+Torch-free: the CLI catches ConfigError (and NotAModelFolder) and prints it."""
 
 from __future__ import annotations
 
@@ -14,6 +14,10 @@ from pathlib import Path
 
 class ConfigError(ValueError):
     """A config file that cannot be used; the message names the file and the line or the key."""
+
+
+class NotAModelFolder(FileNotFoundError):
+    """A path given as a model folder lacks one of its files (every offline command says so in one line)."""
 
 
 def load_yaml(path: str | Path) -> dict:

@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compression.artifacts import NotAModelFolder, load_model_dir
+from compression.artifacts import load_model_dir
 from compression.config import ModelConfig
-from compression.config_file import ConfigError
+from compression.config_file import ConfigError, NotAModelFolder
 from compression.modeling import TrimVLM, check_top_level_modules
 from compression.training import (
     MultiTaskLoss,
