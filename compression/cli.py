@@ -426,7 +426,7 @@ def publish(
 
 @app.command()
 def merge(
-    base: Annotated[Path, typer.Argument(help="The starting model folder (e.g. models/trimvlm-student/4).")],
+    base: Annotated[Path, typer.Argument(help="The starting model folder (e.g. models/trimvlm-student/5).")],
     tuned: Annotated[Path, typer.Argument(help="A run that continued from it (e.g. runs/distil-long/model).")],
     out: Annotated[Path, typer.Option(help="Where the picked model folder goes.")],
     teacher: Annotated[Path, typer.Option(help="The teacher retention is measured against.")] = Path("models/trimvlm-teacher/1"),
@@ -480,7 +480,7 @@ def model_card(
 
 @app.command("export")
 def export_cmd(
-    model_dir: Annotated[Path, typer.Argument(help="Torch model folder (e.g. models/trimvlm-student/4 or runs/trim/model).")],
+    model_dir: Annotated[Path, typer.Argument(help="Torch model folder (e.g. models/trimvlm-student/5 or runs/trim/model).")],
     out: Annotated[Path, typer.Option(help="Destination version folder, models/<name>/<version>.")],
     precision: Annotated[list[str], typer.Option(help="Variants beside fp32: int8 (CPU), fp16 (GPU). Repeatable.")] = ["int8"],  # noqa: B006
     name: Annotated[
