@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TEACHER ?= models/trimvlm-teacher/1
 
-.PHONY: bench peers-report scale-report reliability-report run serve export default-model export-report service-report verify test lint format install install-dev teacher compress compression-report trim trim-report student distill-long distill-long-report distill-step-bench clean
+.PHONY: bench peers-report scale-report reliability-report run serve export default-model export-report service-report verify test lint format install install-dev teacher compress compression-report retention-report trim trim-report student distill-long distill-long-report distill-step-bench clean
 
 $(VENV)/.serve: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -117,6 +117,12 @@ compression-report: $(VENV)/.train
 	$(VENV)/bin/trimvlm report compression --out reports/compression \
 	  --model teacher=$(TEACHER) --model distilled=runs/distill/model --model scratch=runs/scratch/model \
 	  $(foreach r,$(PRUNE_RUNS),--model pruned-$(r)=runs/prune-$(r)/model)
+
+## The committed teacher against the served student (torch), same report: what the student keeps
+## of each metric, the unsaturated ones first (2 CPU cores: about 5 minutes).
+retention-report: $(VENV)/.train
+	$(VENV)/bin/trimvlm report compression --out reports/retention \
+	  --model teacher=$(TEACHER) --model served-student=$(TRIMMED)
 
 ## Train SmartTrim trimmers on the pruned student from `make compress`, calibrate compute levels, and
 ## write reports/trim (2 CPU cores: about 30 minutes). The served trimmed student is models/trimvlm-student/5
