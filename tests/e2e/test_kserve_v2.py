@@ -116,9 +116,15 @@ def test_batch_goes_through_the_vqa_batcher(triton, native, live_server):
 
 
 def test_caption_without_question_equals_caption(triton, native):
-    want = [native.post("/caption", json={"image": b64(p)}).json()["caption"] for p in PNGS[:2]]
+    # One image per request on both sides: dynamic INT8 scales each activation tensor over the
+    # whole batch, so a greedy caption near a tie can change with its batch-mates (README, Export).
+    for png in PNGS[:2]:
+        want = native.post("/caption", json={"image": b64(png)}).json()["caption"]
+        res = triton.infer(MODEL, [tensor("image", [png])], outputs=outputs("caption"))
+        assert res.as_numpy("caption").tolist() == [want.encode()]
     res = triton.infer(MODEL, [tensor("image", PNGS[:2])], outputs=outputs("caption"))
-    assert [c.decode() for c in res.as_numpy("caption")] == want
+    captions = [c.decode() for c in res.as_numpy("caption")]
+    assert len(captions) == 2 and all(c.split() for c in captions)
     short = native.post("/caption", json={"image": b64(PNGS[0]), "max_length": 2, "num_beams": 2}).json()["caption"]
     res = triton.infer(MODEL, [tensor("image", PNGS[:1])], parameters={"max_length": 2, "num_beams": 2})
     assert res.as_numpy("caption").tolist() == [short.encode()]
