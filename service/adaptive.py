@@ -106,10 +106,15 @@ class PredictionErrors:
                 self._ratios.append(actual_s / predicted_s)
                 self._factor = None
 
-    def factor(self) -> float:
+    @property
+    def calibrated(self) -> bool:
+        return len(self._ratios) >= self.min_samples
+
+    def factor(self, fallback: float | None = None) -> float:
+        """Before `min_samples`: the larger of `default` and `fallback` (another level's margin)."""
         with self._lock:
             if len(self._ratios) < self.min_samples:
-                return self.default
+                return self.default if fallback is None else max(self.default, fallback)
             if self._factor is None:
                 q = float(np.quantile(np.fromiter(self._ratios, float), self.quantile))
                 self._factor = min(max(q, 1.0), self.max_factor)
@@ -117,6 +122,15 @@ class PredictionErrors:
 
     def __len__(self) -> int:
         return len(self._ratios)
+
+
+def level_margins(errors: dict[str, PredictionErrors]) -> dict[str, float]:
+    """Each level's safety factor. A level without enough requests of its own yet (one `auto`
+    seldom picks) borrows the largest calibrated level's: the levels share the host's jitter, and
+    on a busy machine the fixed default covers far less of it than 1 - quantile."""
+    calibrated = [e.factor() for e in errors.values() if e.calibrated]
+    fallback = max(calibrated) if calibrated else None
+    return {level: e.factor(fallback) for level, e in errors.items()}
 
 
 @dataclass

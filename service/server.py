@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from service.adaptive import LatencyModel, LevelOption, PredictionErrors, choose_level
+from service.adaptive import LatencyModel, LevelOption, PredictionErrors, choose_level, level_margins
 from service.batching import Batcher, DeadlineExceeded, QueueFull
 from service.errors import InvalidRequest
 from service.levels import Level, resolve
@@ -185,8 +185,8 @@ class ModelServer:
         self.levels: dict[str, Level] = dict(sorted(self.tasks.levels.items()))
         # per level: how far off its latency predictions run (auto's margin), read by /metrics on scrape
         self.prediction_errors = {lv: PredictionErrors(settings.auto_margin_quantile) for lv in self.levels}
-        for lv, errors in self.prediction_errors.items():
-            metrics.auto_safety_factor.labels(self.id, lv).set_function(errors.factor)
+        for lv in self.prediction_errors:
+            metrics.auto_safety_factor.labels(self.id, lv).set_function(lambda lv=lv: level_margins(self.prediction_errors)[lv])
         self.batchers: dict[str, Batcher] = {}
         batch = settings.max_batch_size if settings.batching else 1
         delay = settings.max_queue_delay_ms / 1000 if settings.batching else 0.0
@@ -320,10 +320,10 @@ class ModelServer:
     def level_options(self) -> list[LevelOption]:
         """Each level with its predicted time from now (preprocessing is already done when
         `auto` picks) until its answer is ready: the queue ahead plus its own batch."""
-        out = []
+        out, margins = [], level_margins(self.prediction_errors)
         for name, point in self.levels.items():
             acc = point.min_accuracy if point.min_accuracy is not None else 1.0 if name == "full" else 0.0
-            out.append(LevelOption(name, point, acc, self.predicted_s(name), self.prediction_errors[name].factor()))
+            out.append(LevelOption(name, point, acc, self.predicted_s(name), margins[name]))
         return out
 
     def predicted_s(self, level: str) -> float:

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from service.adaptive import CannotMeetDeadline, LatencyModel, LevelOption, PredictionErrors, choose_level
+from service.adaptive import CannotMeetDeadline, LatencyModel, LevelOption, PredictionErrors, choose_level, level_margins
 from service.errors import ServiceError
 from service.levels import Level
 from service.routes.common import wait
@@ -46,6 +46,20 @@ def test_prediction_errors_default_until_enough_samples():
     assert errors.factor() == 1.2
     errors.observe(0.001, 0.003)
     assert errors.factor() == pytest.approx(3.0)
+
+
+def test_a_level_without_enough_requests_borrows_the_largest_calibrated_margin():
+    """`auto` seldom picks some levels; until they have min_samples of their own they take the
+    jitter the calibrated levels see on this host, never less than the default."""
+    noisy, quiet, cold = (PredictionErrors(min_samples=10, default=1.2) for _ in range(3))
+    for _ in range(10):
+        noisy.observe(0.001, 0.0018)
+        quiet.observe(0.001, 0.0011)
+    cold.observe(0.001, 0.005)  # one sample is not a calibration
+    margins = level_margins({"full": noisy, "balanced": quiet, "fast": cold})
+    assert margins == pytest.approx({"full": 1.8, "balanced": 1.1, "fast": 1.8})
+    assert level_margins({"full": quiet, "fast": cold}) == pytest.approx({"full": 1.1, "fast": 1.2})
+    assert level_margins({"fast": cold}) == {"fast": 1.2}  # nothing calibrated: the default
 
 
 def test_prediction_errors_is_a_high_quantile_clipped():
@@ -127,15 +141,17 @@ def test_server_level_options_do_not_count_preprocessing(monkeypatch):
     srv = ModelServer.__new__(ModelServer)
     srv.levels = {"full": Level(flops_ratio=1.0), "balanced": Level(flops_ratio=0.4, min_accuracy=0.99)}
     srv.prediction_errors = {"full": PredictionErrors(), "balanced": PredictionErrors(min_samples=1)}
-    srv.prediction_errors["balanced"].observe(0.001, 0.0015)
+    srv.prediction_errors["balanced"].observe(0.001, 0.0011)
     srv.batchers = {
         "vqa/full": SimpleNamespace(predicted_wait_s=lambda: 0.004),
         "vqa/balanced": SimpleNamespace(predicted_wait_s=lambda: 0.002),
     }
     srv.latency = SimpleNamespace(predict=lambda key, n: 1.0)  # a large preprocess prediction must not be added
     opts = {o.name: o for o in srv.level_options()}
-    assert opts["full"].predicted_s == 0.004 and opts["full"].safety == 1.2
-    assert opts["balanced"].predicted_s == 0.002 and opts["balanced"].safety == pytest.approx(1.5)
+    assert opts["full"].predicted_s == 0.004 and opts["full"].safety == 1.2  # the default: balanced's 1.1 is less
+    assert opts["balanced"].predicted_s == 0.002 and opts["balanced"].safety == pytest.approx(1.1)
+    srv.prediction_errors["balanced"].observe(0.001, 0.0019)
+    assert {o.name: o.safety for o in srv.level_options()} == pytest.approx({"full": 1.9, "balanced": 1.9}, rel=0.01)
     srv.record_outcome("full", 0.004, 0.008)
     assert len(srv.prediction_errors["full"]) == 1
 
