@@ -113,7 +113,7 @@ class PredictionErrors:
     def factor(self, fallback: float | None = None) -> float:
         """Before `min_samples`: the larger of `default` and `fallback` (another level's margin)."""
         with self._lock:
-            if len(self._ratios) < self.min_samples:
+            if not self.calibrated:
                 return self.default if fallback is None else max(self.default, fallback)
             if self._factor is None:
                 q = float(np.quantile(np.fromiter(self._ratios, float), self.quantile))
