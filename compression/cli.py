@@ -396,6 +396,27 @@ def eval_compare(
     raise typer.Exit(1 if result.worse else 0)
 
 
+@app.command("retrieval-by-template")
+def retrieval_by_template(
+    evals: Annotated[list[Path], typer.Argument(help="Evaluations of the scenes test split (trimvlm eval --json X --items).")],
+    metric: Annotated[str, typer.Option(help="r1_t2i | r1_t2i_rerank | r5_t2i | r5_t2i_rerank.")] = "r1_t2i_rerank",
+    scenes: Annotated[Optional[Path], typer.Option(help="Scenes folder (generated if missing).")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write every metric's breakdown as JSON here.")] = None,
+):
+    """Text->image recall per caption template of the scenes test split, one column per evaluation:
+    where a student loses to its teacher (full descriptions, relations) and where R@1 is near
+    chance for any model (captions true of many images)."""
+    from compression.retrieval_breakdown import METRICS, breakdown, breakdown_table
+
+    if metric not in METRICS:
+        fail(f"--metric: one of {', '.join(METRICS)}, got {metric!r}", code=2)
+    result = breakdown(evals, scenes)
+    typer.echo(breakdown_table(result, metric))
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
+
+
 @app.command()
 def info(model_dir: Annotated[Path, typer.Argument(help="Model folder.")]):
     """Parameters and FLOPs per module (vision / text / fusion / decoder / heads)."""

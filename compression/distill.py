@@ -113,8 +113,9 @@ class DistillConfig(TrainConfig):
     # a folder for the teacher's outputs per training sample (compression/teacher_cache.py):
     # a teacher forward only the first time a sample is drawn. null: a teacher forward every step.
     teacher_cache: str | None = None
-    # ITM hard negatives mined from the teacher's similarities over the whole training set: each
-    # caption batch pairs images with one of their k hardest (0: random batches). Needs teacher_cache.
+    # ITC/ITM hard negatives mined from the teacher's similarities over the whole training set: each
+    # caption batch pairs images with one of their k hardest (0: random batches). The teacher's
+    # embeddings come from teacher_cache when set, else from one pass stored in the run folder.
     hard_negative_k: int = 0
     # Templated captions are often true of other images, so a mined "negative" can match. ITM pairs
     # drawn as negatives that the teacher scores above this match probability are left out of the
@@ -513,14 +514,25 @@ def distill(cfg: DistillConfig, resume: bool = True) -> Path:
     objective = Distiller(student, t.model, cfg) if cfg.kd_weight > 0 else MultiTaskLoss(student, cfg.loss_weights)
     data, vqa_val = load_data_for(cfg, ctx, t.tokenizer, student.config.answers, student.config.bos_token_id)
     on_checkpoint = None
-    if cfg.hard_negative_k and not cfg.teacher_cache:
-        raise ValueError("hard_negative_k mines from the teacher's cached embeddings: set teacher_cache")
     if cfg.teacher_cache and isinstance(objective, Distiller):
         objective.cache = open_teacher_cache(cfg, objective, data, t.model)
         on_checkpoint = objective.cache.save
         if cfg.hard_negative_k:
             objective.cache.prefill_captions(ctx.spec, student.config.bos_token_id, progress=_progress("caption cache"))
             data.cap_partners = objective.cache.mine_partners(cfg.hard_negative_k).to(ctx.device)
+    elif cfg.hard_negative_k:
+        from compression.hard_negatives import load_or_mine
+        from compression.teacher_cache import teacher_identity
+
+        data.cap_partners = load_or_mine(
+            ctx.out / "hard_negatives.pt",
+            t.model,
+            data,
+            ctx.spec,
+            cfg.hard_negative_k,
+            teacher_identity(cfg.teacher),
+            progress=_progress("teacher embeddings for hard negatives"),
+        ).to(ctx.device)
     evaluator = None
     if cfg.eval_full and ctx.is_main:
         evaluator = validation_evaluator(cfg, ctx, t, vqa_val)

@@ -385,6 +385,33 @@ CAPTION_TEMPLATES: tuple[CaptionTemplate, ...] = (
 )
 
 
+_NUM = "(?:one|two|three|four)"
+_SIZED_COUNT = rf"{_NUM} (?:large|small) shapes?"
+_SHAPE_COUNT = rf"{_NUM} (?:{'|'.join(SHAPES)})s?"
+# (template, pattern) in the order they are tried: the first match names a caption's template
+_TEMPLATE_PATTERNS = (
+    ("left_to_right", re.compile(r"^from left to right: ")),
+    ("there_are", re.compile(r"^there are ")),
+    ("listing", re.compile(rf"^{_NUM} shapes: ")),
+    ("picture", re.compile(r"^a picture of .* on a light background$")),
+    ("colors", re.compile(rf"^{_NUM} (?:shapes in .*|(?:{'|'.join(COLORS)}) shapes)$")),
+    ("sizes", re.compile(rf"^{_SIZED_COUNT}(?: and {_SIZED_COUNT})?$")),
+    ("shape_counts", re.compile(rf"^(?:an image with |a picture of )?{_SHAPE_COUNT}(?:(?:, | and ){_SHAPE_COUNT})*$")),
+    ("with_it", re.compile(r" with .* it$")),
+    ("two_clauses", re.compile(r" is .* and .* is .* the ")),
+    ("pair", re.compile(r".")),
+)
+
+
+def caption_template(caption: str) -> str:
+    """The name of the template (`_cap_<name>`) that wrote a scenes caption, read from its text:
+    what a retrieval breakdown groups queries by (full descriptions, relations, counts)."""
+    for name, pattern in _TEMPLATE_PATTERNS:
+        if pattern.search(caption):
+            return name
+    raise ValueError(f"not a scenes caption: {caption!r}")
+
+
 def make_captions(rng: random.Random, scene: Scene, n: int = CAPTIONS_PER_IMAGE) -> list[str]:
     """n captions, each from a different template where possible, distinct where possible."""
     pairs = related_pairs(scene)

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from compression.hard_negatives import mine_partners as mine_partner_images
 from compression.modeling import StackOutput, TrimVLM
 from compression.training import TaskOutputs, TrainData, caption_batch, draw_negatives
 
@@ -311,28 +312,9 @@ class TeacherCache:
         if not self.filled["cap"].all():
             raise RuntimeError("mining hard negatives needs every caption in the cache: prefill_captions first")
         d = self.data
-        n_img = len(d.cap_images)
-        img_emb = torch.from_numpy(np.asarray(self.arrays["i_emb"][:])).float()
-        txt_emb = torch.from_numpy(np.asarray(self.arrays["c_emb"][:])).float()
-        owner = d.cap_image_index.cpu()
-        key = d.cap_text_key.cpu()
-        own_keys = [set() for _ in range(n_img)]
-        for o, kk in zip(owner.tolist(), key.tolist(), strict=True):
-            own_keys[o].add(kk)
-        out = []
-        for s in range(0, n_img, chunk):
-            rows = torch.arange(s, min(n_img, s + chunk))
-            sim = img_emb[rows] @ txt_emb.t()  # [c, C]
-            same_text = torch.zeros_like(sim, dtype=torch.bool)
-            for r, i in enumerate(rows.tolist()):
-                same_text[r] = torch.isin(key, torch.tensor(sorted(own_keys[i])))
-            sim = sim.masked_fill(same_text, float("-inf"))
-            per_image = torch.full((len(rows), n_img), float("-inf")).scatter_reduce(
-                1, owner.expand(len(rows), -1), sim, reduce="amax"
-            )
-            per_image[torch.arange(len(rows)), rows] = float("-inf")
-            out.append(per_image.topk(k, dim=1).indices)
-        return torch.cat(out)
+        img_emb = torch.from_numpy(np.asarray(self.arrays["i_emb"][:]))
+        txt_emb = torch.from_numpy(np.asarray(self.arrays["c_emb"][:]))
+        return mine_partner_images(img_emb, txt_emb, d.cap_image_index, d.cap_text_key, k, chunk)
 
 
 def _max_length(ids: torch.Tensor, pad_id: int) -> int:

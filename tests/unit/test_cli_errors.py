@@ -52,6 +52,7 @@ OFFLINE = (
     "trim",
     "eval",
     "eval-compare",
+    "retrieval-by-template",
     "calibrate-rerank",
     "info",
     "publish",
@@ -208,7 +209,7 @@ def test_every_committed_config_loads_and_type_checks():
     kinds = {"teacher": TrainConfig, "tiny": TrainConfig, "scratch-student": DistillConfig, "distill": DistillConfig}
     kinds |= {"distill-long": DistillConfig, "distill-long-rank": DistillConfig, "distill-long-fusion": DistillConfig}
     kinds |= {"distill-long-noitmkd": DistillConfig, "distill-long-transfer": DistillConfig}
-    kinds |= {"distill-long-transfer-easy": DistillConfig}
+    kinds |= {"distill-long-transfer-easy": DistillConfig, "distill-long-hardneg": DistillConfig}
     kinds |= {"prune": PruneConfig, "trim": TrimConfig, "trim-continue": TrimConfig, "trim-retune": TrimConfig}
     kinds |= {"calibrate-levels": TrimConfig}
     for path in sorted((REPO / "configs").glob("*.yaml")):

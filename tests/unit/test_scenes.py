@@ -354,3 +354,21 @@ def test_captions_are_distinct(moderate):
 def test_rejects_tiny_images(tmp_path):
     with pytest.raises(ValueError):
         generate_scenes(tmp_path, image_size=16, n_train=1, n_val=0, n_test=0)
+
+
+def test_caption_template_names_the_template_that_wrote_each_caption():
+    import random
+
+    from compression.scenes import CAPTION_TEMPLATES, caption_template, related_pairs, sample_scene
+
+    seen = set()
+    for i in range(400):
+        rng = random.Random(i)
+        scene = sample_scene(rng, i, "train", 64)
+        pairs = related_pairs(scene)
+        for template in CAPTION_TEMPLATES:
+            caption = template(rng, scene, pairs)
+            if caption is not None:
+                assert caption_template(caption) == template.__name__.removeprefix("_cap_"), caption
+                seen.add(template)
+    assert seen == set(CAPTION_TEMPLATES)

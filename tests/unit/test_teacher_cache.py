@@ -141,6 +141,36 @@ def test_mined_partners_are_the_teachers_hardest_other_images(tmp_path):
         assert partners[i].tolist() == expect
 
 
+def test_partners_mined_without_a_cache_equal_the_cached_ones_and_are_stored_once(tmp_path, monkeypatch):
+    from compression import hard_negatives
+
+    teacher, student = models()
+    data = tiny_data(teacher.config)
+    spec = ImageSpec(size=teacher.config.image_size)
+    cache = open_cache(tmp_path / "c", Distiller(student, teacher, DistillConfig()), data)
+    cache.prefill_captions(spec, teacher.config.bos_token_id, batch=5)
+    img, txt = hard_negatives.teacher_embeddings(teacher, data, spec, batch=5)
+    assert torch.allclose(img, torch.from_numpy(np.asarray(cache.arrays["i_emb"][:])).float(), atol=2e-3)
+    assert torch.allclose(txt, torch.from_numpy(np.asarray(cache.arrays["c_emb"][:])).float(), atol=2e-3)
+    owner, key = data.cap_image_index, data.cap_text_key
+    # the cache keeps fp16: mined from the same rounding, the tables are equal
+    assert hard_negatives.mine_partners(img.half(), txt.half(), owner, key, 3).tolist() == cache.mine_partners(3).tolist()
+    table = tmp_path / "run" / "hard_negatives.pt"
+    direct = hard_negatives.load_or_mine(table, teacher, data, spec, 3, "t1")
+    assert direct.tolist() == hard_negatives.mine_partners(img, txt, owner, key, 3).tolist()
+    with pytest.raises(ValueError, match="between 1 and 7"):
+        hard_negatives.mine_partners(torch.randn(8, 4), torch.randn(3, 4), torch.tensor([0, 1, 2]), torch.arange(3), 8)
+
+    passes = []
+    real = hard_negatives.teacher_embeddings
+    monkeypatch.setattr(hard_negatives, "teacher_embeddings", lambda *a, **kw: passes.append(1) or real(*a, **kw))
+    assert hard_negatives.load_or_mine(table, teacher, data, spec, 3, "t1").tolist() == direct.tolist()
+    assert passes == []  # a resumed run reads the stored table back
+    assert hard_negatives.load_or_mine(table, teacher, data, spec, 2, "t1").shape == (8, 2)
+    assert hard_negatives.load_or_mine(table, teacher, data, spec, 2, "t2").shape == (8, 2)
+    assert passes == [1, 1]  # another k or another teacher is mined again
+
+
 def test_hard_negative_batches_hold_each_seed_with_a_partner_and_distinct_images():
     teacher, _ = models()
     data = tiny_data(teacher.config, n_cap_img=8)
