@@ -446,6 +446,33 @@ def publish(
 
 
 @app.command()
+def grow(
+    student: Annotated[Path, typer.Argument(help="The student model folder (e.g. models/trimvlm-student/5).")],
+    out: Annotated[Path, typer.Option(help="Where the grown model folder goes.")],
+    stack: Annotated[str, typer.Option(help="vision | text | fusion | decoder: the stack that gets a layer.")] = "fusion",
+    heads: Annotated[int, typer.Option(help="Self-attention heads of the new layer.")] = 2,
+    cross_heads: Annotated[int, typer.Option(help="Cross-attention heads (fusion, decoder).")] = 2,
+    ffn: Annotated[int, typer.Option(help="FFN neurons of the new layer.")] = 64,
+    teacher: Annotated[Path, typer.Option(help="The teacher whose layer is cut.")] = Path("models/trimvlm-teacher/1"),
+    from_layer: Annotated[int, typer.Option(help="Which teacher layer of the stack (-1: its last).")] = -1,
+):
+    """Append one layer to a student's stack, cut from a teacher layer (its first heads and FFN
+    neurons); every other weight stays the student's. Distil the result (init: OUT), then retune
+    its trimmers and re-calibrate its levels."""
+    from compression.grow import KINDS, grow_dir
+
+    units = {"head": heads, "cross": cross_heads, "ffn": ffn}
+    try:
+        info = grow_dir(student, teacher, out, stack, {k: units[k] for k in KINDS.get(stack, ())}, from_layer)
+    except ValueError as e:
+        fail(str(e), code=2)
+    typer.echo(
+        f"{out}: layers {info['layers']}, parameters {info['params_before']:,} -> {info['params']:,} "
+        f"({info['teacher_share']:.1%} of the teacher)"
+    )
+
+
+@app.command()
 def merge(
     base: Annotated[Path, typer.Argument(help="The starting model folder (e.g. models/trimvlm-student/5).")],
     tuned: Annotated[Path, typer.Argument(help="A run that continued from it (e.g. runs/distil-long/model).")],

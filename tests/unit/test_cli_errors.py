@@ -53,6 +53,7 @@ OFFLINE = (
     "eval",
     "eval-compare",
     "retrieval-by-template",
+    "grow",
     "calibrate-rerank",
     "info",
     "publish",
