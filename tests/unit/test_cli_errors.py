@@ -210,7 +210,8 @@ def test_every_committed_config_loads_and_type_checks():
     kinds = {"teacher": TrainConfig, "tiny": TrainConfig, "scratch-student": DistillConfig, "distill": DistillConfig}
     kinds |= {"distill-long": DistillConfig, "distill-long-rank": DistillConfig, "distill-long-fusion": DistillConfig}
     kinds |= {"distill-long-noitmkd": DistillConfig, "distill-long-transfer": DistillConfig}
-    kinds |= {"distill-long-transfer-easy": DistillConfig, "distill-long-hardneg": DistillConfig, "distill-fusion-rank": DistillConfig}
+    kinds |= {"distill-long-transfer-easy": DistillConfig, "distill-long-hardneg": DistillConfig}
+    kinds |= {"distill-fusion-rank": DistillConfig}
     kinds |= {"prune": PruneConfig, "trim": TrimConfig, "trim-continue": TrimConfig, "trim-retune": TrimConfig}
     kinds |= {"calibrate-levels": TrimConfig}
     for path in sorted((REPO / "configs").glob("*.yaml")):
