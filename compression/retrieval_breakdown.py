@@ -36,7 +36,10 @@ def scenes_test_captions(scenes_root: str | Path | None = None) -> tuple[list[st
 def breakdown(eval_jsons: list[str | Path], scenes_root: str | Path | None = None) -> dict:
     """Per template and per evaluation: the caption count and each METRICS key's mean over them."""
     captions, digest = scenes_test_captions(scenes_root)
-    templates = np.array([caption_template(c) for c in captions])
+    try:
+        templates = np.array([caption_template(c) for c in captions])
+    except ValueError as e:
+        raise ConfigError(f"{D.ensure_scenes(scenes_root)}: {e}") from None
     names = sorted(set(templates.tolist()))
     models = []
     for path in eval_jsons:

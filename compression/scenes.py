@@ -399,7 +399,7 @@ _TEMPLATE_PATTERNS = (
     ("shape_counts", re.compile(rf"^(?:an image with |a picture of )?{_SHAPE_COUNT}(?:(?:, | and ){_SHAPE_COUNT})*$")),
     ("with_it", re.compile(r" with .* it$")),
     ("two_clauses", re.compile(r" is .* and .* is .* the ")),
-    ("pair", re.compile(r".")),
+    ("pair", re.compile(rf"^an? .* (?:is )?(?:{'|'.join(RELATION_PHRASES.values())}) an? ")),
 )
 
 

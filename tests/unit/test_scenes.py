@@ -372,3 +372,5 @@ def test_caption_template_names_the_template_that_wrote_each_caption():
                 assert caption_template(caption) == template.__name__.removeprefix("_cap_"), caption
                 seen.add(template)
     assert seen == set(CAPTION_TEMPLATES)
+    with pytest.raises(ValueError, match="not a scenes caption"):
+        caption_template("a man riding a horse on a beach")
