@@ -292,8 +292,7 @@ def evaluate(
         vqa = evaluate_vqa(lm, questions, dev, items=scene_items)
         caps = D.load_scenes_captions(root, "test", spec).limit(limit)
         if scene_items is not None:
-            records = [(s.image, s.question, s.answer) for s in questions.samples] + caps.captions
-            scene_items["digest"] = _digest(records)
+            scene_items["digest"] = scenes_items_digest(questions, caps)
         predictions = generate_captions(lm, caps.images, dev)
         scores = caption_scores(dict(enumerate(predictions)), dict(enumerate(caps.captions)), scene_items)
         retrieval = evaluate_retrieval(lm, caps, dev, rerank_k=rerank_k, items=scene_items, rerank_itc_weight=rerank_itc_weight)
@@ -313,6 +312,11 @@ def evaluate(
     if items is not None:
         items |= metric_items(easy_items or {}, scene_items or {})
     return results
+
+
+def scenes_items_digest(questions: D.VQASplit, captions: D.CaptionSplit) -> str:
+    """The fingerprint of a scenes test split's per-item results (questions, then captions)."""
+    return _digest([(s.image, s.question, s.answer) for s in questions.samples] + captions.captions)
 
 
 def _digest(records: list) -> str:

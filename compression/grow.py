@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from compression.distill import LAYER_PREFIX, STACK_FIELDS
+from compression.flops import count_params
 from compression.modeling import ModelConfig, TrimVLM
 from compression.prune import GROUPS, slice_model
 
@@ -64,10 +65,6 @@ def grow(student: TrimVLM, teacher: TrimVLM, stack: str, units: dict[str, int], 
     return grown
 
 
-def parameter_count(model: TrimVLM) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def grow_dir(
     student_dir: str | Path, teacher_dir: str | Path, out: str | Path, stack: str, units: dict[str, int], from_layer: int = -1
 ) -> dict:
@@ -77,5 +74,5 @@ def grow_dir(
     s, t = load_model_dir(student_dir, "cpu"), load_model_dir(teacher_dir, "cpu")
     grown = grow(s.model, t.model, stack, units, from_layer)
     save_model_dir(out, grown, s.tokenizer, s.preprocessing, dtype="fp32")
-    n, n_t = parameter_count(grown), parameter_count(t.model)
-    return {"layers": grown.config.layer_counts, "params": n, "params_before": parameter_count(s.model), "teacher_share": n / n_t}
+    n, before, n_t = (count_params(m)["total"] for m in (grown, s.model, t.model))
+    return {"layers": grown.config.layer_counts, "params": n, "params_before": before, "teacher_share": n / n_t}

@@ -16,30 +16,29 @@ import numpy as np
 from compression import data as D
 from compression.config_file import ConfigError
 from compression.eval_compare import items_path
-from compression.evaluate import _digest
+from compression.evaluate import scenes_items_digest
 from compression.scenes import caption_template
 from service.preprocess import ImageSpec
 
 METRICS = ("r1_t2i", "r1_t2i_rerank", "r5_t2i", "r5_t2i_rerank")
 
 
-def scenes_test_captions(scenes_root: str | Path | None = None) -> tuple[list[str], str]:
+def scenes_test_captions(root: Path) -> tuple[list[str], str]:
     """The scenes test captions in evaluation order, and the digest `trimvlm eval` gives its items."""
-    root = D.ensure_scenes(scenes_root)
     spec = ImageSpec(size=json.loads((root / "scenes_meta.json").read_text())["image_size"])
     questions = D.load_scenes_vqa(root, "test", spec)
     caps = D.load_scenes_captions(root, "test", spec)
-    records = [(s.image, s.question, s.answer) for s in questions.samples] + caps.captions
-    return [c for per_image in caps.captions for c in per_image], _digest(records)
+    return [c for per_image in caps.captions for c in per_image], scenes_items_digest(questions, caps)
 
 
 def breakdown(eval_jsons: list[str | Path], scenes_root: str | Path | None = None) -> dict:
     """Per template and per evaluation: the caption count and each METRICS key's mean over them."""
-    captions, digest = scenes_test_captions(scenes_root)
+    root = D.ensure_scenes(scenes_root)
+    captions, digest = scenes_test_captions(root)
     try:
         templates = np.array([caption_template(c) for c in captions])
     except ValueError as e:
-        raise ConfigError(f"{D.ensure_scenes(scenes_root)}: {e}") from None
+        raise ConfigError(f"{root}: {e}") from None
     names = sorted(set(templates.tolist()))
     models = []
     for path in eval_jsons:
@@ -48,7 +47,7 @@ def breakdown(eval_jsons: list[str | Path], scenes_root: str | Path | None = Non
             raise ConfigError(f"{found}: no per-item results; evaluate with `trimvlm eval --json {path} --items`")
         with np.load(found) as items:
             if str(items.get("scenes.items_digest", "")) != digest:
-                raise ConfigError(f"{found}: not the full scenes test split of {D.ensure_scenes(scenes_root)} (--limit?)")
+                raise ConfigError(f"{found}: not the full scenes test split of {root} (--limit?)")
             per = {m: np.asarray(items[f"scenes.{m}"]) for m in METRICS if f"scenes.{m}" in items}
         if any(len(v) != len(captions) for v in per.values()):
             raise ConfigError(f"{found}: {len(captions)} test captions expected")
