@@ -472,6 +472,38 @@ def grow(
     )
 
 
+@app.command("text-pool")
+def text_pool(
+    student: Annotated[Path, typer.Argument(help="The student model folder (e.g. models/trimvlm-student/5).")],
+    out: Annotated[Path, typer.Option(help="Where the model folder with the fitted pool goes.")],
+    heads: Annotated[int, typer.Option(help="Attention heads of the pool (they split the text width).")] = 8,
+    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 1500,
+    batch_size: Annotated[int, typer.Option(help="Captions per step.")] = 256,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (one-cycle).")] = 1e-3,
+    train_images: Annotated[int, typer.Option(help="Scenes transfer-set images whose captions it fits on.")] = 15000,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+):
+    """Give a student's ITC text embedding an attention pool over its text tokens and fit it
+    (with text_proj) against the student's own, fixed image embeddings; nothing else changes.
+    Keeps the step with the best scenes-val R@1. Then: calibrate-rerank, export."""
+    from compression.text_pool import PoolFit, fit_text_pool_dir, val_table
+
+    for name, value in (("heads", heads), ("steps", steps), ("batch-size", batch_size), ("train-images", train_images)):
+        if value < 1:
+            fail(f"--{name} must be at least 1, got {value}", code=2)
+    fit = PoolFit(heads=heads, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    try:
+        info = fit_text_pool_dir(student, out, fit, train_images)
+    except ValueError as e:
+        fail(str(e), code=2)
+    best = info["best"]
+    typer.echo(val_table(info["history"]))
+    typer.echo(
+        f"{out}: kept step {best['step']} (val R@1 text->image {best['r1_t2i']:.4f}, image->text {best['r1_i2t']:.4f}); "
+        f"parameters {info['params_before']:,} -> {info['params']:,}"
+    )
+
+
 @app.command()
 def merge(
     base: Annotated[Path, typer.Argument(help="The starting model folder (e.g. models/trimvlm-student/5).")],

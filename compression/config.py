@@ -61,6 +61,15 @@ class ModelConfig:
     # BLIP computes ITC text features with the fusion layers run text-only (its text encoder
     # *is* the fusion encoder); X-VLM uses a separate text encoder. Imported BLIP sets True.
     itc_text_through_fusion: bool = False
+    # Heads of the attention pool over the text tokens added to [CLS] for the ITC text embedding
+    # (modeling.TextAttentionPool); 0: [CLS] alone, as BLIP. A one-layer text encoder's [CLS] attends
+    # only to word embeddings, so it cannot bind an attribute to its object; pooling the
+    # contextualised tokens is that second step.
+    text_pool_heads: int = 0
+    # Hidden width of the token-evidence ITM term (modeling.TokenEvidence); 0: the [CLS] head alone,
+    # as BLIP. One fusion layer gives [CLS] a single look at the image, so a student whose captions
+    # state several relations needs every text token's own match evidence pooled.
+    itm_evidence_hidden: int = 0
     # SmartTrim trimming modules (compression/trim.py): {"hidden": d'} or None for none
     trimming: dict | None = None
 

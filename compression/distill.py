@@ -31,7 +31,7 @@ from torch import nn
 from compression.artifacts import load_model_dir
 from compression.config import ModelConfig
 from compression.config_file import ConfigError, NotAModelFolder
-from compression.modeling import TrimVLM, check_top_level_modules
+from compression.modeling import TokenEvidence, TrimVLM, check_top_level_modules
 from compression.training import (
     MultiTaskLoss,
     TaskOutputs,
@@ -110,6 +110,9 @@ class DistillConfig(TrainConfig):
     # train only these top-level modules of the student (e.g. fusion_encoder, itm_head, vqa_head)
     # and keep every other weight as `init` has it; null: train all
     train_modules: list | None = None
+    # give the student a token-evidence ITM term of this hidden width (ModelConfig.itm_evidence_hidden)
+    # if it has none; it starts at zero, so an existing student starts unchanged. 0: as `init` has it
+    itm_evidence_hidden: int = 0
     # a folder for the teacher's outputs per training sample (compression/teacher_cache.py):
     # a teacher forward only the first time a sample is drawn. null: a teacher forward every step.
     teacher_cache: str | None = None
@@ -266,7 +269,7 @@ def interactive_contrastive(s: TaskOutputs, t: TaskOutputs, key: torch.Tensor, t
 
 def match_log_prob(model: TrimVLM, texts: torch.Tensor, mask: torch.Tensor, images: torch.Tensor, **fuse_kwargs) -> torch.Tensor:
     """log p(match) of each (text, image) pair by the ITM head: the score re-ranking sorts by."""
-    logits = model.itm_logits(model.fuse(texts, mask, images, **fuse_kwargs).last_hidden_state).float()
+    logits = model.itm_logits(model.fuse(texts, mask, images, **fuse_kwargs).last_hidden_state, mask).float()
     return F.log_softmax(logits, dim=1)[:, 1]
 
 
@@ -474,7 +477,7 @@ def build_student(cfg: DistillConfig, teacher: TrimVLM, tokenizer) -> TrimVLM:
             raise ValueError(f"{cfg.init}: tokenizer differs from the teacher's")
         student = existing.model.float()
         student.config.name = cfg.student_name
-        return student
+        return add_itm_evidence(student, cfg.itm_evidence_hidden)
     layers = student_layers(teacher.config, cfg.student_layers)
     scfg = student_config(teacher.config, layers, cfg.student_name, cfg.model)
     student = TrimVLM(scfg)
@@ -482,7 +485,21 @@ def build_student(cfg: DistillConfig, teacher: TrimVLM, tokenizer) -> TrimVLM:
         init_from_teacher(student, teacher)
     elif cfg.text_init:  # scratch, the teacher's own recipe: text side from MiniLM, the rest random
         _init_text_from_minilm(student, tokenizer, cfg.text_init)
-    return student
+    return add_itm_evidence(student, cfg.itm_evidence_hidden)
+
+
+def add_itm_evidence(model: TrimVLM, hidden: int) -> TrimVLM:
+    """`model` with a fresh token-evidence ITM term of `hidden` width (0: unchanged). Its output
+    starts at zero, so every score of the model is what it was."""
+    if not hidden:
+        return model
+    have = model.config.itm_evidence_hidden
+    if have and have != hidden:
+        raise ConfigError(f"itm_evidence_hidden: init already has a token-evidence ITM term of width {have}, not {hidden}")
+    if not have:
+        model.config.itm_evidence_hidden = hidden
+        model.itm_evidence = TokenEvidence(model.config.text_width, hidden)
+    return model
 
 
 def _init_text_from_minilm(model: TrimVLM, tokenizer, text_init: dict) -> None:

@@ -58,7 +58,7 @@ class TextGraph(nn.Module):
         itc = states
         if self.model.config.itc_text_through_fusion:
             itc = self.model.fusion_encoder(states, attention_mask).last_hidden_state
-        return states, self.model.text_embeds(itc)
+        return states, self.model.text_embeds(itc, attention_mask)
 
 
 class FusionGraph(nn.Module):
@@ -71,7 +71,7 @@ class FusionGraph(nn.Module):
 
     def forward(self, text_states, attention_mask, image_states):
         fused = self.model.fuse(text_states, attention_mask, image_states).last_hidden_state
-        out = (self.model.vqa_logits(fused), self.model.itm_logits(fused))
+        out = (self.model.vqa_logits(fused), self.model.itm_logits(fused, attention_mask))
         return (*out, fused) if self.states else out
 
 

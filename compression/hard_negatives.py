@@ -72,7 +72,7 @@ def teacher_embeddings(
             progress(done, total)
     for s in range(0, n_cap, batch):
         ids, mask = trim_padding(data.cap_ids[s : s + batch], teacher.config.pad_token_id)
-        texts.append(teacher.text_embeds(teacher.encode_text(ids, mask).last_hidden_state).cpu())
+        texts.append(teacher.text_embeds(teacher.encode_text(ids, mask).last_hidden_state, mask).cpu())
         done += len(ids)
         if progress:
             progress(done, total)

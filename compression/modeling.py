@@ -658,6 +658,58 @@ class Trimmers(nn.Module):
                 m.proj.bias.fill_(head)
 
 
+class TokenEvidence(nn.Module):
+    """ITM evidence pooled over the fused text tokens: each token scores how well its part of the
+    caption matches the image, and the scores pool into one term added to the match logit, a soft
+    minimum (one contradicted part vetoes the match) plus the mean. Its output layer starts at zero,
+    so a model given this term starts with the ITM it had."""
+
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.score = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, 1))
+        nn.init.trunc_normal_(self.score[0].weight, std=0.02)
+        nn.init.zeros_(self.score[0].bias)
+        nn.init.zeros_(self.score[2].weight)
+        nn.init.zeros_(self.score[2].bias)
+
+    def forward(self, fused_states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        valid = mask.bool()
+        e = self.score(self.norm(fused_states)).squeeze(-1).float()  # [B, T]
+        count = valid.sum(-1).clamp_min(1).to(e.dtype)
+        # -log mean exp(-e): a smooth minimum that equals e when every token agrees
+        soft_min = -(torch.logsumexp((-e).masked_fill(~valid, float("-inf")), dim=-1) - count.log())
+        mean = (e * valid).sum(-1) / count
+        return (soft_min + mean).to(fused_states.dtype)
+
+
+class TextAttentionPool(nn.Module):
+    """The text tokens pooled by `heads` learned attention patterns (each over its slice of the
+    width) and added to [CLS]: the ITC text feature. Its output layer starts at zero, so a model
+    given this pool starts with the embeddings it had."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"text_pool_heads must divide the text width {width}, got {heads}")
+        self.heads = heads
+        self.norm = nn.LayerNorm(width)
+        self.score = nn.Linear(width, heads)
+        self.out = nn.Linear(width, width)
+        nn.init.trunc_normal_(self.score.weight, std=0.02)
+        nn.init.zeros_(self.score.bias)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, text_states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, t, w = text_states.shape
+        scores = self.score(self.norm(text_states)).float().masked_fill(~mask.bool()[..., None], float("-inf"))
+        weights = scores.softmax(dim=1).to(text_states.dtype)  # [B, T, heads]
+        values = text_states.reshape(b, t, self.heads, w // self.heads)
+        pooled = (weights[..., None] * values).sum(dim=1).reshape(b, w)
+        return text_states[:, 0] + self.out(pooled)
+
+
 class TrimVLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -675,6 +727,8 @@ class TrimVLM(nn.Module):
             nn.Linear(w, 2 * w), nn.GELU(), nn.LayerNorm(2 * w), nn.Linear(2 * w, max(cfg.num_answers, 1))
         )
         self.apply(self._init_weights)
+        self.text_pool = TextAttentionPool(cfg.text_width, cfg.text_pool_heads) if cfg.text_pool_heads else None
+        self.itm_evidence = TokenEvidence(cfg.text_width, cfg.itm_evidence_hidden) if cfg.itm_evidence_hidden else None
         self.trimmers = Trimmers(cfg) if cfg.trimming else None
 
     @staticmethod
@@ -706,15 +760,22 @@ class TrimVLM(nn.Module):
     def image_embeds(self, image_states: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.vision_proj(image_states[:, 0]), dim=-1)
 
-    def text_embeds(self, text_states: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.text_proj(text_states[:, 0]), dim=-1)
+    def text_embeds(self, text_states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Normalised ITC embeddings of texts; `mask` marks their tokens."""
+        pooled = text_states[:, 0] if self.text_pool is None else self.text_pool(text_states, mask)
+        return F.normalize(self.text_proj(pooled), dim=-1)
 
     def itc_logits(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
         """Image-to-text similarity logits [N_img, N_txt] at the learned temperature."""
         return image_emb @ text_emb.t() / self.temp.clamp(0.001, 0.5)
 
-    def itm_logits(self, fused_states: torch.Tensor) -> torch.Tensor:
-        return self.itm_head(fused_states[:, 0])
+    def itm_logits(self, fused_states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[no match, match] logits of fused (text, image) pairs; `mask` marks the text tokens."""
+        logits = self.itm_head(fused_states[:, 0])
+        if self.itm_evidence is None:
+            return logits
+        evidence = self.itm_evidence(fused_states, mask)
+        return torch.stack([logits[:, 0], logits[:, 1] + evidence], dim=1)
 
     def vqa_logits(self, fused_states: torch.Tensor) -> torch.Tensor:
         return self.vqa_head(fused_states[:, 0])

@@ -202,7 +202,7 @@ class TeacherCache:
         self._write("i_last", img_key, img)
         self._write("i_emb", img_key, t.image_embeds(img))
         self._write("c_last", cap_key, txt)
-        self._write("c_emb", cap_key, t.text_embeds(txt))
+        self._write("c_emb", cap_key, t.text_embeds(txt, mask))
         self._write("cap", cap_key, logits)
         for j in self.hidden_map["decoder"]:
             self._write(f"d_h{j}", cap_key, decoder.hidden_states[j])
@@ -281,12 +281,13 @@ class TeacherCache:
             negatives = draw_negatives(sim, cap["key"])
             img, txt, mask = self._read("i_last", cimg_key), self._read("c_last", cap_key, lc), cap["mask"]
             neg_text, neg_img = negatives
+            fused_mask = torch.cat([mask, mask[neg_text], mask])
             fused = t.fuse(
                 torch.cat([txt, txt[neg_text], txt]),
-                torch.cat([mask, mask[neg_text], mask]),
+                fused_mask,
                 torch.cat([img, img, img[neg_img]]),
             ).last_hidden_state
-            itm = t.itm_logits(fused)
+            itm = t.itm_logits(fused, fused_mask)
         return TaskOutputs(
             vqa_logits=self._read("vqa", q_key),
             vqa_gen_logits=gen,

@@ -168,10 +168,11 @@ class TorchTasks(Encoders):
 
     @torch.no_grad()
     def fuse(self, text_states: np.ndarray, mask: np.ndarray, image_states: np.ndarray) -> dict[str, np.ndarray]:
-        fused = self.model.fuse(self._t(text_states), self._t(mask).bool(), self._t(image_states)).last_hidden_state
+        text_mask = self._t(mask).bool()
+        fused = self.model.fuse(self._t(text_states), text_mask, self._t(image_states)).last_hidden_state
         return {
             "vqa_logits": self.model.vqa_logits(fused).cpu().numpy(),
-            "itm_logits": self.model.itm_logits(fused).cpu().numpy(),
+            "itm_logits": self.model.itm_logits(fused, text_mask).cpu().numpy(),
             "fused_states": fused.cpu().numpy(),
         }
 

@@ -299,7 +299,7 @@ def task_forward(
     # ITC between caption images and texts.
     img = m.encode_image(cap["pixels"], **kv).last_hidden_state
     txt = m.encode_text(cap["ids"], cap["mask"], **kt).last_hidden_state
-    image_emb, text_emb = m.image_embeds(img), m.text_embeds(txt)
+    image_emb, text_emb = m.image_embeds(img), m.text_embeds(txt, cap["mask"])
     sim = m.itc_logits(image_emb, text_emb)
 
     # ITM with hard negatives drawn from the ITC similarities (BLIP/ALBEF).
@@ -309,7 +309,7 @@ def task_forward(
     fused_txt = torch.cat([txt, txt[neg_text], txt])
     fused_mask = torch.cat([cap["mask"], cap["mask"][neg_text], cap["mask"]])
     fused_img = torch.cat([img, img, img[neg_img]])
-    itm = m.itm_logits(m.fuse(fused_txt, fused_mask, fused_img, **kf).last_hidden_state)
+    itm = m.itm_logits(m.fuse(fused_txt, fused_mask, fused_img, **kf).last_hidden_state, fused_mask)
 
     # Captioning LM: [DEC] caption [SEP], cross-attending to the image tokens.
     caption_logits, decoder = m.text_decoder(cap["dec_ids"], cap["mask"], encoder_states=img, **kd, **st)

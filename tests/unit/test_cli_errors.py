@@ -54,6 +54,7 @@ OFFLINE = (
     "eval-compare",
     "retrieval-by-template",
     "grow",
+    "text-pool",
     "calibrate-rerank",
     "info",
     "publish",
@@ -211,7 +212,7 @@ def test_every_committed_config_loads_and_type_checks():
     kinds |= {"distill-long": DistillConfig, "distill-long-rank": DistillConfig, "distill-long-fusion": DistillConfig}
     kinds |= {"distill-long-noitmkd": DistillConfig, "distill-long-transfer": DistillConfig}
     kinds |= {"distill-long-transfer-easy": DistillConfig, "distill-long-hardneg": DistillConfig}
-    kinds |= {"distill-fusion-rank": DistillConfig}
+    kinds |= {"distill-fusion-rank": DistillConfig, "distill-itm-evidence": DistillConfig}
     kinds |= {"prune": PruneConfig, "trim": TrimConfig, "trim-continue": TrimConfig, "trim-retune": TrimConfig}
     kinds |= {"calibrate-levels": TrimConfig}
     for path in sorted((REPO / "configs").glob("*.yaml")):

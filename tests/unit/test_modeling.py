@@ -64,8 +64,8 @@ def test_head_shapes(model):
         vqa, fused = model.vqa_forward(pixels, ids, mask)
         img = model.encode_image(pixels).last_hidden_state
         txt = model.encode_text(ids, mask).last_hidden_state
-        sim = model.itc_logits(model.image_embeds(img), model.text_embeds(txt))
-        itm = model.itm_logits(fused.last_hidden_state)
+        sim = model.itc_logits(model.image_embeds(img), model.text_embeds(txt, mask))
+        itm = model.itm_logits(fused.last_hidden_state, mask)
         lm, _ = model.text_decoder(ids, mask, encoder_states=img)
     assert vqa.shape == (3, 3)
     assert img.shape == (3, 17, 32)
@@ -242,3 +242,60 @@ def test_config_rejects_inconsistent_layer_lists():
         tiny_config(vision_heads=[4], vision_mlp=[64, 48])
     with pytest.raises(ValueError):
         ModelConfig.from_dict({**tiny_config().to_dict(), "bogus": 1})
+
+
+def _fused(m, pixels, ids, mask):
+    img = m.encode_image(pixels).last_hidden_state
+    txt = m.encode_text(ids, mask).last_hidden_state
+    return m.fuse(txt, mask, img).last_hidden_state
+
+
+def test_token_evidence_starts_as_the_cls_head_and_ignores_padding():
+    from compression.distill import add_itm_evidence
+
+    torch.manual_seed(0)
+    plain = TrimVLM(tiny_config()).eval()
+    grown = add_itm_evidence(TrimVLM(tiny_config()).eval(), 16)
+    grown.load_state_dict(plain.state_dict(), strict=False)
+    pixels, ids, mask = batch()
+    with torch.no_grad():
+        fused = _fused(grown, pixels, ids, mask)
+        torch.testing.assert_close(grown.itm_logits(fused, mask), plain.itm_logits(fused, mask))
+        torch.nn.init.normal_(grown.itm_evidence.score[2].weight, std=1.0)
+        moved = grown.itm_logits(fused, mask)
+        changed = fused.clone()
+        changed[1, 4:] = 123.0  # padded positions of sample 1
+        again = grown.itm_logits(changed, mask)
+    assert not torch.allclose(moved[:, 1], plain.itm_logits(fused, mask)[:, 1])
+    torch.testing.assert_close(moved[:, 0], plain.itm_logits(fused, mask)[:, 0])
+    torch.testing.assert_close(again[1], moved[1])
+
+
+def test_token_evidence_pools_a_soft_minimum_plus_the_mean():
+    from compression.modeling import TokenEvidence
+
+    ev = TokenEvidence(4, 3)
+    ev.score = torch.nn.Identity()
+    ev.norm = torch.nn.Identity()
+    states = torch.tensor([[[1.0], [1.0], [1.0]], [[0.0], [4.0], [-9.0]]])  # width 1 after Identity
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    out = ev(states, mask)
+    assert out[0].item() == pytest.approx(2.0)  # all tokens agree: min 1 + mean 1
+    soft_min = -torch.log(torch.tensor([1.0, float(torch.exp(torch.tensor(-4.0)))]).mean()).item()
+    assert out[1].item() == pytest.approx(soft_min + 2.0, rel=1e-5)  # the padded -9 is left out
+    assert soft_min < 1.0  # the soft minimum sits near the lowest token's 0, not the mean 2
+
+
+def test_token_evidence_round_trips_a_model_folder(tmp_path):
+    from compression.distill import add_itm_evidence
+
+    torch.manual_seed(0)
+    m = add_itm_evidence(TrimVLM(tiny_config()).eval(), 8)
+    torch.nn.init.normal_(m.itm_evidence.score[2].weight)
+    save_model_dir(tmp_path / "m", m, _tokenizer(), Preprocessing(image=ImageSpec(size=32)))
+    loaded = load_model_dir(tmp_path / "m").model.eval()
+    assert loaded.config.itm_evidence_hidden == 8
+    pixels, ids, mask = batch()
+    with torch.no_grad():
+        fused = _fused(m, pixels, ids, mask)
+        torch.testing.assert_close(loaded.itm_logits(fused, mask), m.itm_logits(fused, mask))

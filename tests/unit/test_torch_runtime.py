@@ -101,6 +101,7 @@ def test_torch_tasks_run_the_exported_graph_modules_and_match_the_model():
     np.testing.assert_array_equal(image_states, want_states.numpy())
     np.testing.assert_array_equal(image_embeds, model.image_embeds(want_states).numpy())
     np.testing.assert_array_equal(text_states, model.text_encoder(ids, mask.bool()).last_hidden_state.numpy())
-    np.testing.assert_array_equal(text_embeds, model.text_embeds(model.encode_text(ids, mask.bool()).last_hidden_state).numpy())
+    states = model.encode_text(ids, mask.bool()).last_hidden_state
+    np.testing.assert_array_equal(text_embeds, model.text_embeds(states, mask.bool()).numpy())
     fused = tasks.fuse(text_states, mask.numpy(), image_states)
     assert fused["vqa_logits"].shape == (2, model.config.num_answers) and fused["fused_states"].shape[:2] == (2, 7)
