@@ -95,8 +95,12 @@ def flops_per_sample(cfg: ModelConfig, tokens: TokenCounts | None = None, task: 
             out["heads"] += 2 * (tw * 2 * tw + 2 * tw * cfg.num_answers)
         else:
             out["heads"] += 2 * tw * 2
+            if cfg.itm_evidence_hidden:  # every fused text token's evidence MLP
+                out["heads"] += 2 * fused[-1] * (tw * cfg.itm_evidence_hidden + cfg.itm_evidence_hidden)
     if task == "itc":
         out["heads"] += 2 * (vw + tw) * cfg.embed_dim
+        if cfg.text_pool_heads:  # per-token scores, the pooled sum and the output layer
+            out["heads"] += 2 * t.text * (tw * cfg.text_pool_heads + tw) + 2 * tw * tw
     if task == "caption":
         n = t.caption
         for h, c, m in zip(cfg.decoder_self_heads, cfg.decoder_cross_heads, cfg.decoder_mlp, strict=True):

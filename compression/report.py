@@ -66,6 +66,15 @@ def metrics_table(results: dict) -> str:
     return "\n".join(rows)
 
 
+def _head_extras(cfg) -> str:
+    extras = []
+    if cfg.text_pool_heads:
+        extras.append(f"the ITC text embedding adds a {cfg.text_pool_heads}-head attention pool over the text tokens to [CLS]")
+    if cfg.itm_evidence_hidden:
+        extras.append(f"ITM adds each fused text token's match evidence (hidden {cfg.itm_evidence_hidden}), pooled")
+    return "".join(f"\n- {e[0].upper()}{e[1:]}." for e in extras)
+
+
 def write_model_card(model_dir: str | Path, results: dict, command: str, trained_on: str, notes: str = "") -> Path:
     model_dir = Path(model_dir)
     s = model_summary(model_dir)
@@ -85,7 +94,7 @@ A BLIP / X-VLM-style vision-language model of the TrimVLM family (compression/mo
 - Decoder: {lc["decoder"]} causal layers (self {cfg.decoder_self_heads}, cross {cfg.decoder_cross_heads}, FFN {cfg.decoder_mlp}),
   LM head tied to its embeddings; vocabulary {cfg.vocab_size} WordPiece tokens (tokenizer.json).
 - Heads: ITC projections to {cfg.embed_dim} with learned temperature, ITM, VQA classifier over {cfg.num_answers} answers,
-  generative answers and captions through the decoder.
+  generative answers and captions through the decoder.{_head_extras(cfg)}
 
 ## Size and cost
 Parameters and forward FLOPs per sample (analytic, compression/flops.py; {s["tokens"]["image"]} image tokens,
