@@ -504,6 +504,42 @@ def text_pool(
     )
 
 
+@app.command("itm-evidence")
+def itm_evidence(
+    student: Annotated[Path, typer.Argument(help="The student model folder (e.g. one `trimvlm text-pool` wrote).")],
+    out: Annotated[Path, typer.Option(help="Where the model folder with the fitted term goes.")],
+    hidden: Annotated[int, typer.Option(help="Hidden width of the per-token evidence MLP.")] = 128,
+    k: Annotated[int, typer.Option(help="ITC candidates per caption, as served re-ranking uses.")] = 16,
+    itc_weight: Annotated[float, typer.Option(help="w of the re-ranking score log p(match) + w x ITC it is fitted for.")] = 20.0,
+    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 1500,
+    batch_size: Annotated[int, typer.Option(help="Captions per step, each with its k candidates.")] = 64,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (one-cycle).")] = 1e-3,
+    train_images: Annotated[int, typer.Option(help="Scenes transfer-set images whose captions it fits on.")] = 1500,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+):
+    """Give a student's ITM head a token-evidence term and fit it (with itm_head) to re-rank the
+    student's own ITC top k; nothing else changes. Keeps the step with the best scenes-val
+    re-ranked text->image R@1. Then: calibrate-rerank, export."""
+    from compression.itm_fit import EvidenceFit, fit_itm_evidence_dir
+
+    counts = {"hidden": hidden, "k": k, "steps": steps, "batch-size": batch_size, "train-images": train_images}
+    for name, value in counts.items():
+        if value < 1:
+            fail(f"--{name} must be at least 1, got {value}", code=2)
+    if itc_weight < 0:
+        fail(f"--itc-weight must be at least 0, got {itc_weight}", code=2)
+    fit = EvidenceFit(hidden=hidden, k=k, itc_weight=itc_weight, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    try:
+        info = fit_itm_evidence_dir(student, out, fit, train_images)
+    except ValueError as e:
+        fail(str(e), code=2)
+    typer.echo(f"  step  val R@1 text->image, re-ranked by log p(match) + {itc_weight:g} x ITC")
+    for h in info["history"]:
+        typer.echo(f"{h['step']:>6}  {h['r1_t2i']:.4f}")
+    best = info["best"]
+    typer.echo(f"{out}: kept step {best['step']}; parameters {info['params_before']:,} -> {info['params']:,}")
+
+
 @app.command()
 def merge(
     base: Annotated[Path, typer.Argument(help="The starting model folder (e.g. models/trimvlm-student/5).")],

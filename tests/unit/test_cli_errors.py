@@ -55,6 +55,7 @@ OFFLINE = (
     "retrieval-by-template",
     "grow",
     "text-pool",
+    "itm-evidence",
     "calibrate-rerank",
     "info",
     "publish",
