@@ -50,9 +50,9 @@ default-model: $(VENV)/.train
 
 ## The exported default vs the torch teacher (reports/export), and the service on loopback (reports/service).
 export-report: $(VENV)/.train
-	$(VENV)/bin/trimvlm export models/trimvlm-student/5 --out runs/export-fp32/trimvlm-default/1 --name trimvlm-default
+	$(VENV)/bin/trimvlm export models/trimvlm-student/6 --out runs/export-fp32/trimvlm-default/1 --name trimvlm-default
 	$(VENV)/bin/trimvlm report export models/trimvlm-default/1 --fp32 runs/export-fp32/trimvlm-default/1 \
-	  --source models/trimvlm-student/5 --out reports/export
+	  --source models/trimvlm-student/6 --out reports/export
 ## Every README figure: the model benchmark, the service benchmark, then docs/BENCHMARKS.md and the README
 ## headline block (each run is compared with the previous one: run it twice to see the run-to-run spread).
 bench: $(VENV)/.peers
@@ -125,13 +125,13 @@ retention-report: $(VENV)/.train
 	  --model teacher=$(TEACHER) --model served-student=$(TRIMMED)
 
 ## Train SmartTrim trimmers on the pruned student from `make compress`, calibrate compute levels, and
-## write reports/trim (2 CPU cores: about 30 minutes). The served trimmed student is models/trimvlm-student/5
+## write reports/trim (2 CPU cores: about 30 minutes). The served trimmed student is models/trimvlm-student/6
 ## (its model card and docs/DISTILL_LONG.md give the chain from this run).
 TRIM_STUDENT ?= runs/prune-flops-0.55/model
 trim: $(VENV)/.train
 	$(VENV)/bin/trimvlm trim configs/trim.yaml --student $(TRIM_STUDENT)
 	$(MAKE) trim-report
-TRIMMED ?= models/trimvlm-student/5
+TRIMMED ?= models/trimvlm-student/6
 trim-report: $(VENV)/.train
 	$(VENV)/bin/trimvlm report trim $(TRIMMED) --out reports/trim
 

@@ -69,7 +69,8 @@ def metrics_table(results: dict) -> str:
 def _head_extras(cfg) -> str:
     extras = []
     if cfg.text_pool_heads:
-        extras.append(f"the ITC text embedding adds a {cfg.text_pool_heads}-head attention pool over the text tokens to [CLS]")
+        pool = f"an attention pool over the text tokens ({cfg.text_pool_heads} heads)"
+        extras.append(f"the ITC text embedding adds {pool} to [CLS]")
     if cfg.itm_evidence_hidden:
         extras.append(f"ITM adds each fused text token's match evidence (hidden {cfg.itm_evidence_hidden}), pooled")
     return "".join(f"\n- {e[0].upper()}{e[1:]}." for e in extras)

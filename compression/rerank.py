@@ -6,8 +6,11 @@ calibration, because the right weight depends on the model: a small student's IT
 rank its candidates worse than its own ITC does (text->image R@1 below ITC-only R@1), where the
 teacher's ITM head alone beats its ITC. The sweep scores every weight of a grid from one pass of the
 fusion encoder over the candidates, picks the one with the highest R@1 image->text + text->image
-(the smallest weight on a tie: closest to the ITM head alone) and writes it to the model folder's
-rerank.json, which `trimvlm export` copies into the manifest and the service applies.
+among the weights whose re-ranking leaves neither direction below ITC alone (any weight when none
+does; the smallest weight on a tie: closest to the ITM head alone) and writes it to the model
+folder's rerank.json, which `trimvlm export` copies into the manifest and the service applies.
+Without that floor a student whose ITC is strong one way and whose ITM is strong the other would
+be calibrated to trade one direction away for the other.
 """
 
 from __future__ import annotations
@@ -37,9 +40,11 @@ def sweep(cand, grid=DEFAULT_GRID) -> list[dict]:
     return rows
 
 
-def pick(rows: list[dict]) -> dict:
-    """The row with the highest R@1 i->t + t->i; on a tie the smallest weight."""
-    return max(rows, key=lambda r: (round(r["r1_i2t"] + r["r1_t2i"], 6), -r["itc_weight"]))
+def pick(rows: list[dict], itc_only: dict | None = None) -> dict:
+    """The row with the highest R@1 i->t + t->i; on a tie the smallest weight. With `itc_only`
+    (R@1 of the ITC ranking), only rows at or above it both ways, when there are any."""
+    floor = [r for r in rows if itc_only and all(r[f"r1_{d}"] >= round(itc_only[f"r1_{d}"], 4) for d in ("i2t", "t2i"))]
+    return max(floor or rows, key=lambda r: (round(r["r1_i2t"] + r["r1_t2i"], 6), -r["itc_weight"]))
 
 
 def calibrate(
@@ -67,8 +72,8 @@ def calibrate(
     tasks = as_tasks(lm)
     cand = rerank_candidates(tasks, encode_split(tasks, caps), rerank_k)
     rows = sweep(cand, grid)
-    best = pick(rows)
     itc_only = _recalls(cand.enc.order_i2t, cand.enc.order_t2i, cand.enc.owner, "")
+    best = pick(rows, itc_only)
     result = {
         "itc_weight": best["itc_weight"],
         "split": caps.name,
@@ -76,7 +81,10 @@ def calibrate(
         "n_images": len(caps.images),
         "n_texts": len(cand.enc.owner),
         "rerank_k": rerank_k,
-        "objective": "max R@1 image->text + text->image of the re-ranked top k (smallest weight on a tie)",
+        "objective": (
+            "max R@1 image->text + text->image of the re-ranked top k, neither below ITC alone when a weight allows "
+            "(smallest weight on a tie)"
+        ),
         "itc_only": {k: round(v, 4) for k, v in itc_only.items()},
         "sweep": rows,
         "seconds": round(time.time() - t0, 1),

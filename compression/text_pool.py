@@ -7,8 +7,9 @@ contextualised tokens, added to [CLS]. Here the pool and `text_proj` are fitted 
 student's own image embeddings, which stay fixed: each caption's softmax runs over every training
 image (text->image, what R@1 measures) and each image's over the batch's captions (image->text).
 The vision side, the fusion path, the decoder and the heads keep their weights, so VQA, ITM and
-captions are unchanged; only the text embeddings move. The step with the best mean R@1 on
-scenes val is kept.
+captions are unchanged; only the text embeddings move. Kept: the step with the best scenes-val
+text->image R@1 among those whose image->text R@1 is no lower than the model's own before the fit
+(text->image is what a one-layer text encoder loses; image->text must not pay for it).
 """
 
 from __future__ import annotations
@@ -87,9 +88,15 @@ def recall_at_1(m: TrimVLM, split: _Split, batch: int = 512) -> tuple[float, flo
     return t2i, i2t
 
 
+def pick(history: list) -> dict:
+    """The evaluation kept: best text->image R@1 with image->text no lower than at step 0."""
+    allowed = [h for h in history if h["r1_i2t"] >= history[0]["r1_i2t"]]
+    return max(allowed, key=lambda h: h["r1_t2i"])
+
+
 def fit_text_pool(lm: LoadedModel, train: D.CaptionSplit, val: D.CaptionSplit, fit: PoolFit) -> TrimVLM:
     """Add a text pool to `lm.model` and fit it (and text_proj) on `train`; returns the model at
-    the evaluation with the best mean val R@1 (step 0, the model as it was, included)."""
+    the evaluation `pick` chooses (step 0, the model as it was, included)."""
     torch.manual_seed(fit.seed)
     m = lm.model.float().eval()
     tr, va = _encode(lm, train), _encode(lm, val)
@@ -103,14 +110,13 @@ def fit_text_pool(lm: LoadedModel, train: D.CaptionSplit, val: D.CaptionSplit, f
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, fit.lr, total_steps=fit.steps, pct_start=0.05)
     temp = float(m.temp.detach().clamp(0.001, 0.5))
     gen = torch.Generator().manual_seed(fit.seed)
-    best, best_state = None, None
+    best_state = None
 
     def evaluate(step: int) -> None:
-        nonlocal best, best_state
+        nonlocal best_state
         t2i, i2t = recall_at_1(m, va)
         fit.history.append({"step": step, "r1_t2i": t2i, "r1_i2t": i2t})
-        if best is None or t2i + i2t > best:
-            best = t2i + i2t
+        if pick(fit.history) is fit.history[-1]:
             fitted = {**m.text_pool.state_dict(prefix="text_pool."), **m.text_proj.state_dict(prefix="text_proj.")}
             best_state = {k: v.clone() for k, v in fitted.items()}
 
@@ -148,7 +154,7 @@ def fit_text_pool_dir(student_dir: str | Path, out: str | Path, fit: PoolFit, tr
     save_model_dir(out, model, lm.tokenizer, lm.preprocessing, dtype="fp32")
     if (Path(student_dir) / "levels.json").is_file():
         (Path(out) / "levels.json").write_text((Path(student_dir) / "levels.json").read_text())
-    best = max(fit.history, key=lambda h: h["r1_t2i"] + h["r1_i2t"])
+    best = pick(fit.history)
     return {"history": fit.history, "best": best, "params_before": before, "params": count_params(model)["total"]}
 
 

@@ -72,3 +72,15 @@ def test_a_bad_rerank_json_is_a_clear_error(tmp_path):
     (tmp_path / "rerank.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not a JSON object"):
         load_rerank_weight(tmp_path)
+
+
+def test_pick_keeps_both_directions_at_or_above_itc_alone_when_it_can():
+    rows = [
+        {"itc_weight": 5.0, "r1_i2t": 0.86, "r1_t2i": 0.439},  # highest sum, but text->image below ITC alone
+        {"itc_weight": 20.0, "r1_i2t": 0.834, "r1_t2i": 0.4464},
+        {"itc_weight": 50.0, "r1_i2t": 0.82, "r1_t2i": 0.4476},  # image->text below ITC alone
+    ]
+    itc_only = {"r1_i2t": 0.824, "r1_t2i": 0.4456}
+    assert pick(rows)["itc_weight"] == 5.0
+    assert pick(rows, itc_only)["itc_weight"] == 20.0
+    assert pick(rows, {"r1_i2t": 0.9, "r1_t2i": 0.5})["itc_weight"] == 5.0  # no weight reaches it: the sum decides

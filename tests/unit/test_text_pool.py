@@ -12,7 +12,7 @@ from compression.distill import add_itm_evidence
 from compression.export import graph_modules
 from compression.export_graphs import export_graph
 from compression.modeling import TrimVLM
-from compression.text_pool import PoolFit, add_text_pool, fit_text_pool, recall_at_1
+from compression.text_pool import PoolFit, add_text_pool, fit_text_pool, pick, recall_at_1
 from service.preprocess import ImageSpec, Preprocessing
 from tests.unit.test_modeling import _fused, batch, tiny_config
 
@@ -71,7 +71,7 @@ def test_fit_moves_only_the_pool_and_text_proj_and_keeps_the_best_val_step():
     assert all(k.startswith("text_proj.") for k in changed)
     assert any(k.startswith("text_pool.") for k in after)
     assert [h["step"] for h in fit.history] == [0, 10, 20, 30]
-    best = max(fit.history, key=lambda h: h["r1_t2i"] + h["r1_i2t"])
+    best = pick(fit.history)
     assert (best["step"] == 0) == (not changed)  # step 0 is the model as it was
     from compression.text_pool import _encode
 
@@ -111,3 +111,14 @@ def test_text_and_fusion_graphs_with_pool_and_evidence_match_torch(tmp_path):
     feed = {"text_states": got_states, "attention_mask": m64, "image_states": image.numpy()}
     got_itm = dict(zip([o.name for o in fusion.get_outputs()], fusion.run(None, feed), strict=True))["itm_logits"]
     np.testing.assert_allclose(got_itm, itm.numpy(), atol=1e-4)
+
+
+def test_pick_never_trades_image_to_text_for_text_to_image():
+    history = [
+        {"step": 0, "r1_t2i": 0.30, "r1_i2t": 0.70},
+        {"step": 1, "r1_t2i": 0.45, "r1_i2t": 0.69},  # best text->image, but image->text fell
+        {"step": 2, "r1_t2i": 0.40, "r1_i2t": 0.70},
+        {"step": 3, "r1_t2i": 0.38, "r1_i2t": 0.80},
+    ]
+    assert pick(history)["step"] == 2
+    assert pick(history[:2])["step"] == 0
