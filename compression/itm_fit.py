@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from compression import data as D
 from compression.artifacts import LoadedModel, load_model_dir, save_model_dir
 from compression.flops import count_params
+from compression.head_fit import copy_levels, fit_frozen
 from compression.modeling import TokenEvidence, TrimVLM
 from service.preprocess import encode_texts, normalize_uint8
 
@@ -112,43 +113,25 @@ def fit_itm_evidence(lm: LoadedModel, train: Candidates, val: Candidates, fit: E
     if m.itm_evidence is None:
         m.itm_evidence = TokenEvidence(m.config.text_width, fit.hidden)
         m.config.itm_evidence_hidden = fit.hidden
-    params = [*m.itm_evidence.parameters(), *m.itm_head.parameters()]
-    m.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=fit.lr, weight_decay=fit.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, fit.lr, total_steps=fit.steps, pct_start=0.05)
     usable = torch.where(train.positive >= 0)[0]
     gen = torch.Generator().manual_seed(fit.seed)
-    best, best_state = None, None
 
-    def evaluate(step: int) -> None:
-        nonlocal best, best_state
-        r1 = rerank_r1(m, val, fit.itc_weight)
-        fit.history.append({"step": step, "r1_t2i": r1})
-        if best is None or r1 > best:
-            best = r1
-            fitted = {**m.itm_evidence.state_dict(prefix="itm_evidence."), **m.itm_head.state_dict(prefix="itm_head.")}
-            best_state = {key: v.clone() for key, v in fitted.items()}
-
-    evaluate(0)
-    for step in range(1, fit.steps + 1):
+    def loss() -> torch.Tensor:
         rows = usable[torch.randint(len(usable), (fit.batch_size,), generator=gen)]
         logits = _itm_logits(m, train.fused[rows], train.mask[rows])  # [B, k, 2]
         target = train.positive[rows]
         score = F.log_softmax(logits, dim=-1)[..., 1] + fit.itc_weight * train.itc[rows]
-        listwise = F.cross_entropy(score, target)
         is_match = F.one_hot(target, logits.shape[1])  # binary match loss on every pair
-        binary = F.cross_entropy(logits.reshape(-1, 2), is_match.reshape(-1))
-        opt.zero_grad()
-        (listwise + binary).backward()
-        opt.step()
-        sched.step()
-        if step % fit.eval_every == 0 or step == fit.steps:
-            evaluate(step)
-    m.load_state_dict(best_state, strict=False)
-    m.requires_grad_(False)
-    return m
+        return F.cross_entropy(score, target) + F.cross_entropy(logits.reshape(-1, 2), is_match.reshape(-1))
+
+    def evaluate() -> dict:
+        return {"r1_t2i": rerank_r1(m, val, fit.itc_weight)}
+
+    def keep(history: list) -> dict:
+        return max(history, key=lambda h: h["r1_t2i"])  # the first of equals
+
+    trainable = {"itm_evidence": m.itm_evidence, "itm_head": m.itm_head}
+    return fit_frozen(m, trainable, loss, evaluate, keep, fit.history, fit.steps, fit.lr, fit.weight_decay, fit.eval_every)
 
 
 def fit_itm_evidence_dir(student_dir: str | Path, out: str | Path, fit: EvidenceFit, train_images: int = 1500) -> dict:
@@ -165,7 +148,6 @@ def fit_itm_evidence_dir(student_dir: str | Path, out: str | Path, fit: Evidence
     val = D.load_scenes_captions(D.ensure_scenes(), "val", spec)
     model = fit_itm_evidence(lm, candidates(lm, train, fit.k, fit.gallery), candidates(lm, val, fit.k, fit.gallery), fit)
     save_model_dir(out, model, lm.tokenizer, lm.preprocessing, dtype="fp32")
-    if (Path(student_dir) / "levels.json").is_file():
-        (Path(out) / "levels.json").write_text((Path(student_dir) / "levels.json").read_text())
+    copy_levels(student_dir, out)
     best = max(fit.history, key=lambda h: h["r1_t2i"])
     return {"history": fit.history, "best": best, "params_before": before, "params": count_params(model)["total"]}

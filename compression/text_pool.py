@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from compression import data as D
 from compression.artifacts import LoadedModel, load_model_dir, save_model_dir
 from compression.flops import count_params
+from compression.head_fit import copy_levels, fit_frozen
 from compression.modeling import TextAttentionPool, TrimVLM
 from service.preprocess import encode_texts, normalize_uint8
 
@@ -101,42 +102,24 @@ def fit_text_pool(lm: LoadedModel, train: D.CaptionSplit, val: D.CaptionSplit, f
     m = lm.model.float().eval()
     tr, va = _encode(lm, train), _encode(lm, val)
     add_text_pool(m, fit.heads)
-    params = [*m.text_pool.parameters(), *m.text_proj.parameters()]
-    for p in m.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=fit.lr, weight_decay=fit.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, fit.lr, total_steps=fit.steps, pct_start=0.05)
     temp = float(m.temp.detach().clamp(0.001, 0.5))
     gen = torch.Generator().manual_seed(fit.seed)
-    best_state = None
 
-    def evaluate(step: int) -> None:
-        nonlocal best_state
-        t2i, i2t = recall_at_1(m, va)
-        fit.history.append({"step": step, "r1_t2i": t2i, "r1_i2t": i2t})
-        if pick(fit.history) is fit.history[-1]:
-            fitted = {**m.text_pool.state_dict(prefix="text_pool."), **m.text_proj.state_dict(prefix="text_proj.")}
-            best_state = {k: v.clone() for k, v in fitted.items()}
-
-    evaluate(0)
-    for step in range(1, fit.steps + 1):
+    def loss() -> torch.Tensor:
         idx = torch.randint(len(tr.owner), (fit.batch_size,), generator=gen)
         text, owner = _text_emb(m, tr.ids[idx], tr.mask[idx]), tr.owner[idx]
         t2i = F.cross_entropy(text @ tr.image_emb.t() / temp, owner)
         # image->text over the batch; a caption drawn twice for one image counts as its positive
         same = (owner[:, None] == owner[None, :]).float()
         i2t = -(F.log_softmax(tr.image_emb[owner] @ text.t() / temp, dim=1) * same / same.sum(1, keepdim=True)).sum(1).mean()
-        opt.zero_grad()
-        (t2i + i2t).backward()
-        opt.step()
-        sched.step()
-        if step % fit.eval_every == 0 or step == fit.steps:
-            evaluate(step)
-    m.load_state_dict(best_state, strict=False)
-    m.requires_grad_(False)
-    return m
+        return t2i + i2t
+
+    def evaluate() -> dict:
+        t2i, i2t = recall_at_1(m, va)
+        return {"r1_t2i": t2i, "r1_i2t": i2t}
+
+    trainable = {"text_pool": m.text_pool, "text_proj": m.text_proj}
+    return fit_frozen(m, trainable, loss, evaluate, pick, fit.history, fit.steps, fit.lr, fit.weight_decay, fit.eval_every)
 
 
 def fit_text_pool_dir(student_dir: str | Path, out: str | Path, fit: PoolFit, train_images: int = 15000) -> dict:
@@ -152,8 +135,7 @@ def fit_text_pool_dir(student_dir: str | Path, out: str | Path, fit: PoolFit, tr
     val = D.load_scenes_captions(D.ensure_scenes(), "val", spec)
     model = fit_text_pool(lm, train, val, fit)
     save_model_dir(out, model, lm.tokenizer, lm.preprocessing, dtype="fp32")
-    if (Path(student_dir) / "levels.json").is_file():
-        (Path(out) / "levels.json").write_text((Path(student_dir) / "levels.json").read_text())
+    copy_levels(student_dir, out)
     best = pick(fit.history)
     return {"history": fit.history, "best": best, "params_before": before, "params": count_params(model)["total"]}
 
