@@ -4,7 +4,7 @@ metrics before any training, on the validation data the run evaluates on.
     python -m benchmarks.distill_init --out reports/distill-long/init_compare.json
 
 Candidates: `teacher` (configs/distill.yaml's init: half the teacher's layers, copied from teacher
-layers 1, 3, ...) and a model folder (default models/trimvlm-student/5, the served student's torch
+layers 1, 3, ...) and a model folder (default models/trimvlm-student/6, the served student's torch
 source). Parameters are counted without the SmartTrim trimmer modules (they are not on the
 untrimmed path). On a shared machine, pause other CPU work (background training) while it runs.
 """
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--teacher", default="models/trimvlm-teacher/1")
-    ap.add_argument("--existing", default="models/trimvlm-student/5")
+    ap.add_argument("--existing", default="models/trimvlm-student/6")
     ap.add_argument("--caption-images", type=int, default=200)
     ap.add_argument("--vqa-limit", type=int, default=2000, help="first N questions of each VQA val split")
     ap.add_argument("--out", default=None)

@@ -35,7 +35,7 @@ DEFAULT_ARTIFACTS = {
     "teacher": "models/trimvlm-teacher/1",
     "distilled": "runs/distill/model",
     "pruned": "runs/prune-flops-0.55/model",
-    "trimmed": "models/trimvlm-student/5",
+    "trimmed": "models/trimvlm-student/6",
 }
 DEFAULT_EXPORTED = "models/trimvlm-default/1"
 # fp32 graphs of the same export (not committed; `make export-report` writes them)

@@ -447,7 +447,7 @@ def publish(
 
 @app.command()
 def grow(
-    student: Annotated[Path, typer.Argument(help="The student model folder (e.g. models/trimvlm-student/5).")],
+    student: Annotated[Path, typer.Argument(help="The student model folder (e.g. models/trimvlm-student/6).")],
     out: Annotated[Path, typer.Option(help="Where the grown model folder goes.")],
     stack: Annotated[str, typer.Option(help="vision | text | fusion | decoder: the stack that gets a layer.")] = "fusion",
     heads: Annotated[int, typer.Option(help="Self-attention heads of the new layer.")] = 2,
@@ -472,9 +472,16 @@ def grow(
     )
 
 
+def _require_counts(counts: dict[str, int]) -> None:
+    """One-line exit 2 for the first option (by its flag name) below 1."""
+    for name, value in counts.items():
+        if value < 1:
+            fail(f"--{name} must be at least 1, got {value}", code=2)
+
+
 @app.command("text-pool")
 def text_pool(
-    student: Annotated[Path, typer.Argument(help="The student model folder (e.g. models/trimvlm-student/5).")],
+    student: Annotated[Path, typer.Argument(help="The student model folder (e.g. models/trimvlm-student/6).")],
     out: Annotated[Path, typer.Option(help="Where the model folder with the fitted pool goes.")],
     heads: Annotated[int, typer.Option(help="Attention heads of the pool (they split the text width).")] = 8,
     steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 1500,
@@ -488,9 +495,7 @@ def text_pool(
     Keeps the step with the best scenes-val R@1. Then: calibrate-rerank, export."""
     from compression.text_pool import PoolFit, fit_text_pool_dir, val_table
 
-    for name, value in (("heads", heads), ("steps", steps), ("batch-size", batch_size), ("train-images", train_images)):
-        if value < 1:
-            fail(f"--{name} must be at least 1, got {value}", code=2)
+    _require_counts({"heads": heads, "steps": steps, "batch-size": batch_size, "train-images": train_images})
     fit = PoolFit(heads=heads, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
     try:
         info = fit_text_pool_dir(student, out, fit, train_images)
@@ -522,10 +527,7 @@ def itm_evidence(
     re-ranked text->image R@1. Then: calibrate-rerank, export."""
     from compression.itm_fit import EvidenceFit, fit_itm_evidence_dir
 
-    counts = {"hidden": hidden, "k": k, "steps": steps, "batch-size": batch_size, "train-images": train_images}
-    for name, value in counts.items():
-        if value < 1:
-            fail(f"--{name} must be at least 1, got {value}", code=2)
+    _require_counts({"hidden": hidden, "k": k, "steps": steps, "batch-size": batch_size, "train-images": train_images})
     if itc_weight < 0:
         fail(f"--itc-weight must be at least 0, got {itc_weight}", code=2)
     fit = EvidenceFit(hidden=hidden, k=k, itc_weight=itc_weight, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
@@ -542,7 +544,7 @@ def itm_evidence(
 
 @app.command()
 def merge(
-    base: Annotated[Path, typer.Argument(help="The starting model folder (e.g. models/trimvlm-student/5).")],
+    base: Annotated[Path, typer.Argument(help="The starting model folder (e.g. models/trimvlm-student/6).")],
     tuned: Annotated[Path, typer.Argument(help="A run that continued from it (e.g. runs/distil-long/model).")],
     out: Annotated[Path, typer.Option(help="Where the picked model folder goes.")],
     teacher: Annotated[Path, typer.Option(help="The teacher retention is measured against.")] = Path("models/trimvlm-teacher/1"),
@@ -596,7 +598,7 @@ def model_card(
 
 @app.command("export")
 def export_cmd(
-    model_dir: Annotated[Path, typer.Argument(help="Torch model folder (e.g. models/trimvlm-student/5 or runs/trim/model).")],
+    model_dir: Annotated[Path, typer.Argument(help="Torch model folder (e.g. models/trimvlm-student/6 or runs/trim/model).")],
     out: Annotated[Path, typer.Option(help="Destination version folder, models/<name>/<version>.")],
     precision: Annotated[list[str], typer.Option(help="Variants beside fp32: int8 (CPU), fp16 (GPU). Repeatable.")] = ["int8"],  # noqa: B006
     name: Annotated[

@@ -5,7 +5,7 @@ against the 500 test images by ITC alone; each miss is sorted by how the image r
 differs from the caption's own: the same objects (another layout: the caption cannot tell them
 apart), one attribute of one object (size, colour or shape only), the number of objects, or more.
 
-    .venv/bin/python scripts/retrieval_failures.py models/trimvlm-teacher/1 models/trimvlm-student/5
+    .venv/bin/python scripts/retrieval_failures.py models/trimvlm-teacher/1 models/trimvlm-student/6
 """
 
 from __future__ import annotations

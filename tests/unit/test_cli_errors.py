@@ -162,14 +162,14 @@ def test_bad_training_config_is_one_line_with_file_and_place(tmp_path, text, exp
 
 
 def test_merge_of_a_folder_that_is_not_a_model_is_one_line(tmp_path):
-    proc = cli("merge", "models/trimvlm-student/5", str(tmp_path / "nothing"), "--out", str(tmp_path / "out"))
+    proc = cli("merge", "models/trimvlm-student/6", str(tmp_path / "nothing"), "--out", str(tmp_path / "out"))
     assert proc.returncode == 2
     assert "is not a model folder" in one_line_error(proc)
     assert not (tmp_path / "out").exists()
 
 
 def test_merge_of_an_unknown_module_is_one_line(tmp_path):
-    student = "models/trimvlm-student/5"
+    student = "models/trimvlm-student/6"
     proc = cli("merge", student, student, "--out", str(tmp_path / "out"), "--module", "itm_hed")
     assert proc.returncode == 2
     assert "modules to mix must be some of" in one_line_error(proc)
@@ -180,18 +180,36 @@ def test_merge_of_an_unknown_module_is_one_line(tmp_path):
     "args, expected",
     [
         (["models/trimvlm-default/1"], "is an exported folder: calibrate its torch source"),
-        (["models/trimvlm-student/5", "--grid", "1,x"], "--grid takes comma-separated numbers"),
-        (["models/trimvlm-student/5", "--grid", "-1"], "--grid takes comma-separated weights >= 0"),
-        (["models/trimvlm-student/5", "--split", "dev"], "--split is train, val or test"),
-        (["models/trimvlm-student/5", "--rerank-k", "1"], "rerank_k must be at least 2"),
+        (["models/trimvlm-student/6", "--grid", "1,x"], "--grid takes comma-separated numbers"),
+        (["models/trimvlm-student/6", "--grid", "-1"], "--grid takes comma-separated weights >= 0"),
+        (["models/trimvlm-student/6", "--split", "dev"], "--split is train, val or test"),
+        (["models/trimvlm-student/6", "--rerank-k", "1"], "rerank_k must be at least 2"),
     ],
 )
 def test_calibrate_rerank_refuses_bad_input_in_one_line(args, expected):
-    before = (REPO / "models/trimvlm-student/5/rerank.json").read_bytes()
+    before = (REPO / "models/trimvlm-student/6/rerank.json").read_bytes()
     proc = cli("calibrate-rerank", *args)
     assert proc.returncode == 2
     assert expected in one_line_error(proc)
-    assert (REPO / "models/trimvlm-student/5/rerank.json").read_bytes() == before  # nothing written
+    assert (REPO / "models/trimvlm-student/6/rerank.json").read_bytes() == before  # nothing written
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["text-pool", "models/trimvlm-student/5", "--heads", "8"], "is not a model folder"),
+        (["text-pool", "models/trimvlm-student/6", "--heads", "0"], "--heads must be at least 1, got 0"),
+        (["text-pool", "models/trimvlm-student/6"], "already has a text pool (8 heads)"),
+        (["text-pool", "models/trimvlm-student/6", "--steps", "-3"], "--steps must be at least 1, got -3"),
+        (["itm-evidence", "models/trimvlm-student/6", "--k", "0"], "--k must be at least 1, got 0"),
+        (["itm-evidence", "models/trimvlm-student/6", "--itc-weight", "-1"], "--itc-weight must be at least 0, got -1"),
+    ],
+)
+def test_head_fits_refuse_bad_input_in_one_line(tmp_path, args, expected):
+    proc = cli(*args, "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2
+    assert expected in one_line_error(proc)
+    assert not (tmp_path / "out").exists()
 
 
 def test_bad_pipeline_config_is_one_line(tmp_path):
@@ -227,7 +245,7 @@ def test_distill_config_values_the_model_refuses_are_one_line_errors(tmp_path):
     """Values only the built student can check (module names, re-ranking directions) fail before
     any data loads, as one line and exit 2."""
     base = (REPO / "configs" / "distill-long-fusion.yaml").read_text()
-    base = re.sub(r"(?m)^init: .*$", "init: models/trimvlm-student/5", base)  # the committed student
+    base = re.sub(r"(?m)^init: .*$", "init: models/trimvlm-student/6", base)  # the committed student
     cases = {
         "train_modules: [fusion_encoder, itm_head, vqa_head]": ("train_modules: [fusion]", "train_modules must be some of"),
         "itm_rank_k: 4": ("itm_rank_k: 4\nitm_rank_directions: [up]", "itm_rank_directions: one or both of t2i, i2t"),

@@ -68,7 +68,7 @@ def test_grow_dir_writes_a_loadable_folder(tmp_path):
     from compression.artifacts import load_model_dir, save_model_dir
 
     teacher, student = pair()
-    src = load_model_dir(Path(__file__).resolve().parents[2] / "models/trimvlm-student/5", "cpu")  # its tokenizer
+    src = load_model_dir(Path(__file__).resolve().parents[2] / "models/trimvlm-student/6", "cpu")  # its tokenizer
     save_model_dir(tmp_path / "t", teacher, src.tokenizer, src.preprocessing)
     save_model_dir(tmp_path / "s", student, src.tokenizer, src.preprocessing)
     info = grow_dir(tmp_path / "s", tmp_path / "t", tmp_path / "g", "text", {"head": 1, "ffn": 4}, from_layer=0)

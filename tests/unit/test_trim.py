@@ -167,7 +167,7 @@ def test_gather_flops_match_torch_flop_counter():
 def test_trimmers_cost_under_two_percent_on_the_committed_student():
     from compression.config import ModelConfig
 
-    cfg = ModelConfig.load("models/trimvlm-student/5/config.json")
+    cfg = ModelConfig.load("models/trimvlm-student/6/config.json")
     cfg.trimming = {"hidden": 32}
     n = 12
     full = TrimTrace(text_len=torch.tensor([float(n)]), trimmed=False)
