@@ -22,9 +22,10 @@ import torch.nn.functional as F
 
 from compression import data as D
 from compression.artifacts import LoadedModel, load_model_dir, save_model_dir
+from compression.distill import add_itm_evidence
 from compression.flops import count_params
 from compression.head_fit import copy_levels, fit_frozen
-from compression.modeling import TokenEvidence, TrimVLM
+from compression.modeling import TrimVLM
 from service.preprocess import encode_texts, normalize_uint8
 
 
@@ -111,8 +112,7 @@ def fit_itm_evidence(lm: LoadedModel, train: Candidates, val: Candidates, fit: E
     torch.manual_seed(fit.seed)
     m = lm.model.float().eval()
     if m.itm_evidence is None:
-        m.itm_evidence = TokenEvidence(m.config.text_width, fit.hidden)
-        m.config.itm_evidence_hidden = fit.hidden
+        add_itm_evidence(m, fit.hidden)
     usable = torch.where(train.positive >= 0)[0]
     gen = torch.Generator().manual_seed(fit.seed)
 
