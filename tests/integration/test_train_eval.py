@@ -127,7 +127,7 @@ def test_committed_student_is_a_pruned_smaller_model_that_answers():
     from compression.evaluate import evaluate
     from compression.flops import count_params
 
-    student_dir = REPO / "models" / "trimvlm-student" / "5"
+    student_dir = REPO / "models" / "trimvlm-student" / "6"
     student, teacher = load_model_dir(student_dir).model, load_model_dir(TEACHER_DIR).model
     assert student.config.role == "student"
     assert count_params(student)["total"] <= 0.35 * count_params(teacher)["total"]
